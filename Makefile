@@ -1,0 +1,68 @@
+# llamabridge: `make help` lists the targets.
+SHELL := bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Everything slow (llama-server build, Claude Code CLI, tiny model) is cached here, by version.
+export LLAMABRIDGE_CACHE ?= $(HOME)/.cache/llamabridge
+
+.PHONY: help install install-test llama-server tiny-model claude-code run env test test-unit up down clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed ## create .venv with what the services need
+
+install-test: $(VENV)/.installed-test ## add the test tools and client SDKs to .venv
+
+llama-server: ## make a llama-server available (PATH, $$LLAMA_SERVER_BIN, or build once); prints its path last
+	@bash llama/build.sh
+
+tiny-model: $(VENV)/.installed-test ## generate the tiny test model (random weights, real tokenizer); prints its path last
+	@$(PY) llama/tiny_model.py
+
+claude-code: ## install the Claude Code CLI used by the end-to-end tests; prints its path last
+	@bash scripts/claude-code.sh
+
+run: $(VENV)/.installed ## run the proxy natively against $$LLAMA_URL (default http://127.0.0.1:8080)
+	$(PY) -m proxy
+
+env: $(VENV)/.installed ## print the Claude Code / OpenAI client settings for this proxy, with the real context window
+	@$(PY) -m proxy env
+
+# `make test` prepares everything it needs (venv, llama-server, tiny model, Claude Code CLI)
+# and then runs the whole suite against real processes on loopback.
+test: $(VENV)/.installed-test ## set everything up and run the whole test suite
+	@set -e; \
+	LLAMA_SERVER_BIN="$$(bash llama/build.sh | tail -n 1)"; \
+	TINY_MODEL="$$($(PY) llama/tiny_model.py | tail -n 1)"; \
+	CLAUDE_BIN="$$(bash scripts/claude-code.sh | tail -n 1)"; \
+	export LLAMA_SERVER_BIN TINY_MODEL CLAUDE_BIN; \
+	echo "llama-server: $$LLAMA_SERVER_BIN"; echo "model: $$TINY_MODEL"; echo "claude: $$CLAUDE_BIN"; \
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: $(VENV)/.installed-test ## only the tests that need no llama-server
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+up: ## the docker compose stack (not built yet: use `make run`)
+	@echo "The docker compose stack is not built yet; compose.yaml is a placeholder." >&2
+	@echo "Run natively instead: start llama-server, then 'make run' (see README)." >&2
+	@exit 2
+
+down: ## stop the compose stack
+	@echo "The docker compose stack is not built yet." >&2
+
+clean: ## remove the virtual environment (the cache in $$LLAMABRIDGE_CACHE stays)
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,95 @@
+"""`python -m proxy` serves the proxy under gunicorn; `python -m proxy env` prints client settings.
+
+One gunicorn process with threads (gthread), never several processes: per-session state and
+(later) the admission gate that limits what reaches llama-server must live in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gunicorn.app.base import BaseApplication
+
+from .app import create_app
+from .config import ConfigError, Settings, from_env
+from .upstream import Upstream
+
+
+class _Server(BaseApplication):
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self.settings
+        for key, value in {
+            "bind": f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}",
+            "workers": 1,
+            "worker_class": "gthread",
+            "threads": s.threads,
+            # gthread's timeout is the worker's heartbeat, not a request limit: streams may run long.
+            "timeout": 120,
+            "graceful_timeout": 10,
+            "keepalive": 75,
+            "loglevel": s.log_level,
+            "accesslog": "-",
+            # No headers in the access log: clients send API keys in them.
+            "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"',
+            "errorlog": "-",
+            "proc_name": "llamabridge-proxy",
+            # gunicorn 23+'s control socket has one fixed path per user: two proxies (or a proxy
+            # and a test run) would fight over it, and we do not use it.
+            "control_socket_disable": True,
+        }.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        return create_app(self.settings)
+
+
+def print_env(settings: Settings) -> int:
+    """The environment that points Claude Code and OpenAI clients at this proxy."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    base = f"http://{host}:{settings.port}"
+    try:
+        info = Upstream(settings).info(max_age=0)
+    except Exception as exc:  # noqa: BLE001 - any failure is reported the same way
+        print(f"# llama-server at {settings.upstream_base} did not answer /props ({exc}); context window unknown", file=sys.stderr)
+        info = None
+    print("# Claude Code")
+    print(f"export ANTHROPIC_BASE_URL={base}")
+    print("export ANTHROPIC_API_KEY=llamabridge  # any value; the proxy does not check it")
+    if info and info.n_ctx:
+        # Without this Claude Code assumes a 1M-token window and never compacts in time.
+        print(f"export CLAUDE_CODE_MAX_CONTEXT_TOKENS={info.n_ctx}")
+        print(f"export CLAUDE_CODE_AUTO_COMPACT_WINDOW={info.n_ctx}")
+    print("export DISABLE_AUTOUPDATER=1")
+    print("export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1")
+    print("# Cline, Continue, Aider, OpenAI SDKs")
+    print(f"export OPENAI_BASE_URL={base}/v1")
+    print("export OPENAI_API_KEY=llamabridge")
+    if info:
+        print(f"# model: {info.model}  context: {info.n_ctx} tokens  slots: {info.total_slots}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m proxy", description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", choices=["serve", "env"], default="serve")
+    args = parser.parse_args(argv)
+    try:
+        settings = from_env()
+    except ConfigError as exc:
+        print(f"llamabridge proxy: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "env":
+        return print_env(settings)
+    _Server(settings).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The Flask application: routes, body parsing, and the error handlers.
+
+Every response that is not a success goes through `errors.render`, in the envelope of the
+route's API (Anthropic on `/v1/messages*`, OpenAI elsewhere), so no client ever sees an HTML
+error page or a bare 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from . import errors, messages, relay, translate
+from .config import Settings
+from .disconnect import ClientWatch
+from .errors import ApiError
+from .upstream import Upstream
+
+log = logging.getLogger("llamabridge.proxy")
+
+OPENAI_ROUTES = {
+    "/v1/chat/completions": ("POST",),
+    "/v1/completions": ("POST",),
+    "/v1/embeddings": ("POST",),
+    "/v1/models": ("GET",),
+}
+
+
+def flavor_of(path: str) -> str:
+    return errors.ANTHROPIC if path.startswith("/v1/messages") else errors.OPENAI
+
+
+def parse_json_body() -> Any:
+    """The request body as JSON, or an ApiError(400) that says exactly what is wrong with it."""
+    raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
+    if not raw:
+        raise ApiError(400, "request body is empty; expected a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
+
+
+class ApiMode:
+    """Which way `/v1/messages` reaches llama-server; `auto` is settled on first use."""
+
+    def __init__(self, settings: Settings, upstream: Upstream):
+        self._configured = settings.upstream_api
+        self._upstream = upstream
+        self._resolved: str | None = None if settings.upstream_api == "auto" else settings.upstream_api
+        self._lock = threading.Lock()
+
+    def get(self) -> str:
+        if self._resolved is not None:
+            return self._resolved
+        with self._lock:
+            if self._resolved is None:
+                # llama-server answers /props: translate, which covers the native endpoint's
+                # gaps. Anything else that speaks Anthropic gets its requests passed through.
+                resp = self._upstream.request("GET", "/props", timeout=10)
+                resp.close()
+                self._resolved = "openai" if resp.status_code == 200 else "anthropic"
+                log.info("UPSTREAM_API=auto: using %s for /v1/messages", self._resolved)
+            return self._resolved
+
+
+def create_app(settings: Settings) -> Flask:
+    app = Flask("llamabridge")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    upstream = Upstream(settings)
+    mode = ApiMode(settings, upstream)
+    app.extensions["llamabridge.upstream"] = upstream
+
+    @app.errorhandler(ApiError)
+    def on_api_error(err: ApiError) -> Response:
+        if err.status >= 500:
+            log.warning("%s %s -> %s: %s", request.method, request.path, err.status, err.message)
+        return errors.render(flavor_of(request.path), err)
+
+    @app.errorhandler(translate.InvalidRequest)
+    def on_invalid(err: translate.InvalidRequest) -> Response:
+        return errors.render(flavor_of(request.path), ApiError(400, str(err)))
+
+    @app.errorhandler(HTTPException)
+    def on_http_error(err: HTTPException) -> Response:
+        status = err.code or 500
+        if status == 413:
+            message = f"request body is larger than the proxy's limit of {settings.max_request_bytes} bytes (MAX_REQUEST_BYTES)"
+        elif status == 404:
+            message = f"no route {request.method} {request.path} on llamabridge"
+        elif status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        else:
+            message = err.description or err.name
+        return errors.render(flavor_of(request.path), ApiError(status, message))
+
+    @app.errorhandler(Exception)
+    def on_unexpected(err: Exception) -> Response:
+        # A bug, not the client's fault: log the traceback, keep the worker, answer in envelope.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return errors.render(flavor_of(request.path), ApiError(500, f"llamabridge internal error: {type(err).__name__}"))
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def root() -> Response:
+        return jsonify({"name": "llamabridge", "status": "ok", "upstream": settings.upstream_base})
+
+    @app.route("/api/hello", methods=["GET", "HEAD"])
+    def hello() -> Response:
+        # Claude Code's start-up connectivity check: answer at once, without touching upstream.
+        return jsonify({"status": "ok"})
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    def healthz() -> Response:
+        ok, reason = upstream.health()
+        body = {"status": "ok" if ok else "unavailable", "upstream": settings.upstream_base, "detail": reason}
+        return Response(json.dumps(body), status=200 if ok else 503, mimetype="application/json")
+
+    @app.route("/v1/messages", methods=["POST"])
+    def create_message() -> Response:
+        body = translate.validate_common(parse_json_body(), need_max_tokens=True)
+        watch = ClientWatch(request.environ)
+        if mode.get() == "anthropic":
+            return messages.passthrough("/v1/messages", body, upstream, watch)
+        return messages.create_message(body, upstream, watch)
+
+    @app.route("/v1/messages/count_tokens", methods=["POST"])
+    def count_tokens() -> Response:
+        body = translate.validate_common(parse_json_body(), need_max_tokens=False)
+        if mode.get() == "anthropic":
+            return messages.passthrough("/v1/messages/count_tokens", body, upstream, ClientWatch(request.environ))
+        return jsonify(messages.count_tokens(body, upstream))
+
+    def openai_relay() -> Response:
+        raw = None
+        if request.method == "POST":
+            parsed = parse_json_body()  # refuse bad JSON here, in a clear OpenAI error
+            if not isinstance(parsed, dict):
+                raise ApiError(400, "request body must be a JSON object")
+            raw = request.get_data(cache=True)
+        return relay.relay(request.method, request.path, raw, request.content_type, upstream, ClientWatch(request.environ))
+
+    for path, methods in OPENAI_ROUTES.items():
+        app.add_url_rule(path, endpoint=path, view_func=openai_relay, methods=list(methods))
+
+    return app

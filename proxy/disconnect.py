@@ -1,0 +1,44 @@
+"""Notice a client that went away, so its upstream request can be closed at once.
+
+A streamed response notices on its next write, but nothing is written while llama-server is
+prefilling a long prompt or while a non-streamed reply is being generated. The proxy asks
+llama-server for SSE pings on every streamed upstream request, and at every upstream line
+(token or ping) looks at the client's socket: readable with nothing to read means the peer
+closed it. Closing our upstream connection is what makes llama-server stop and free the slot.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from typing import Any
+
+
+class ClientDisconnected(Exception):
+    """The client closed its connection; stop work on its behalf."""
+
+
+class ClientWatch:
+    def __init__(self, environ: dict[str, Any]):
+        # gunicorn's workers put the client socket in the WSGI environ; other servers
+        # (the Flask test client) do not, and then only failed writes reveal a disconnect.
+        self._sock: socket.socket | None = environ.get("gunicorn.socket")
+
+    def gone(self) -> bool:
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if not readable:
+                return False
+            # Peek so a pipelined next request (keep-alive) is left for the server to read.
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):
+            return True
+
+    def check(self) -> None:
+        if self.gone():
+            raise ClientDisconnected()

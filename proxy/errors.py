@@ -1,0 +1,131 @@
+"""Every error the proxy sends is built here: one envelope per API, one status-to-type map.
+
+Contract (the same one clients rely on): clients read `body["error"]["message"]`; it is always
+a string and never empty, and `body["error"]["type"]` is always one of the API's documented types.
+Anthropic routes get `{"type": "error", "error": {"type", "message"}}`; OpenAI routes get
+`{"error": {"message", "type", "code"}}`. Inside an open Anthropic stream the same body goes out
+as `event: error`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from flask import Response
+
+ANTHROPIC = "anthropic"
+OPENAI = "openai"
+
+# Anthropic's documented error types by HTTP status. Claude Code retries 408/409/429/5xx/529
+# with backoff (honouring retry-after) and shows the others to the user.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "api_error",
+    529: "overloaded_error",
+}
+
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "server_error",
+    503: "unavailable_error",
+    504: "server_error",
+}
+
+
+class ApiError(Exception):
+    """An error with the HTTP status a client should see. Raised anywhere; rendered by `render`."""
+
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None, error_type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message or "unknown error"
+        self.retry_after = retry_after
+        self.error_type = error_type
+
+
+def anthropic_body(status: int, message: str, error_type: str | None = None) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": error_type or ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+
+
+def openai_body(status: int, message: str, error_type: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type or OPENAI_TYPES.get(status, "server_error"), "code": status}}
+
+
+def render(flavor: str, err: ApiError) -> Response:
+    """The HTTP response for `err`, in the envelope of the route's API.
+
+    Anthropic clients are told "overloaded" with 529 (what Claude Code treats as retryable
+    capacity trouble); OpenAI clients have no 529, so they get 503.
+    """
+    status = err.status
+    if flavor == ANTHROPIC:
+        body = anthropic_body(status, err.message, err.error_type if err.error_type in ANTHROPIC_TYPES.values() else None)
+    else:
+        if status == 529:
+            status = 503
+        body = openai_body(status, err.message)
+    resp = Response(json.dumps(body), status=status, mimetype="application/json")
+    if err.retry_after is not None:
+        resp.headers["Retry-After"] = str(err.retry_after)
+    return resp
+
+
+def sse_error(err: ApiError) -> dict[str, Any]:
+    """The data of an Anthropic `event: error`, for failures after a stream has started."""
+    return anthropic_body(err.status, err.message)
+
+
+_CTX_NUMBERS = re.compile(r"\((\d+) tokens\).*?\((\d+) tokens\)")
+
+
+def from_upstream(status: int, raw: bytes | str) -> ApiError:
+    """Turn an error response from llama-server into the error a client should see.
+
+    - `exceed_context_size_error` (prompt longer than the slot's context) becomes a 400 whose
+      message Claude Code recognises and shows as "Prompt is too long".
+    - 503 "Loading model" and other unavailability become 529/503 "overloaded": retry later.
+    - Other 4xx keep their status and llama-server's message; 5xx become 502 (the upstream failed,
+      not the proxy).
+    """
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    err: dict[str, Any] = {}
+    try:
+        parsed = json.loads(text)
+        if isinstance(parsed, dict):
+            err = parsed.get("error") if isinstance(parsed.get("error"), dict) else parsed
+    except ValueError:
+        pass
+    message = str(err.get("message") or text.strip() or f"upstream returned HTTP {status}")[:2000]
+    kind = err.get("type")
+    if kind == "exceed_context_size_error":
+        n_prompt, n_ctx = err.get("n_prompt_tokens"), err.get("n_ctx")
+        if not (isinstance(n_prompt, int) and isinstance(n_ctx, int)):
+            found = _CTX_NUMBERS.search(message)
+            n_prompt, n_ctx = (int(found.group(1)), int(found.group(2))) if found else ("?", "?")
+        return ApiError(400, f"prompt is too long: {n_prompt} tokens > {n_ctx} maximum")
+    if status == 503 or kind == "unavailable_error":
+        return ApiError(529, f"llama-server is not ready: {message}", retry_after=5)
+    if status in (400, 401, 403, 404, 413, 429):
+        return ApiError(status, f"llama-server: {message}")
+    return ApiError(502, f"llama-server failed (HTTP {status}): {message}")
+
+
+UPSTREAM_DOWN = "llama-server is unreachable at {url}: {reason}"

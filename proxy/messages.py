@@ -1,0 +1,140 @@
+"""The Anthropic routes: `/v1/messages` and `/v1/messages/count_tokens`.
+
+Two ways to reach llama-server, chosen by `UPSTREAM_API`:
+- `openai` (default): llamabridge's own translation to `/v1/chat/completions` (translate.py),
+  which covers what llama-server's native Anthropic endpoint gets wrong (adaptive thinking,
+  images in tool results, tool results after user text, named tool_choice, pings in prefill).
+- `anthropic`: llama-server's native `/v1/messages`, with the same request fixes applied
+  (model name mapped, billing header removed) and errors put in Anthropic's envelope.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Iterator
+
+import requests
+from flask import Response
+
+from . import sse, translate
+from .disconnect import ClientDisconnected, ClientWatch
+from .errors import ApiError, from_upstream, sse_error
+from .upstream import Upstream, relay_headers
+
+log = logging.getLogger("llamabridge.messages")
+
+# Ask llama-server for an SSE comment every second while it has nothing else to send
+# (prefill of a long prompt): each one gives us a chance to notice a vanished client.
+UPSTREAM_PING_SECONDS = 1
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def upstream_chunks(resp: requests.Response, watch: ClientWatch) -> Iterator[dict[str, Any]]:
+    """Parsed chunks of a streamed chat completion, checking the client at every line."""
+
+    def lines() -> Iterator[bytes]:
+        for line in resp.iter_lines(chunk_size=None):
+            watch.check()
+            yield line
+
+    return sse.decode_openai(lines())
+
+
+def _anthropic_stream(events: Iterator[tuple[str, dict]], resp: requests.Response) -> Iterator[bytes]:
+    """Encode events as SSE; a failure after the stream started becomes `event: error`."""
+    try:
+        for event, data in events:
+            yield sse.encode(event, data)
+    except ClientDisconnected:
+        log.info("client disconnected; closed the upstream request")
+    except translate.UpstreamStreamError as exc:
+        status = exc.error.get("code") if isinstance(exc.error.get("code"), int) else 500
+        yield sse.encode("error", sse_error(from_upstream(status, json.dumps({"error": exc.error}))))
+    except (requests.RequestException, sse.StreamProtocolError) as exc:
+        log.warning("upstream stream broke: %s", exc)
+        yield sse.encode("error", sse_error(ApiError(502, f"the connection to llama-server broke mid-response: {type(exc).__name__}")))
+    finally:
+        # Closing the upstream connection is what stops generation and frees llama-server's slot.
+        resp.close()
+
+
+def create_message(body: dict, upstream: Upstream, watch: ClientWatch) -> Response:
+    info = upstream.info()
+    request = translate.anthropic_to_openai(body, translate.Options(model=info.model, vision=info.vision))
+    request["sse_ping_interval"] = UPSTREAM_PING_SECONDS
+    resp = upstream.checked("POST", "/v1/chat/completions", json_body=request)
+    events = translate.stream_openai_to_anthropic(upstream_chunks(resp, watch), model=body["model"])
+    if body.get("stream") is True:
+        return Response(_anthropic_stream(events, resp), mimetype="text/event-stream", headers=SSE_HEADERS)
+    try:
+        message = translate.collect_message(events)
+    except ClientDisconnected:
+        log.info("client disconnected; closed the upstream request")
+        return Response(status=499)
+    except translate.UpstreamStreamError as exc:
+        status = exc.error.get("code") if isinstance(exc.error.get("code"), int) else 500
+        raise from_upstream(status, json.dumps({"error": exc.error})) from None
+    except (requests.RequestException, sse.StreamProtocolError) as exc:
+        raise ApiError(502, f"the connection to llama-server broke mid-response: {type(exc).__name__}") from None
+    finally:
+        resp.close()
+    return Response(json.dumps(message, ensure_ascii=False), mimetype="application/json")
+
+
+def count_tokens(body: dict, upstream: Upstream) -> dict[str, int]:
+    """The exact number of prompt tokens `create_message` would send for this request.
+
+    Renders our translation with llama-server's own chat template (`/apply-template`) and
+    tokenizer (`/tokenize`), with the special tokens a completion adds: no slot is used.
+    """
+    info = upstream.info()
+    rendered = upstream.json("POST", "/apply-template", translate.count_tokens_request(body, translate.Options(vision=info.vision)))
+    prompt = rendered.get("prompt") if isinstance(rendered, dict) else None
+    if not isinstance(prompt, str):
+        raise ApiError(502, "llama-server's /apply-template did not return a prompt")
+    tokens = upstream.json("POST", "/tokenize", {"content": prompt, "add_special": True, "parse_special": True})
+    return {"input_tokens": len(tokens.get("tokens") or [])}
+
+
+# --------------------------------------------------------------------------------------------
+# Native passthrough (UPSTREAM_API=anthropic)
+
+
+def _native_body(body: dict, upstream: Upstream) -> dict:
+    out = dict(body)
+    out["model"] = upstream.info().model
+    if out.get("system") is not None:
+        # Same cache fix as the translation: drop the per-session billing header block.
+        text = translate.system_text(out["system"])
+        out["system"] = text
+        if not text:
+            out.pop("system")
+    return out
+
+
+def passthrough(path: str, body: dict, upstream: Upstream, watch: ClientWatch) -> Response:
+    resp = upstream.request("POST", path, json_body=_native_body(body, upstream))
+    if resp.status_code >= 400:
+        try:
+            raw = resp.content
+        finally:
+            resp.close()
+        raise from_upstream(resp.status_code, raw)
+
+    def relay() -> Iterator[bytes]:
+        try:
+            for chunk in resp.iter_content(chunk_size=None):
+                watch.check()
+                yield chunk
+        except ClientDisconnected:
+            log.info("client disconnected; closed the upstream request")
+        except requests.RequestException as exc:
+            log.warning("upstream stream broke: %s", exc)
+            if body.get("stream") is True:
+                yield sse.encode("error", sse_error(ApiError(502, "the connection to llama-server broke mid-response")))
+        finally:
+            resp.close()
+
+    return Response(relay(), status=resp.status_code, headers=relay_headers(resp))

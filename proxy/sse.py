@@ -1,0 +1,54 @@
+"""Server-sent events: encode Anthropic frames, decode llama-server's OpenAI `data:` frames."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Iterator
+
+
+def encode(event: str, data: dict[str, Any]) -> bytes:
+    """One Anthropic SSE frame. Claude Code ignores frames without an `event:` line."""
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+
+
+class StreamProtocolError(ValueError):
+    """The upstream stream is not what an OpenAI-compatible server sends."""
+
+
+def decode_openai(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """Yield each JSON payload of an OpenAI-style SSE stream, stopping at `data: [DONE]`.
+
+    `lines` are raw lines without their newline (as `requests`' `iter_lines` gives them).
+    Comment lines (`: ping`) and other fields are skipped. A payload that is not a JSON object
+    raises StreamProtocolError so the caller can end the client's stream with an error event.
+    """
+    data: list[bytes] = []
+    for line in lines:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            if data:
+                payload = b"\n".join(data)
+                data = []
+                if payload.strip() == b"[DONE]":
+                    return
+                yield _parse(payload)
+            continue
+        if line.startswith(b"data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(b" ") else value)
+        # "event:", "id:", "retry:" and ":" comment lines carry nothing we use.
+    if data:
+        payload = b"\n".join(data)
+        if payload.strip() != b"[DONE]":
+            yield _parse(payload)
+
+
+def _parse(payload: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload)
+    except ValueError as exc:
+        raise StreamProtocolError(f"upstream sent a stream frame that is not JSON: {payload[:200]!r}") from exc
+    if not isinstance(obj, dict):
+        raise StreamProtocolError(f"upstream sent a stream frame that is not an object: {payload[:200]!r}")
+    return obj

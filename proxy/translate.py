@@ -1,0 +1,647 @@
+"""Anthropic Messages <-> OpenAI Chat Completions, as llama-server speaks them.
+
+Pure data-in/data-out: no I/O, no Flask, no module state. Three entry points:
+
+- `anthropic_to_openai(body, options)`: a validated Anthropic request becomes the body for
+  llama-server's `/v1/chat/completions`. Byte-deterministic: the same input gives the same
+  output every time, so llama-server's prompt cache sees the same prefix turn after turn.
+- `stream_openai_to_anthropic(chunks, model)`: a generator turning llama-server's streamed
+  chunks into Anthropic SSE events `(event, data)`, one per upstream delta, nothing held back.
+- `collect_message(events)`: the non-streamed response, built from those same events so both
+  modes share one state machine.
+
+Bad input raises `InvalidRequest` with a message naming the field (`messages.3.content.1.type`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+Event = tuple[str, dict[str, Any]]
+
+# The system block Claude Code puts first: `x-anthropic-billing-header: cc_version=2.1.328.ccf; ...`.
+# Its last 3 hex characters hash the first user message, so it differs between sessions while
+# the ~20k tokens behind it do not. It means nothing to a local model; forwarding it would make
+# every new session miss llama-server's prompt cache from token ~10 on.
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
+
+NO_VISION_NOTE = "[image omitted: the model behind this server does not accept images]"
+
+
+class InvalidRequest(ValueError):
+    """The client sent something that is not a valid request; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the translation needs to know about the upstream."""
+
+    model: str = ""  # the model name llama-server is asked for; "" keeps the client's
+    vision: bool = False  # the upstream accepts image inputs
+
+
+# --------------------------------------------------------------------------------------------
+# Small validators. Each names the JSON path of the offending value.
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
+    # bool is an int in Python; a JSON `true` is never a valid number here.
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise InvalidRequest(f"{path}: expected {what}, got a boolean")
+    if not isinstance(value, kind):
+        raise InvalidRequest(f"{path}: expected {what}, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _optional_number(body: dict, key: str, low: float, high: float) -> float | int | None:
+    if body.get(key) is None:
+        return None
+    value = _expect(body[key], (int, float), key, "a number")
+    if not low <= value <= high:
+        raise InvalidRequest(f"{key}: expected a number from {low} to {high}, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Request: Anthropic -> OpenAI
+
+
+def system_text(system: Any) -> str:
+    """The system prompt as one string: blocks joined by a blank line, billing header removed."""
+    if system is None:
+        return ""
+    if isinstance(system, str):
+        return "" if system.startswith(BILLING_HEADER_PREFIX) else system
+    _expect(system, list, "system", "a string or an array of text blocks")
+    parts = []
+    for i, block in enumerate(system):
+        _expect(block, dict, f"system.{i}", "a text block")
+        if block.get("type") != "text":
+            raise InvalidRequest(f"system.{i}.type: expected 'text', got {block.get('type')!r}")
+        text = _expect(block.get("text"), str, f"system.{i}.text", "a string")
+        if text.startswith(BILLING_HEADER_PREFIX):
+            continue
+        parts.append(text)
+    return "\n\n".join(parts)
+
+
+def _image_url(block: dict, path: str) -> str:
+    source = _expect(block.get("source"), dict, f"{path}.source", "an image source object")
+    kind = source.get("type")
+    if kind == "base64":
+        media = _expect(source.get("media_type"), str, f"{path}.source.media_type", "a string")
+        data = _expect(source.get("data"), str, f"{path}.source.data", "a base64 string")
+        return f"data:{media};base64,{data}"
+    if kind == "url":
+        return _expect(source.get("url"), str, f"{path}.source.url", "a string")
+    raise InvalidRequest(f"{path}.source.type: expected 'base64' or 'url', got {kind!r}")
+
+
+def _document_text(block: dict, path: str) -> str:
+    source = _expect(block.get("source"), dict, f"{path}.source", "a document source object")
+    if source.get("type") == "text":
+        return _expect(source.get("data"), str, f"{path}.source.data", "a string")
+    if source.get("type") == "content" and isinstance(source.get("content"), (str, list)):
+        return _tool_result_text(source["content"], f"{path}.source.content", [], vision=False)
+    raise InvalidRequest(f"{path}.source.type: only text documents can be sent to a local model")
+
+
+def _tool_result_text(content: Any, path: str, images: list[dict], vision: bool) -> str:
+    """Flatten a tool_result's content to text; images go to `images` (or become a note)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    _expect(content, list, path, "a string or an array of content blocks")
+    parts = []
+    for j, block in enumerate(content):
+        bpath = f"{path}.{j}"
+        _expect(block, dict, bpath, "a content block")
+        kind = block.get("type")
+        if kind == "text":
+            parts.append(_expect(block.get("text"), str, f"{bpath}.text", "a string"))
+        elif kind == "image":
+            url = _image_url(block, bpath)
+            if vision:
+                images.append({"type": "image_url", "image_url": {"url": url}})
+                parts.append(f"[image {len(images)} is attached in the next user message]")
+            else:
+                parts.append(NO_VISION_NOTE)
+        elif kind == "document":
+            parts.append(_document_text(block, bpath))
+        elif kind == "tool_reference":
+            # Claude Code's ToolSearch answers with references to deferred tools. Every tool is
+            # sent to the local model (deferral is dropped), so a note is all the model needs.
+            parts.append(f"[tool available: {block.get('tool_name', '')}]")
+        elif kind == "search_result":
+            inner = block.get("content") if isinstance(block.get("content"), list) else []
+            parts.append(_tool_result_text(inner, f"{bpath}.content", images, vision))
+        else:
+            raise InvalidRequest(f"{bpath}.type: unsupported content block type {kind!r} in a tool result")
+    return "\n".join(parts)
+
+
+def _user_blocks(content: Any, path: str, vision: bool) -> tuple[list[dict], list[dict]]:
+    """Split a user message into (tool messages, other content parts), preserving order in each."""
+    if isinstance(content, str):
+        return [], [{"type": "text", "text": content}]
+    _expect(content, list, path, "a string or an array of content blocks")
+    tools: list[dict] = []
+    parts: list[dict] = []
+    hoisted: list[dict] = []
+    for j, block in enumerate(content):
+        bpath = f"{path}.{j}"
+        _expect(block, dict, bpath, "a content block")
+        kind = block.get("type")
+        if kind == "text":
+            parts.append({"type": "text", "text": _expect(block.get("text"), str, f"{bpath}.text", "a string")})
+        elif kind == "image":
+            url = _image_url(block, bpath)
+            parts.append({"type": "image_url", "image_url": {"url": url}} if vision else {"type": "text", "text": NO_VISION_NOTE})
+        elif kind == "document":
+            parts.append({"type": "text", "text": _document_text(block, bpath)})
+        elif kind == "tool_result":
+            tool_id = _expect(block.get("tool_use_id"), str, f"{bpath}.tool_use_id", "a string")
+            text = _tool_result_text(block.get("content"), f"{bpath}.content", hoisted, vision)
+            if block.get("is_error") is True:
+                # OpenAI tool messages have no error flag; keep the failure visible in the text.
+                text = f"[tool error] {text}" if text else "[tool error]"
+            tools.append({"role": "tool", "tool_call_id": tool_id, "content": text})
+        elif kind in ("thinking", "redacted_thinking"):
+            continue  # never meaningful in a user turn
+        else:
+            raise InvalidRequest(f"{bpath}.type: unsupported content block type {kind!r}")
+    # Images from tool results follow the tool messages, ahead of the user's own words.
+    return tools, hoisted + parts
+
+
+def _assistant_message(content: Any, path: str) -> dict:
+    if isinstance(content, str):
+        return {"role": "assistant", "content": content}
+    _expect(content, list, path, "a string or an array of content blocks")
+    texts: list[str] = []
+    reasoning: list[str] = []
+    calls: list[dict] = []
+    for j, block in enumerate(content):
+        bpath = f"{path}.{j}"
+        _expect(block, dict, bpath, "a content block")
+        kind = block.get("type")
+        if kind == "text":
+            texts.append(_expect(block.get("text"), str, f"{bpath}.text", "a string"))
+        elif kind == "thinking":
+            reasoning.append(_expect(block.get("thinking"), str, f"{bpath}.thinking", "a string"))
+        elif kind == "redacted_thinking":
+            continue
+        elif kind in ("tool_use", "server_tool_use"):
+            tool_id = _expect(block.get("id"), str, f"{bpath}.id", "a string")
+            name = _expect(block.get("name"), str, f"{bpath}.name", "a string")
+            arguments = block.get("input", {})
+            _expect(arguments, dict, f"{bpath}.input", "an object")
+            calls.append(
+                {
+                    "id": tool_id,
+                    "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+                }
+            )
+        else:
+            raise InvalidRequest(f"{bpath}.type: unsupported content block type {kind!r} in an assistant message")
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+    if reasoning:
+        message["reasoning_content"] = "".join(reasoning)
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _append_user(messages: list[dict], parts: list[dict]) -> None:
+    """Add user content, merging into a directly preceding user message (some chat templates
+    reject two user turns in a row, and a folded-in system block must not become its own turn)."""
+    if not parts:
+        return
+    if messages and messages[-1]["role"] == "user":
+        messages[-1]["content"].extend(parts)
+    else:
+        messages.append({"role": "user", "content": list(parts)})
+
+
+def _simplify(message: dict) -> dict:
+    """Text-only content lists become one string: the form every chat template renders."""
+    content = message.get("content")
+    if isinstance(content, list) and all(p.get("type") == "text" for p in content):
+        message = dict(message, content="\n\n".join(p["text"] for p in content))
+    return message
+
+
+def convert_messages(body: dict, vision: bool) -> list[dict]:
+    """System prompt and messages as OpenAI chat messages."""
+    out: list[dict] = []
+    system = system_text(body.get("system"))
+    if system:
+        out.append({"role": "system", "content": system})
+    messages = _expect(body.get("messages"), list, "messages", "an array of messages")
+    for i, message in enumerate(messages):
+        path = f"messages.{i}"
+        _expect(message, dict, path, "a message object")
+        role = message.get("role")
+        if "content" not in message:
+            raise InvalidRequest(f"{path}.content: field required")
+        content = message["content"]
+        if role == "user":
+            tools, parts = _user_blocks(content, f"{path}.content", vision)
+            out.extend(tools)
+            _append_user(out, parts)
+        elif role == "assistant":
+            out.append(_assistant_message(content, f"{path}.content"))
+        elif role == "system":
+            # Claude Code sends environment blocks as mid-conversation system messages; chat
+            # templates only accept a system message first, so they join the user's turn.
+            _, parts = _user_blocks(content, f"{path}.content", vision)
+            _append_user(out, parts)
+        else:
+            raise InvalidRequest(f"{path}.role: expected 'user', 'assistant' or 'system', got {role!r}")
+    return [_simplify(m) for m in out]
+
+
+def convert_tools(tools: Any) -> list[dict]:
+    if tools is None:
+        return []
+    _expect(tools, list, "tools", "an array of tools")
+    out = []
+    for i, tool in enumerate(tools):
+        path = f"tools.{i}"
+        _expect(tool, dict, path, "a tool object")
+        if tool.get("type") not in (None, "custom") and "input_schema" not in tool:
+            continue  # Anthropic server tools (web_search_…) run on Anthropic's side; a local model has none
+        name = _expect(tool.get("name"), str, f"{path}.name", "a string")
+        schema = tool.get("input_schema", {"type": "object", "properties": {}})
+        _expect(schema, dict, f"{path}.input_schema", "a JSON schema object")
+        function: dict[str, Any] = {"name": name}
+        if tool.get("description") is not None:
+            function["description"] = _expect(tool["description"], str, f"{path}.description", "a string")
+        function["parameters"] = schema
+        # `cache_control`, `defer_loading`, `strict`, `eager_input_streaming` mean nothing upstream.
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _apply_tool_choice(body: dict, out: dict) -> None:
+    choice = body.get("tool_choice")
+    if choice is None:
+        return
+    _expect(choice, dict, "tool_choice", "an object")
+    kind = choice.get("type")
+    if kind == "auto":
+        out["tool_choice"] = "auto"
+    elif kind == "any":
+        out["tool_choice"] = "required"
+    elif kind == "none":
+        out["tool_choice"] = "none"
+        return
+    elif kind == "tool":
+        name = _expect(choice.get("name"), str, "tool_choice.name", "a string")
+        # llama-server rejects the object form of tool_choice, so a named tool is "required"
+        # over a tool list holding only that tool.
+        only = [t for t in out.get("tools", []) if t["function"]["name"] == name]
+        if not only:
+            raise InvalidRequest(f"tool_choice.name: no tool named {name!r} in tools")
+        out["tools"] = only
+        out["tool_choice"] = "required"
+    else:
+        raise InvalidRequest(f"tool_choice.type: expected 'auto', 'any', 'tool' or 'none', got {kind!r}")
+    if "tools" in out and choice.get("disable_parallel_tool_use") is not None:
+        out["parallel_tool_calls"] = not bool(choice["disable_parallel_tool_use"])
+
+
+def _response_format(body: dict) -> dict | None:
+    fmt = None
+    if isinstance(body.get("output_config"), dict):
+        fmt = body["output_config"].get("format")
+    if fmt is None:
+        fmt = body.get("output_format")  # the structured-outputs beta's earlier spelling
+    if fmt is None:
+        return None
+    _expect(fmt, dict, "output_config.format", "an object")
+    if fmt.get("type") != "json_schema":
+        raise InvalidRequest(f"output_config.format.type: expected 'json_schema', got {fmt.get('type')!r}")
+    schema = _expect(fmt.get("schema"), dict, "output_config.format.schema", "a JSON schema object")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+
+
+def _thinking_switch(body: dict) -> bool | None:
+    thinking = body.get("thinking")
+    if thinking is None:
+        return None  # not asked either way: the server's own default stands
+    _expect(thinking, dict, "thinking", "an object")
+    kind = thinking.get("type")
+    if kind in ("enabled", "adaptive"):
+        return True
+    if kind == "disabled":
+        return False
+    raise InvalidRequest(f"thinking.type: expected 'enabled', 'adaptive' or 'disabled', got {kind!r}")
+
+
+def validate_common(body: Any, *, need_max_tokens: bool) -> dict:
+    """Checks shared by /v1/messages and /v1/messages/count_tokens."""
+    _expect(body, dict, "body", "a JSON object")
+    _expect(body.get("model"), str, "model", "a string")
+    messages = _expect(body.get("messages"), list, "messages", "an array of messages")
+    if not messages:
+        raise InvalidRequest("messages: at least one message is required")
+    if need_max_tokens:
+        if "max_tokens" not in body:
+            raise InvalidRequest("max_tokens: field required")
+        max_tokens = _expect(body["max_tokens"], int, "max_tokens", "a whole number")
+        if max_tokens < 1:
+            raise InvalidRequest(f"max_tokens: must be at least 1, got {max_tokens}")
+    return body
+
+
+def anthropic_to_openai(body: Any, options: Options = Options()) -> dict:
+    """The llama-server `/v1/chat/completions` body for an Anthropic Messages request.
+
+    Always streamed upstream (the non-streamed Anthropic response is assembled from the
+    stream) with usage and timings, so both modes share one code path.
+    """
+    body = validate_common(body, need_max_tokens=True)
+    out: dict[str, Any] = {
+        "model": options.model or body["model"],
+        "messages": convert_messages(body, options.vision),
+        "max_tokens": body["max_tokens"],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "cache_prompt": True,
+    }
+    tools = convert_tools(body.get("tools"))
+    if tools:
+        out["tools"] = tools
+    _apply_tool_choice(body, out)
+    if out.get("tool_choice") == "none":
+        out.pop("tools", None)
+        out.pop("tool_choice")
+    stops = body.get("stop_sequences")
+    if stops is not None:
+        _expect(stops, list, "stop_sequences", "an array of strings")
+        for i, stop in enumerate(stops):
+            _expect(stop, str, f"stop_sequences.{i}", "a string")
+        if stops:
+            out["stop"] = list(stops)
+            # OpenAI's finish_reason "stop" does not say which sequence (or end-of-turn) ended
+            # the reply; llama-server reports it in its debug fields, which we ask for narrowly.
+            out["verbose"] = True
+            out["response_fields"] = ["stop_type", "stopping_word"]
+    for key, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("top_k", 0, 1_000_000)):
+        value = _optional_number(body, key, low, high)
+        if value is not None:
+            out[key] = value
+    response_format = _response_format(body)
+    if response_format:
+        out["response_format"] = response_format
+    thinking = _thinking_switch(body)
+    if thinking is not None:
+        out["chat_template_kwargs"] = {"enable_thinking": thinking}
+    # `metadata`, `context_management`, `safeguards`, `betas`, `service_tier`, `container`,
+    # `mcp_servers` are Anthropic platform features with no meaning upstream: not copied.
+    return out
+
+
+def count_tokens_request(body: Any, options: Options = Options()) -> dict:
+    """The `/apply-template` body rendering what `/v1/messages` would send for this request."""
+    body = validate_common(body, need_max_tokens=False)
+    out: dict[str, Any] = {"messages": convert_messages(body, options.vision)}
+    tools = convert_tools(body.get("tools"))
+    if tools:
+        out["tools"] = tools
+    thinking = _thinking_switch(body)
+    if thinking is not None:
+        out["chat_template_kwargs"] = {"enable_thinking": thinking}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Response: OpenAI stream -> Anthropic events
+
+
+def new_message_id() -> str:
+    return f"msg_{uuid.uuid4().hex[:24]}"
+
+
+def new_tool_id() -> str:
+    return f"toolu_{uuid.uuid4().hex[:24]}"
+
+
+def usage_from(chunk: dict) -> dict[str, int] | None:
+    """Anthropic usage from an OpenAI chunk's `timings` (preferred) or `usage`.
+
+    llama-server's `timings.prompt_n` counts only the prompt tokens it evaluated; `cache_n`
+    those it reused from the slot's cache. Anthropic's `input_tokens` is the uncached part and
+    `cache_read_input_tokens` the cached part; Claude Code sums them for its context meter.
+    """
+    timings = chunk.get("timings")
+    if isinstance(timings, dict) and "prompt_n" in timings:
+        return {
+            "input_tokens": int(timings.get("prompt_n") or 0),
+            "cache_read_input_tokens": int(timings.get("cache_n") or 0),
+            "output_tokens": int(timings.get("predicted_n") or 0),
+        }
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        prompt = int(usage.get("prompt_tokens") or 0)
+        details = usage.get("prompt_tokens_details") or {}
+        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        return {
+            "input_tokens": max(prompt - cached, 0),
+            "cache_read_input_tokens": cached,
+            "output_tokens": int(usage.get("completion_tokens") or 0),
+        }
+    return None
+
+
+class UpstreamStreamError(Exception):
+    """llama-server reported an error inside an already-started stream."""
+
+    def __init__(self, error: dict):
+        super().__init__(str(error.get("message") or error))
+        self.error = error
+
+
+def _json_complete(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def stream_openai_to_anthropic(chunks: Iterable[dict], model: str, message_id: str | None = None) -> Iterator[Event]:
+    """Anthropic SSE events for a stream of OpenAI chat-completion chunks.
+
+    Event order is the one Claude Code requires: message_start, then per block
+    content_block_start / content_block_delta... / content_block_stop, then message_delta
+    with the stop reason and cumulative usage, then message_stop. Every upstream delta is
+    passed on as soon as it arrives. All state lives in this generator's locals.
+
+    Each OpenAI `tool_calls[i].index` becomes its own `tool_use` block, closed as soon as its
+    arguments form complete JSON (Claude Code may start the tool at content_block_stop).
+    """
+    yield "message_start", {
+        "type": "message_start",
+        "message": {
+            "id": message_id or new_message_id(),
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 0},
+        },
+    }
+    index = -1  # index of the last block started
+    open_kind: str | None = None  # "text" | "thinking" | "tool_use" while a block is open
+    thinking_text: list[str] = []
+    tool_block: dict[int, int] = {}  # OpenAI tool index -> Anthropic block index
+    tool_args: dict[int, str] = {}
+    closed_tools: set[int] = set()
+    open_tool: int | None = None
+    used_tools = False
+    finish: str | None = None
+    stop_word: str | None = None
+    usage: dict[str, int] | None = None
+
+    def close() -> Iterator[Event]:
+        nonlocal open_kind, open_tool
+        if open_kind is None:
+            return
+        if open_kind == "thinking":
+            # Clients keep the signature and send it back with the block; a local model checks
+            # nothing, so any stable value will do: a digest of the thinking text.
+            signature = hashlib.sha256("".join(thinking_text).encode()).hexdigest()
+            yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "signature_delta", "signature": signature}}
+        if open_kind == "tool_use" and open_tool is not None:
+            if not tool_args.get(open_tool):
+                # A call without arguments still needs valid JSON input.
+                yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": "{}"}}
+            closed_tools.add(open_tool)
+            open_tool = None
+        yield "content_block_stop", {"type": "content_block_stop", "index": index}
+        open_kind = None
+
+    def start(kind: str, block: dict) -> Iterator[Event]:
+        nonlocal index, open_kind
+        yield from close()
+        index += 1
+        open_kind = kind
+        yield "content_block_start", {"type": "content_block_start", "index": index, "content_block": block}
+
+    for chunk in chunks:
+        if "error" in chunk and not chunk.get("choices"):
+            error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+            raise UpstreamStreamError(error)
+        usage = usage_from(chunk) or usage
+        verbose = chunk.get("__verbose")
+        if isinstance(verbose, dict) and verbose.get("stop_type") == "word" and verbose.get("stopping_word"):
+            stop_word = verbose["stopping_word"]
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content")
+            if reasoning:
+                if open_kind != "thinking":
+                    thinking_text = []
+                    yield from start("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                thinking_text.append(reasoning)
+                yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "thinking_delta", "thinking": reasoning}}
+            text = delta.get("content")
+            if text:
+                if open_kind != "text":
+                    yield from start("text", {"type": "text", "text": ""})
+                yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}
+            for call in delta.get("tool_calls") or []:
+                tool_index = call.get("index", 0)
+                function = call.get("function") or {}
+                if tool_index in closed_tools:
+                    continue  # its JSON was already complete; nothing valid can follow
+                if tool_index not in tool_block:
+                    used_tools = True
+                    yield from start(
+                        "tool_use",
+                        {"type": "tool_use", "id": new_tool_id(), "name": function.get("name") or "", "input": {}},
+                    )
+                    tool_block[tool_index] = index
+                    tool_args[tool_index] = ""
+                    open_tool = tool_index
+                fragment = function.get("arguments")
+                if fragment and open_tool == tool_index:
+                    tool_args[tool_index] += fragment
+                    yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": fragment}}
+                    # Only a fragment ending in "}" can complete an object: parse only then, so a
+                    # long Write call streamed in thousands of pieces stays linear.
+                    if fragment.rstrip().endswith("}") and _json_complete(tool_args[tool_index]):
+                        yield from close()
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+    yield from close()
+
+    if finish == "length":
+        stop_reason = "max_tokens"
+    elif finish == "tool_calls" or used_tools:
+        stop_reason = "tool_use"
+    elif stop_word is not None:
+        stop_reason = "stop_sequence"
+    else:
+        stop_reason = "end_turn"
+    final_usage = usage or {"input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0}
+    yield "message_delta", {
+        "type": "message_delta",
+        "delta": {"stop_reason": stop_reason, "stop_sequence": stop_word if stop_reason == "stop_sequence" else None},
+        "usage": dict(final_usage, cache_creation_input_tokens=0),
+    }
+    yield "message_stop", {"type": "message_stop"}
+
+
+def collect_message(events: Iterable[Event]) -> dict:
+    """The non-streamed Anthropic message that a stream of events describes."""
+    message: dict[str, Any] = {}
+    blocks: list[dict] = []
+    partial_json: dict[int, str] = {}
+    for event, data in events:
+        if event == "message_start":
+            message = dict(data["message"])
+        elif event == "content_block_start":
+            blocks.append(dict(data["content_block"]))
+        elif event == "content_block_delta":
+            block = blocks[data["index"]]
+            delta = data["delta"]
+            kind = delta["type"]
+            if kind == "text_delta":
+                block["text"] += delta["text"]
+            elif kind == "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            elif kind == "signature_delta":
+                block["signature"] = delta["signature"]
+            elif kind == "input_json_delta":
+                partial_json[data["index"]] = partial_json.get(data["index"], "") + delta["partial_json"]
+        elif event == "content_block_stop":
+            i = data["index"]
+            if blocks[i]["type"] == "tool_use":
+                try:
+                    blocks[i]["input"] = json.loads(partial_json.get(i) or "{}")
+                except ValueError:
+                    blocks[i]["input"] = {}  # cut off by max_tokens mid-arguments
+        elif event == "message_delta":
+            message.update(data["delta"])
+            message["usage"] = data["usage"]
+    message["content"] = blocks
+    return message

@@ -1,0 +1,123 @@
+"""Start real services as child processes on ports the OS picks, and stop them again.
+
+Modelled on llama.cpp's own server tests: start the real binary, wait for its "listening" log
+line and its health endpoint, fail at once (with the log) if it dies, terminate then kill on
+teardown. Each process logs to a file the failing test can show.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServiceDied(RuntimeError):
+    pass
+
+
+class Service:
+    """A child process whose log announces the port it listens on."""
+
+    def __init__(self, name: str, cmd: Sequence[str], ready: str, env: dict[str, str] | None = None,
+                 health_path: str | None = None, timeout: float = 60.0, cwd: Path | None = None):
+        self.name = name
+        self.cmd = list(cmd)
+        self.ready = re.compile(ready)
+        self.env = env
+        self.health_path = health_path
+        self.timeout = timeout
+        self.cwd = cwd
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+        self.log_path = Path(self._log.name)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def start(self) -> "Service":
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self.env, cwd=self.cwd, start_new_session=True,
+        )
+        deadline = time.monotonic() + self.timeout
+        while self.port is None:
+            self._check_alive()
+            found = self.ready.search(self.log_text())
+            if found:
+                self.port = int(found.group("port"))
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServiceDied(f"{self.name} did not report its port within {self.timeout}s:\n{self.log_text()[-4000:]}")
+            time.sleep(0.05)
+        if self.health_path:
+            self.wait_healthy(deadline)
+        return self
+
+    def wait_healthy(self, deadline: float | None = None) -> None:
+        deadline = deadline or time.monotonic() + self.timeout
+        while True:
+            self._check_alive()
+            try:
+                if requests.get(self.url + self.health_path, timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise ServiceDied(f"{self.name} never became healthy:\n{self.log_text()[-4000:]}")
+            time.sleep(0.05)
+
+    def _check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise ServiceDied(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> "Service":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def llama_server(binary: str, model: str, *, ctx: int = 8192, parallel: int = 1, extra: Sequence[str] = ()) -> Service:
+    cmd = [
+        binary, "-m", model, "-t", "1", "--host", "127.0.0.1", "--port", "0",
+        "--metrics", "--jinja", "-c", str(ctx), "--parallel", str(parallel), "--no-webui", *extra,
+    ]
+    return Service("llama-server", cmd, r"listening on http://127\.0\.0\.1:(?P<port>\d+)", health_path="/health")
+
+
+def proxy(llama_url: str, **env_overrides: str) -> Service:
+    env = dict(os.environ)
+    env.update({"LLAMA_URL": llama_url, "PROXY_HOST": "127.0.0.1", "PROXY_PORT": "0", "PROXY_THREADS": "32"})
+    env.update(env_overrides)
+    return Service("proxy", [sys.executable, "-m", "proxy"], r"Listening at: http://127\.0\.0\.1:(?P<port>\d+)",
+                   env=env, health_path="/", cwd=ROOT)
