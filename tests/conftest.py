@@ -1,0 +1,70 @@
+"""Shared fixtures: the real llama-server on the tiny generated model, the real proxy, captures.
+
+The binaries and the model come from the Makefile (`make test` sets LLAMA_SERVER_BIN,
+TINY_MODEL and CLAUDE_BIN). A missing prerequisite fails, naming the target that provides it:
+nothing in this suite is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.support import processes
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTURE_CANDIDATES = [
+    ROOT / "tests" / "fixtures" / "claude-code-2.1.328-session.jsonl",
+]
+
+
+def _required_path(var: str, target: str) -> str:
+    value = os.environ.get(var, "")
+    if not value or not Path(value).exists():
+        pytest.fail(f"{var} is not set to an existing file: run `make test`, or `make {target}` and export {var}", pytrace=False)
+    return value
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin() -> str:
+    return _required_path("LLAMA_SERVER_BIN", "llama-server")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    return _required_path("TINY_MODEL", "tiny-model")
+
+
+@pytest.fixture(scope="session")
+def claude_bin() -> str:
+    return _required_path("CLAUDE_BIN", "claude-code")
+
+
+@pytest.fixture(scope="session")
+def llama(llama_server_bin, tiny_model):
+    """One real llama-server for the session: 1 slot, 8192 tokens of context, -t 1."""
+    with processes.llama_server(llama_server_bin, tiny_model) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def proxy(llama):
+    with processes.proxy(llama.url) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def capture() -> list[dict]:
+    """The recorded Claude Code 2.1.328 session: one dict per request (method, path, headers, body)."""
+    path = next((p for p in CAPTURE_CANDIDATES if p.exists()), None)
+    assert path is not None, f"no capture at {CAPTURE_CANDIDATES}"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def capture_messages(capture) -> list[dict]:
+    """Bodies of the capture's POST /v1/messages requests."""
+    return [r["body"] for r in capture if r["method"] == "POST" and r["path"].split("?")[0] == "/v1/messages"]
