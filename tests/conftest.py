@@ -45,7 +45,7 @@ def claude_bin() -> str:
 
 @pytest.fixture(scope="session")
 def llama(llama_server_bin, tiny_model):
-    """One real llama-server for the session: 1 slot, 8192 tokens of context, -t 1."""
+    """One real llama-server for the session: 1 slot, 32768 tokens of context (Claude Code's prompt is ~20k), -t 1."""
     with processes.llama_server(llama_server_bin, tiny_model) as server:
         yield server
 

@@ -107,7 +107,7 @@ class Service:
         self.stop()
 
 
-def llama_server(binary: str, model: str, *, ctx: int = 8192, parallel: int = 1, extra: Sequence[str] = ()) -> Service:
+def llama_server(binary: str, model: str, *, ctx: int = 32768, parallel: int = 1, extra: Sequence[str] = ()) -> Service:
     cmd = [
         binary, "-m", model, "-t", "1", "--host", "127.0.0.1", "--port", "0",
         "--metrics", "--jinja", "-c", str(ctx), "--parallel", str(parallel), "--no-webui", *extra,

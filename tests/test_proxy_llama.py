@@ -1,0 +1,246 @@
+"""Through the real proxy (gunicorn) to the real llama-server on the tiny model, with the
+official Anthropic and OpenAI SDKs: text, streaming, tool calls, stop sequences, context
+overflow, client disconnects, token counts, and the OpenAI relay."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import anthropic
+import openai
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.anthropic_sse import check_order, parse
+
+pytestmark = pytest.mark.integration
+
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "Weather forecast for a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Lima", "Oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 5}},
+        "required": ["city", "days"],
+    },
+}
+# The tiny model's weights are random: an assistant prefill of "<tool_call>\n" makes llama-server's
+# tool grammar produce a schema-valid call every time (see the README's testing notes).
+TOOL_PREFILL = [{"role": "user", "content": "What is the weather?"}, {"role": "assistant", "content": "<tool_call>\n"}]
+
+
+@pytest.fixture()
+def claude(proxy) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=proxy.url, api_key="test-key", max_retries=0, timeout=120)
+
+
+@pytest.fixture()
+def oai(proxy) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key="test-key", max_retries=0, timeout=120)
+
+
+def metric(url: str, name: str) -> float:
+    text = requests.get(url + "/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def stream_then_hang_up(base_url: str, path: str, body: dict, marker: bytes, count: int) -> None:
+    """POST over a plain socket, read until `marker` was seen `count` times, then close it,
+    the way a killed client or a closed editor tab leaves."""
+    host, port = base_url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        seen = b""
+        while seen.count(marker) < count:
+            data = sock.recv(65536)
+            assert data, f"stream ended before {count} x {marker!r}: {seen[-500:]!r}"
+            seen += data
+
+
+def wait_slots_idle(llama, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        slots = requests.get(llama.url + "/slots", timeout=5).json()
+        if not any(s["is_processing"] for s in slots):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"llama-server still busy after {timeout}s: {slots}")
+
+
+# -- Anthropic SDK --------------------------------------------------------------------------------
+
+
+def test_anthropic_sdk_non_streamed(claude, llama):
+    msg = claude.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "Say hello"}])
+    assert msg.type == "message" and msg.role == "assistant" and msg.model == "claude-sonnet-4-5"
+    assert msg.id.startswith("msg_")
+    assert msg.content and msg.content[0].type == "text" and msg.content[0].text
+    assert msg.stop_reason in ("end_turn", "max_tokens")
+    assert 1 <= msg.usage.output_tokens <= 64
+    assert msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0) > 5
+
+
+def test_anthropic_sdk_streamed_matches_final_message(claude):
+    with claude.messages.stream(model="claude-opus-4-1", max_tokens=64, system=[{"type": "text", "text": "Be brief."}],
+                                messages=[{"role": "user", "content": "Tell me something"}]) as stream:
+        pieces = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert len(pieces) >= 1
+    assert "".join(pieces) == final.content[0].text
+    assert final.usage.output_tokens >= 1 and final.stop_reason in ("end_turn", "max_tokens")
+
+
+def test_raw_stream_follows_the_event_order_and_arrives_incrementally(proxy):
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": "Count"}]}
+    with requests.post(proxy.url + "/v1/messages?beta=true", json=body, stream=True, timeout=60) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        frames = [line for line in resp.iter_lines() if line.startswith(b"event:")]
+        raw = resp.content if not frames else None
+    # iter_lines consumed the stream; request it again whole for the parser.
+    raw = requests.post(proxy.url + "/v1/messages", json=body, timeout=60).content
+    events = parse(raw)
+    check_order(events)
+    assert len([f for f in frames if f == b"event: content_block_delta"]) >= 1
+
+
+def test_tool_call_comes_back_as_a_valid_tool_use_block(claude):
+    msg = claude.messages.create(model="claude-sonnet-4-5", max_tokens=80, tools=[WEATHER_TOOL],
+                                 tool_choice={"type": "any", "disable_parallel_tool_use": True}, messages=TOOL_PREFILL)
+    calls = [b for b in msg.content if b.type == "tool_use"]
+    assert len(calls) == 1, msg.content
+    call = calls[0]
+    assert call.name == "get_weather" and call.id.startswith("toolu_")
+    assert call.input["city"] in ("Lima", "Oslo") and 1 <= call.input["days"] <= 5
+    assert msg.stop_reason == "tool_use"
+
+
+def test_streamed_tool_call_and_its_result_round_trip(claude):
+    with claude.messages.stream(model="claude-sonnet-4-5", max_tokens=80, tools=[WEATHER_TOOL], tool_choice={"type": "any"},
+                                messages=TOOL_PREFILL) as stream:
+        first = stream.get_final_message()
+    call = next(b for b in first.content if b.type == "tool_use")
+    assert set(call.input) == {"city", "days"}
+    follow_up = claude.messages.create(model="claude-sonnet-4-5", max_tokens=32, tools=[WEATHER_TOOL], messages=[
+        {"role": "user", "content": "What is the weather?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": call.id, "name": call.name, "input": call.input}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "Sunny, 24C"},
+                                     {"type": "text", "text": "Summarise."}]},
+    ])
+    assert follow_up.content and follow_up.stop_reason in ("end_turn", "max_tokens", "tool_use")
+
+
+def test_stop_sequence_is_reported(claude):
+    msg = claude.messages.create(model="claude-sonnet-4-5", max_tokens=200, extra_body={"temperature": 0}, stop_sequences=["e", "a", "o", "i"],
+                                 messages=[{"role": "user", "content": "Write a long sentence about the sea."}])
+    assert msg.stop_reason == "stop_sequence"
+    assert msg.stop_sequence in ("e", "a", "o", "i")
+
+
+def test_prompt_over_the_context_is_prompt_too_long(claude, llama):
+    n_ctx = requests.get(llama.url + "/props", timeout=5).json()["default_generation_settings"]["n_ctx"]
+    with pytest.raises(anthropic.BadRequestError) as err:
+        claude.messages.create(model="claude-sonnet-4-5", max_tokens=16, messages=[{"role": "user", "content": "hello " * (n_ctx + 500)}])
+    assert err.value.status_code == 400
+    body = err.value.body
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    message = body["error"]["message"]
+    assert message.startswith("prompt is too long: ") and message.endswith(f" tokens > {n_ctx} maximum")
+    assert int(message.split()[4]) > n_ctx
+
+
+def test_count_tokens_equals_what_the_request_costs(claude, llama):
+    wait_slots_idle(llama)
+    kwargs = dict(model="claude-sonnet-4-5", system="You are terse.", tools=[WEATHER_TOOL],
+                  messages=[{"role": "user", "content": "How many tokens is this exactly? " + "x" * 37}])
+    counted = claude.messages.count_tokens(**kwargs).input_tokens
+    msg = claude.messages.create(max_tokens=4, **kwargs)
+    assert counted == msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0)
+
+
+def test_disconnect_mid_stream_frees_the_slot(proxy, llama):
+    """A client that goes away mid-stream must not leave llama-server generating."""
+    wait_slots_idle(llama)
+    before = metric(llama.url, "llamacpp:tokens_predicted_total")
+    # A grammar that forces ~4000 tokens (about 20 s here): far longer than the test waits.
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 8000, "stream": True, "messages": [{"role": "user", "content": "digits"}],
+            "output_config": {"format": {"type": "json_schema", "schema": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2000}}}}
+    stream_then_hang_up(proxy.url, "/v1/messages", body, b"event: content_block_delta", 5)
+    wait_slots_idle(llama)
+    generated = metric(llama.url, "llamacpp:tokens_predicted_total") - before
+    assert generated < 1000, f"llama-server kept generating after the client left ({generated} tokens)"
+
+
+# -- OpenAI routes ----------------------------------------------------------------------------------
+
+
+def test_openai_sdk_chat_non_streamed(oai):
+    out = oai.chat.completions.create(model="anything", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+    assert out.choices[0].message.role == "assistant"
+    assert out.usage.completion_tokens >= 1
+
+
+def test_openai_sdk_chat_streamed(oai):
+    stream = oai.chat.completions.create(model="anything", max_tokens=16, stream=True, stream_options={"include_usage": True},
+                                         messages=[{"role": "user", "content": "hi"}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_openai_legacy_completions_and_models(oai, llama):
+    out = oai.completions.create(model="anything", prompt="Once upon a time", max_tokens=8)
+    assert out.choices[0].text is not None
+    models = oai.models.list()
+    assert models.data and models.data[0].id
+    raw = requests.get(llama.url + "/v1/models", timeout=5).json()
+    assert raw["data"][0]["meta"]["n_ctx"] > 0
+
+
+def test_openai_disconnect_frees_the_slot(proxy, llama):
+    wait_slots_idle(llama)
+    before = metric(llama.url, "llamacpp:tokens_predicted_total")
+    body = {"model": "x", "max_tokens": 6000, "ignore_eos": True, "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    stream_then_hang_up(proxy.url, "/v1/chat/completions", body, b"data: ", 10)
+    wait_slots_idle(llama)
+    assert metric(llama.url, "llamacpp:tokens_predicted_total") - before < 3000
+
+
+def test_openai_context_overflow_keeps_llama_server_error(oai, llama):
+    n_ctx = requests.get(llama.url + "/props", timeout=5).json()["default_generation_settings"]["n_ctx"]
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model="x", max_tokens=4, messages=[{"role": "user", "content": "hello " * (n_ctx + 500)}])
+    assert err.value.body["type"] == "exceed_context_size_error"
+
+
+# -- the small routes ---------------------------------------------------------------------------------
+
+
+def test_hello_root_and_health(proxy):
+    assert requests.head(proxy.url + "/api/hello", timeout=5).status_code == 200
+    assert requests.head(proxy.url + "/", timeout=5).status_code == 200
+    health = requests.get(proxy.url + "/healthz", timeout=5)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_query_string_is_ignored(proxy):
+    resp = requests.post(proxy.url + "/v1/messages/count_tokens?beta=true", timeout=30,
+                         json={"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "foo"}]})
+    assert resp.status_code == 200 and resp.json()["input_tokens"] > 0
+
+
+def test_capture_requests_are_served(proxy, capture_messages):
+    """Every /v1/messages request Claude Code sent in the recorded session gets a valid stream."""
+    for body in capture_messages:
+        body = dict(body, max_tokens=16)
+        resp = requests.post(proxy.url + "/v1/messages?beta=true", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text
+        check_order(parse(resp.content))
