@@ -139,10 +139,14 @@ def test_streamed_tool_call_and_its_result_round_trip(claude):
 
 
 def test_stop_sequence_is_reported(claude):
-    msg = claude.messages.create(model="claude-sonnet-4-5", max_tokens=200, extra_body={"temperature": 0}, stop_sequences=["e", "a", "o", "i"],
-                                 messages=[{"role": "user", "content": "Write a long sentence about the sea."}])
+    # Structured output forces an array of digits, so "," is certain to come up.
+    digits = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 5}
+    msg = claude.messages.create(model="claude-sonnet-4-5", max_tokens=100, stop_sequences=[",", "never-generated"],
+                                 extra_body={"output_config": {"format": {"type": "json_schema", "schema": digits}}},
+                                 messages=[{"role": "user", "content": "Five digits please."}])
     assert msg.stop_reason == "stop_sequence"
-    assert msg.stop_sequence in ("e", "a", "o", "i")
+    assert msg.stop_sequence == ","
+    assert "," not in msg.content[0].text
 
 
 def test_prompt_over_the_context_is_prompt_too_long(claude, llama):

@@ -1,0 +1,69 @@
+"""The real Claude Code CLI (npm @anthropic-ai/claude-code, installed by `make claude-code`)
+in `-p` mode through the proxy: to the real llama-server, and, for a full tool round trip,
+to the scripted upstream (see tests/support/scripted_upstream.py for why that one is scripted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support import processes
+from tests.support.scripted_upstream import ScriptedUpstream
+
+pytestmark = pytest.mark.integration
+
+
+def run_claude(claude_bin: str, base_url: str, home: Path, cwd: Path, prompt: str, *extra: str, timeout: float = 240):
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "ANTHROPIC_BASE_URL": base_url,
+        "ANTHROPIC_API_KEY": "sk-test-not-a-real-key",
+        "DISABLE_AUTOUPDATER": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        # The tiny model's words are random and sometimes never end: bound each reply.
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "64",
+        "CLAUDE_CODE_MAX_CONTEXT_TOKENS": "32768",
+    }
+    return subprocess.run([claude_bin, "-p", prompt, "--model", "claude-sonnet-4-5", *extra], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_claude_code_print_mode_through_the_proxy_to_llama_server(claude_bin, proxy, tmp_path):
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    before = proxy.log_text().count('"POST /v1/messages')
+    result = run_claude(claude_bin, proxy.url, home, work, "Say hello in one word.")
+    assert result.returncode == 0, f"stdout={result.stdout!r}\nstderr={result.stderr!r}\nproxy log:\n{proxy.log_text()[-3000:]}"
+    assert result.stdout.strip(), "Claude Code printed nothing"
+    assert "API Error" not in result.stdout
+    assert proxy.log_text().count('"POST /v1/messages') > before
+    assert "sk-test-not-a-real-key" not in proxy.log_text()
+
+
+def test_claude_code_runs_a_bash_tool_call_and_finishes(claude_bin, tmp_path):
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    command = "echo llamabridge-tool-ran > marker.txt && echo tool-output-42"
+    with ScriptedUpstream(command) as upstream, processes.proxy(upstream.url) as proxy:
+        result = run_claude(claude_bin, proxy.url, home, work, "Run the scripted command.", "--allowedTools", "Bash")
+        chats = [r["body"] for r in upstream.requests if r["path"] == "/v1/chat/completions" and r["body"].get("tools")]
+    assert result.returncode == 0, f"stdout={result.stdout!r}\nstderr={result.stderr!r}"
+    # Claude Code ran the tool the model asked for ...
+    assert (work / "marker.txt").read_text().strip() == "llamabridge-tool-ran"
+    # ... sent its output back as a tool message (translated from tool_result) ...
+    assert len(chats) >= 2, json.dumps(chats)[:2000]
+    last = chats[-1]["messages"]
+    tool_messages = [m for m in last if m["role"] == "tool"]
+    assert tool_messages and "tool-output-42" in tool_messages[-1]["content"]
+    assistant = [m for m in last if m["role"] == "assistant" and m.get("tool_calls")][-1]
+    assert json.loads(assistant["tool_calls"][0]["function"]["arguments"])["command"] == command
+    assert tool_messages[-1]["tool_call_id"] == assistant["tool_calls"][0]["id"]
+    # ... and printed the model's final answer.
+    assert "The command printed: tool-output-42" in result.stdout

@@ -1,0 +1,116 @@
+"""Bad input and a missing upstream, against the real proxy process: every answer is a clear
+4xx/5xx in the route's own envelope, and the worker that answered is still the one serving."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+
+import pytest
+import requests
+
+from tests.support import processes
+
+pytestmark = pytest.mark.integration
+
+LIMIT = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def small_proxy(llama):
+    """A proxy with a small body limit, so the limit is cheap to cross."""
+    with processes.proxy(llama.url, MAX_REQUEST_BYTES=str(LIMIT)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def orphan_proxy():
+    """A proxy whose llama-server is not there (a port nothing listens on)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with processes.proxy(f"http://127.0.0.1:{port}") as server:
+        yield server
+
+
+def anthropic_error(resp: requests.Response, status: int, error_type: str) -> str:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["type"] == "error" and body["error"]["type"] == error_type, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]["message"]
+
+
+def openai_error(resp: requests.Response, status: int) -> str:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"] and body["error"]["type"]
+    return body["error"]["message"]
+
+
+GOOD = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("data, expect", [
+    (b"", "empty"),
+    (b"{not json", "not valid JSON"),
+    (b'{"model": "x", "messages": [{"role": "user", "content": "caf\xe9"}], "max_tokens": 5}', "not valid UTF-8"),
+    (b"[" * 30_000 + b"]" * 30_000, "nested too deeply"),
+    (json.dumps(["a list"]).encode(), "body: expected a JSON object"),
+    (json.dumps({**GOOD, "messages": [{"role": "user", "content": [{"type": "hologram"}]}]}).encode(), "messages.0.content.0.type"),
+    (json.dumps({**GOOD, "max_tokens": "lots"}).encode(), "max_tokens"),
+    (json.dumps({k: v for k, v in GOOD.items() if k != "messages"}).encode(), "messages"),
+])
+def test_bad_anthropic_bodies_get_a_400_naming_the_problem(small_proxy, data, expect):
+    resp = requests.post(small_proxy.url + "/v1/messages", data=data, headers={"Content-Type": "application/json"}, timeout=10)
+    assert expect in anthropic_error(resp, 400, "invalid_request_error")
+
+
+def test_bad_openai_body_gets_an_openai_400(small_proxy):
+    resp = requests.post(small_proxy.url + "/v1/chat/completions", data=b"{oops", timeout=10)
+    assert "not valid JSON" in openai_error(resp, 400)
+
+
+def test_huge_body_is_413_in_both_envelopes(small_proxy):
+    big = json.dumps({**GOOD, "messages": [{"role": "user", "content": "x" * (LIMIT * 2)}]})
+    resp = requests.post(small_proxy.url + "/v1/messages", data=big, timeout=10)
+    assert "MAX_REQUEST_BYTES" in anthropic_error(resp, 413, "request_too_large")
+    resp = requests.post(small_proxy.url + "/v1/chat/completions", data=big, timeout=10)
+    assert "MAX_REQUEST_BYTES" in openai_error(resp, 413)
+
+
+def test_unknown_route_and_method(small_proxy):
+    anthropic_error(requests.get(small_proxy.url + "/v1/messages", timeout=10), 405, "invalid_request_error")
+    assert "no route" in openai_error(requests.get(small_proxy.url + "/v2/everything", timeout=10), 404)
+
+
+def test_the_worker_survives_bad_input(small_proxy):
+    """After all of the above (and a burst more), the same single worker still serves real requests."""
+    for _ in range(20):
+        requests.post(small_proxy.url + "/v1/messages", data=b"\xff\xfe", timeout=10)
+    resp = requests.post(small_proxy.url + "/v1/messages", json=GOOD, timeout=60)
+    assert resp.status_code == 200 and resp.json()["content"]
+    log = small_proxy.log_text()
+    assert len(re.findall(r"Booting worker", log)) == 1, log
+    assert "Traceback" not in log
+
+
+def test_upstream_down_is_overloaded_for_anthropic(orphan_proxy):
+    resp = requests.post(orphan_proxy.url + "/v1/messages", json=GOOD, timeout=30)
+    message = anthropic_error(resp, 529, "overloaded_error")
+    assert "unreachable" in message and resp.headers["retry-after"]
+    resp = requests.post(orphan_proxy.url + "/v1/messages/count_tokens", json={"model": "x", "messages": GOOD["messages"]}, timeout=30)
+    anthropic_error(resp, 529, "overloaded_error")
+
+
+def test_upstream_down_is_503_for_openai(orphan_proxy):
+    resp = requests.post(orphan_proxy.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}, timeout=30)
+    assert "unreachable" in openai_error(resp, 503)
+    assert resp.headers["retry-after"]
+
+
+def test_health_reports_the_missing_upstream(orphan_proxy):
+    resp = requests.get(orphan_proxy.url + "/healthz", timeout=30)
+    assert resp.status_code == 503 and resp.json()["status"] == "unavailable"
+    assert requests.head(orphan_proxy.url + "/api/hello", timeout=5).status_code == 200
