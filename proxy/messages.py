@@ -114,6 +114,41 @@ def _native_body(body: dict, upstream: Upstream) -> dict:
     return out
 
 
+def _with_model(raw: bytes, model: str) -> bytes:
+    """A JSON message (or a `message_start` event's data) with `model` set to the client's name."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return raw
+    target = obj.get("message") if obj.get("type") == "message_start" else obj
+    if isinstance(target, dict) and "model" in target:
+        target["model"] = model
+        return json.dumps(obj, ensure_ascii=False).encode()
+    return raw
+
+
+def _rename_first_event(chunks: Iterator[bytes], model: str) -> Iterator[bytes]:
+    """Pass an Anthropic SSE stream through, rewriting the model name in its first frame
+    (`message_start`) only; every later byte goes out as it arrives."""
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        end = head.find(b"\n\n")
+        if end < 0:
+            continue
+        frame, rest = head[: end + 2], head[end + 2:]
+        lines = frame.split(b"\n")
+        yield b"\n".join(b"data: " + _with_model(line[5:].strip(), model) if line.startswith(b"data:") else line for line in lines)
+        if rest:
+            yield rest
+        break
+    else:
+        if head:
+            yield head
+        return
+    yield from chunks
+
+
 def passthrough(path: str, body: dict, upstream: Upstream, watch: ClientWatch) -> Response:
     resp = upstream.request("POST", path, json_body=_native_body(body, upstream))
     if resp.status_code >= 400:
@@ -122,18 +157,28 @@ def passthrough(path: str, body: dict, upstream: Upstream, watch: ClientWatch) -
         finally:
             resp.close()
         raise from_upstream(resp.status_code, raw)
+    if body.get("stream") is not True:
+        try:
+            raw = resp.content
+        except requests.RequestException as exc:
+            raise ApiError(502, f"the connection to llama-server broke mid-response: {type(exc).__name__}") from None
+        finally:
+            resp.close()
+        return Response(_with_model(raw, body["model"]), status=resp.status_code, mimetype="application/json")
 
     def relay() -> Iterator[bytes]:
-        try:
+        def chunks() -> Iterator[bytes]:
             for chunk in resp.iter_content(chunk_size=None):
                 watch.check()
                 yield chunk
+
+        try:
+            yield from _rename_first_event(chunks(), body["model"])
         except ClientDisconnected:
             log.info("client disconnected; closed the upstream request")
         except requests.RequestException as exc:
             log.warning("upstream stream broke: %s", exc)
-            if body.get("stream") is True:
-                yield sse.encode("error", sse_error(ApiError(502, "the connection to llama-server broke mid-response")))
+            yield sse.encode("error", sse_error(ApiError(502, "the connection to llama-server broke mid-response")))
         finally:
             resp.close()
 
