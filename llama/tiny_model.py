@@ -14,6 +14,8 @@ Facts that make it work (see also llama-server's own behaviour notes in the READ
   `<|im_end|>` likely after a random ~10% of tokens: one embedding dimension is 1.0 for those
   tokens and 0.0 for all others, that dimension is zeroed in every `output.weight` row and set
   to 2.0 in the `<|im_end|>` row. Replies then end on their own after a few dozen tokens.
+  Every token ending in `>` is one of those, so a finished tool call (`...</tool_call>`) ends the
+  turn, and tokens with a `>` inside (such as `><`) are never chosen (a constant bias dimension).
 
 Usage: python llama/tiny_model.py [OUTPUT.gguf]   (default: the llamabridge cache)
 """
@@ -32,7 +34,7 @@ import source  # noqa: E402  (sibling module; this file is run as a script)
 
 import gguf  # noqa: E402
 
-MODEL_VERSION = "2"  # bump when the generated weights or metadata change: part of the cache key
+MODEL_VERSION = "3"  # bump when the generated weights or metadata change: part of the cache key
 N_LAYER = 2
 N_EMBD = 64
 N_HEAD = 4
@@ -40,6 +42,8 @@ N_FF = 128
 N_CTX_TRAIN = 32768
 SEED = 1234
 END_DIM = 0  # the embedding dimension that carries the "end the turn now" signal
+BIAS_DIM = 1  # a dimension that is 1.0 for every token: a constant bias on chosen output logits
+ENDER_BOOST = 0.0015  # of the order of the logit noise: llama-server's top_k=40 keeps only the highest logits
 END_FRACTION = 0.10
 
 ADDED_TOKENS = [
@@ -88,6 +92,21 @@ def build(output: Path, llama_src: Path) -> Path:
     keep_out = {newline, ids["<|im_start|>"], ids["<|im_end|>"]}
     candidates = np.array([i for i in range(n_vocab) if i not in keep_out])
     enders = rng.choice(candidates, size=int(len(candidates) * END_FRACTION), replace=False)
+    # A finished tool call ends the turn: without this, the tool grammar lets a near-uniform
+    # model open a second call instead of stopping. Under the grammar the closing tag comes out
+    # in pieces ("</", "tool", "_call", ">"), so every token ending in ">" carries the signal.
+    closers = [i for i, text in enumerate(tokens) if text.endswith(">") and i not in keep_out]
+    enders = np.union1d(enders, closers)
+    # Merged pieces such as "><" would close one tag and open the next in one token, skipping
+    # the signal; a constant negative bias keeps the model from ever choosing them.
+    token_embd[:, BIAS_DIM] = 1.0
+    lm_head[:, BIAS_DIM] = 0.0
+    for i, text in enumerate(tokens):
+        if ">" in text[:-1] and i not in keep_out:
+            lm_head[i, BIAS_DIM] = -3.0
+    # A slight preference for the enders themselves, so greedy decoding (temperature 0), which
+    # follows one fixed path through near-equal logits, reaches an ender too instead of cycling.
+    lm_head[enders, BIAS_DIM] = ENDER_BOOST
     token_embd[:, END_DIM] = 0.0
     token_embd[enders, END_DIM] = 1.0
     lm_head[:, END_DIM] = 0.0
