@@ -82,8 +82,8 @@ def build(output: Path, llama_src: Path) -> Path:
     def weight(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.02).astype(np.float16)
 
-    # Small weights keep the random logits small (max about 0.7), so the end-of-turn signal
-    # below (about 15 after the final norm) wins whenever it is present.
+    # Small weights keep the random logits nearly equal, so the end-of-turn signal below (a
+    # logit of about 10 after the final norm) wins whenever it is present.
     token_embd = weight(n_vocab, N_EMBD).astype(np.float32)
     lm_head = weight(n_vocab, N_EMBD).astype(np.float32)
 
