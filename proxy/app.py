@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import errors, messages, relay, translate
 from .config import Settings
-from .disconnect import ClientWatch
+from .disconnect import ClientDisconnected, ClientWatch
 from .errors import ApiError
 from .upstream import Upstream
 
@@ -69,7 +69,6 @@ class ApiMode:
                 # llama-server answers /props: translate, which covers the native endpoint's
                 # gaps. Anything else that speaks Anthropic gets its requests passed through.
                 resp = self._upstream.request("GET", "/props", timeout=10)
-                resp.close()
                 self._resolved = "openai" if resp.status_code == 200 else "anthropic"
                 log.info("UPSTREAM_API=auto: using %s for /v1/messages", self._resolved)
             return self._resolved
@@ -104,6 +103,12 @@ def create_app(settings: Settings) -> Flask:
         else:
             message = err.description or err.name
         return errors.render(flavor_of(request.path), ApiError(status, message))
+
+    @app.errorhandler(ClientDisconnected)
+    def on_client_gone(err: ClientDisconnected) -> Response:
+        # Nobody is listening; the upstream request is already closed. 499 is nginx's name for it.
+        log.info("%s %s: client disconnected before llama-server answered", request.method, request.path)
+        return Response(status=499)
 
     @app.errorhandler(Exception)
     def on_unexpected(err: Exception) -> Response:

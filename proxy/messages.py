@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterator
+from typing import Iterator
 
-import requests
 from flask import Response
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 from . import sse, translate
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import ApiError, from_upstream, sse_error
-from .upstream import Upstream, relay_headers
+from .upstream import Answer, Upstream, read_all, relay_headers, stream_chunks, stream_lines
 
 log = logging.getLogger("llamabridge.messages")
 
@@ -31,18 +31,24 @@ UPSTREAM_PING_SECONDS = 1
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def upstream_chunks(resp: requests.Response, watch: ClientWatch) -> Iterator[dict[str, Any]]:
-    """Parsed chunks of a streamed chat completion, checking the client at every line."""
-
-    def lines() -> Iterator[bytes]:
-        for line in resp.iter_lines(chunk_size=None):
-            watch.check()
-            yield line
-
-    return sse.decode_openai(lines())
+# What a broken upstream connection looks like while reading it.
+BROKEN = (OSError, Urllib3Error, sse.StreamProtocolError)
+BROKE_MESSAGE = "the connection to llama-server broke mid-response"
 
 
-def _anthropic_stream(events: Iterator[tuple[str, dict]], resp: requests.Response) -> Iterator[bytes]:
+def _open(path: str, payload: dict, upstream: Upstream, watch: ClientWatch) -> Answer:
+    """POST `payload`; an error status becomes the ApiError the client should see."""
+    resp = upstream.open("POST", path, json.dumps(payload, ensure_ascii=False).encode(), watch)
+    if resp.status >= 400:
+        try:
+            raw = read_all(resp, watch)
+        finally:
+            resp.close()
+        raise from_upstream(resp.status, raw)
+    return resp
+
+
+def _anthropic_stream(events: Iterator[tuple[str, dict]], resp: Answer) -> Iterator[bytes]:
     """Encode events as SSE; a failure after the stream started becomes `event: error`."""
     try:
         for event, data in events:
@@ -52,9 +58,9 @@ def _anthropic_stream(events: Iterator[tuple[str, dict]], resp: requests.Respons
     except translate.UpstreamStreamError as exc:
         status = exc.error.get("code") if isinstance(exc.error.get("code"), int) else 500
         yield sse.encode("error", sse_error(from_upstream(status, json.dumps({"error": exc.error}))))
-    except (requests.RequestException, sse.StreamProtocolError) as exc:
+    except BROKEN as exc:
         log.warning("upstream stream broke: %s", exc)
-        yield sse.encode("error", sse_error(ApiError(502, f"the connection to llama-server broke mid-response: {type(exc).__name__}")))
+        yield sse.encode("error", sse_error(ApiError(502, f"{BROKE_MESSAGE}: {type(exc).__name__}")))
     finally:
         # Closing the upstream connection is what stops generation and frees llama-server's slot.
         resp.close()
@@ -64,20 +70,17 @@ def create_message(body: dict, upstream: Upstream, watch: ClientWatch) -> Respon
     info = upstream.info()
     request = translate.anthropic_to_openai(body, translate.Options(model=info.model, vision=info.vision))
     request["sse_ping_interval"] = UPSTREAM_PING_SECONDS
-    resp = upstream.checked("POST", "/v1/chat/completions", json_body=request)
-    events = translate.stream_openai_to_anthropic(upstream_chunks(resp, watch), model=body["model"])
+    resp = _open("/v1/chat/completions", request, upstream, watch)
+    events = translate.stream_openai_to_anthropic(sse.decode_openai(stream_lines(resp, watch)), model=body["model"])
     if body.get("stream") is True:
         return Response(_anthropic_stream(events, resp), mimetype="text/event-stream", headers=SSE_HEADERS)
     try:
         message = translate.collect_message(events)
-    except ClientDisconnected:
-        log.info("client disconnected; closed the upstream request")
-        return Response(status=499)
     except translate.UpstreamStreamError as exc:
         status = exc.error.get("code") if isinstance(exc.error.get("code"), int) else 500
         raise from_upstream(status, json.dumps({"error": exc.error})) from None
-    except (requests.RequestException, sse.StreamProtocolError) as exc:
-        raise ApiError(502, f"the connection to llama-server broke mid-response: {type(exc).__name__}") from None
+    except BROKEN as exc:
+        raise ApiError(502, f"{BROKE_MESSAGE}: {type(exc).__name__}") from None
     finally:
         resp.close()
     return Response(json.dumps(message, ensure_ascii=False), mimetype="application/json")
@@ -150,36 +153,25 @@ def _rename_first_event(chunks: Iterator[bytes], model: str) -> Iterator[bytes]:
 
 
 def passthrough(path: str, body: dict, upstream: Upstream, watch: ClientWatch) -> Response:
-    resp = upstream.request("POST", path, json_body=_native_body(body, upstream))
-    if resp.status_code >= 400:
-        try:
-            raw = resp.content
-        finally:
-            resp.close()
-        raise from_upstream(resp.status_code, raw)
+    resp = _open(path, _native_body(body, upstream), upstream, watch)
     if body.get("stream") is not True:
         try:
-            raw = resp.content
-        except requests.RequestException as exc:
-            raise ApiError(502, f"the connection to llama-server broke mid-response: {type(exc).__name__}") from None
+            raw = read_all(resp, watch)
+        except BROKEN as exc:
+            raise ApiError(502, f"{BROKE_MESSAGE}: {type(exc).__name__}") from None
         finally:
             resp.close()
-        return Response(_with_model(raw, body["model"]), status=resp.status_code, mimetype="application/json")
+        return Response(_with_model(raw, body["model"]), status=resp.status, mimetype="application/json")
 
     def relay() -> Iterator[bytes]:
-        def chunks() -> Iterator[bytes]:
-            for chunk in resp.iter_content(chunk_size=None):
-                watch.check()
-                yield chunk
-
         try:
-            yield from _rename_first_event(chunks(), body["model"])
+            yield from _rename_first_event(stream_chunks(resp, watch), body["model"])
         except ClientDisconnected:
             log.info("client disconnected; closed the upstream request")
-        except requests.RequestException as exc:
+        except BROKEN as exc:
             log.warning("upstream stream broke: %s", exc)
-            yield sse.encode("error", sse_error(ApiError(502, "the connection to llama-server broke mid-response")))
+            yield sse.encode("error", sse_error(ApiError(502, BROKE_MESSAGE)))
         finally:
             resp.close()
 
-    return Response(relay(), status=resp.status_code, headers=relay_headers(resp))
+    return Response(relay(), status=resp.status, headers=relay_headers(resp))

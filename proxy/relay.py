@@ -10,31 +10,28 @@ from __future__ import annotations
 import logging
 from typing import Iterator
 
-import requests
 from flask import Response
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 from .disconnect import ClientDisconnected, ClientWatch
-from .upstream import Upstream, relay_headers
+from .upstream import Upstream, relay_headers, stream_chunks
 
 log = logging.getLogger("llamabridge.relay")
 
 
 def relay(method: str, path: str, raw_body: bytes | None, content_type: str | None, upstream: Upstream,
           watch: ClientWatch) -> Response:
-    headers = {"Content-Type": content_type} if content_type else None
-    resp = upstream.request(method, path, data=raw_body, headers=headers)
+    resp = upstream.open(method, path, raw_body, watch, content_type=content_type)
 
     def body() -> Iterator[bytes]:
         try:
-            for chunk in resp.iter_content(chunk_size=None):
-                watch.check()
-                yield chunk
+            yield from stream_chunks(resp, watch)
         except ClientDisconnected:
             log.info("client disconnected from %s; closed the upstream request", path)
-        except requests.RequestException as exc:
+        except (OSError, Urllib3Error) as exc:
             # Headers are sent; all we can do is end the body early and say why in the log.
             log.warning("upstream connection broke while relaying %s: %s", path, exc)
         finally:
             resp.close()
 
-    return Response(body(), status=resp.status_code, headers=relay_headers(resp))
+    return Response(body(), status=resp.status, headers=relay_headers(resp))

@@ -1,23 +1,32 @@
 """The one module that speaks HTTP to llama-server.
 
-Uses `requests` with one Session per thread (a Session is not documented as thread-safe) and
-always `stream=True`, so a relayed response is passed on as it arrives and the connection can
-be closed the moment the client goes away: closing it is what tells llama-server to stop
-generating and free the slot.
+Two ways, for two jobs:
+- `json()` / `request()`: small calls (`/props`, `/tokenize`, `/apply-template`, `/health`)
+  through `requests`, one Session per thread (a Session is not documented as thread-safe).
+- `open()`: generation requests, on a connection of their own whose socket we can watch. A
+  non-streamed completion sends nothing until it is done, so while waiting for the answer we
+  `select()` on llama-server's socket and look at the client's: if the client has gone, closing
+  this connection is what makes llama-server stop generating and free the slot.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
+from urllib.parse import urlparse
 
 import requests
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.response import HTTPResponse
 
 from .config import Settings
+from .disconnect import ClientDisconnected, ClientWatch
 from .errors import UPSTREAM_DOWN, ApiError, from_upstream
 
 log = logging.getLogger("llamabridge.upstream")
@@ -59,47 +68,62 @@ class Upstream:
             self._local.session = session
         return session
 
-    def request(self, method: str, path: str, *, json_body: Any = None, data: bytes | None = None,
-                headers: dict[str, str] | None = None, timeout: float | None = None) -> requests.Response:
-        """Send a request and return the (streamed) response, whatever its status.
+    def request(self, method: str, path: str, *, json_body: Any = None, timeout: float | None = None) -> requests.Response:
+        """Send a small request and return the response, whatever its status.
 
         Raises ApiError(529) when llama-server cannot be reached at all.
         """
         url = f"{self.base}{path}"
         try:
             return self._session().request(
-                method,
-                url,
-                json=json_body,
-                data=data,
-                headers=headers,
-                stream=True,
-                timeout=(self.settings.connect_timeout, timeout or self.settings.read_timeout),
+                method, url, json=json_body, timeout=(self.settings.connect_timeout, timeout or self.settings.read_timeout),
             )
         except requests.ConnectionError as exc:
             raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
         except requests.Timeout:
             raise ApiError(529, f"llama-server at {self.base} did not answer in time", retry_after=5) from None
 
-    def checked(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        """Like `request`, but a non-2xx answer raises the ApiError a client should see."""
-        resp = self.request(method, path, **kwargs)
-        if resp.status_code >= 400:
-            try:
-                body = resp.content
-            finally:
-                resp.close()
-            raise from_upstream(resp.status_code, body)
-        return resp
-
     def json(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
-        resp = self.checked(method, path, json_body=body, timeout=timeout)
+        """A small JSON call; a non-2xx answer raises the ApiError a client should see."""
+        resp = self.request(method, path, json_body=body, timeout=timeout)
+        if resp.status_code >= 400:
+            raise from_upstream(resp.status_code, resp.content)
         try:
             return resp.json()
         except ValueError:
             raise ApiError(502, f"llama-server answered {path} with something that is not JSON") from None
-        finally:
-            resp.close()
+
+    def open(self, method: str, path: str, body: bytes | None, watch: ClientWatch,
+             content_type: str | None = "application/json") -> "Answer":
+        """Send a generation request and return the response once its headers arrive.
+
+        Raises ApiError(529) if llama-server cannot be reached, ClientDisconnected if the client
+        left while we waited (the upstream connection is closed by then). The caller reads the
+        body (`stream_chunks`, `stream_lines`) and must `close()` the response.
+        """
+        parsed = urlparse(self.base)
+        cls = HTTPSConnection if parsed.scheme == "https" else HTTPConnection
+        conn = cls(parsed.hostname or "127.0.0.1", parsed.port, timeout=self.settings.connect_timeout)
+        headers = {"Accept-Encoding": "identity"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if self.settings.llama_api_key:
+            headers["Authorization"] = f"Bearer {self.settings.llama_api_key}"
+        try:
+            conn.request(method, parsed.path.rstrip("/") + path, body=body, headers=headers, preload_content=False)
+            deadline = time.monotonic() + self.settings.read_timeout
+            while not select.select([conn.sock], [], [], 0.2)[0]:
+                if watch.gone():
+                    conn.close()
+                    raise ClientDisconnected()
+                if time.monotonic() > deadline:
+                    conn.close()
+                    raise ApiError(504, f"llama-server sent nothing for {self.settings.read_timeout:.0f}s (UPSTREAM_READ_TIMEOUT)")
+            conn.sock.settimeout(self.settings.read_timeout)
+            return Answer(conn, conn.getresponse())
+        except (OSError, Urllib3Error) as exc:
+            conn.close()
+            raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
 
     # -- facts about the server ---------------------------------------------------------------
 
@@ -132,16 +156,50 @@ class Upstream:
             resp = self.request("GET", "/health", timeout=5)
         except ApiError as exc:
             return False, exc.message
-        try:
-            if resp.status_code == 200:
-                return True, "ok"
-            return False, f"llama-server /health answered HTTP {resp.status_code}: {resp.text[:200]}"
-        finally:
-            resp.close()
+        if resp.status_code == 200:
+            return True, "ok"
+        return False, f"llama-server /health answered HTTP {resp.status_code}: {resp.text[:200]}"
 
 
-def relay_headers(resp: requests.Response) -> list[tuple[str, str]]:
+class Answer:
+    """A response from `Upstream.open`, owning its connection: `close()` hangs up on llama-server."""
+
+    def __init__(self, conn: HTTPConnection, resp: HTTPResponse):
+        self._conn = conn
+        self.resp = resp
+        self.status: int = resp.status
+        self.headers = resp.headers
+
+    def close(self) -> None:
+        self.resp.close()
+        self._conn.close()
+
+
+def relay_headers(resp: Answer) -> list[tuple[str, str]]:
     return [(k, v) for k, v in resp.headers.items() if k.lower() not in _SKIP_RESPONSE_HEADERS]
+
+
+def stream_chunks(answer: Answer, watch: ClientWatch) -> Iterator[bytes]:
+    """The body as it arrives (each HTTP chunk of a streamed answer), checking the client each time."""
+    for chunk in answer.resp.stream(65536):
+        watch.check()
+        if chunk:
+            yield chunk
+
+
+def stream_lines(resp: Answer, watch: ClientWatch) -> Iterator[bytes]:
+    """The body line by line (without line endings), for server-sent events."""
+    pending = b""
+    for chunk in stream_chunks(resp, watch):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        yield from lines
+    if pending:
+        yield pending
+
+
+def read_all(resp: Answer, watch: ClientWatch) -> bytes:
+    return b"".join(stream_chunks(resp, watch))
 
 
 def _reason(exc: Exception) -> str:

@@ -51,14 +51,20 @@ def metric(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def stream_then_hang_up(base_url: str, path: str, body: dict, marker: bytes, count: int, while_open=None) -> None:
-    """POST over a plain socket, read until `marker` was seen `count` times, call `while_open`,
-    then close the socket, the way a killed client or a closed editor tab leaves."""
+def raw_post(base_url: str, path: str, body: dict) -> socket.socket:
+    """A POST sent over a plain socket, which the test can close whenever it likes, the way a
+    killed client or a closed editor tab leaves."""
     host, port = base_url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
-    with socket.create_connection((host, int(port)), timeout=60) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return sock
+
+
+def stream_then_hang_up(base_url: str, path: str, body: dict, marker: bytes, count: int, while_open=None) -> None:
+    """Read a streamed answer until `marker` was seen `count` times, call `while_open`, hang up."""
+    with raw_post(base_url, path, body) as sock:
         seen = b""
         while seen.count(marker) < count:
             data = sock.recv(65536)
@@ -219,6 +225,44 @@ def test_openai_disconnect_frees_the_slot(proxy, llama):
     stream_then_hang_up(proxy.url, "/v1/chat/completions", body, b"data: ", 10)
     wait_slots_idle(llama)
     assert metric(llama.url, "llamacpp:tokens_predicted_total") - before < 3000
+
+
+LONG_ANTHROPIC = {"model": "claude-sonnet-4-5", "max_tokens": 8000, "messages": [{"role": "user", "content": "digits"}],
+                  "output_config": {"format": {"type": "json_schema", "schema": {
+                      "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2000}}}}
+
+
+def post_then_hang_up_when_busy(proxy, llama, path: str, body: dict) -> None:
+    """Send a non-streamed request and hang up once llama-server is working on it."""
+    with raw_post(proxy.url, path, body):
+        deadline = time.monotonic() + 30
+        while not requests.get(llama.url + "/slots", timeout=5).json()[0]["is_processing"]:
+            assert time.monotonic() < deadline, "llama-server never started the request"
+            time.sleep(0.02)
+
+
+def test_disconnect_during_a_non_streamed_anthropic_request_frees_the_slot(proxy, llama):
+    """Nothing is written to a non-streamed client until the end, so the proxy notices the hang-up
+    by watching the client's socket; it streams from llama-server, which stops when we hang up."""
+    wait_slots_idle(llama)
+    before = metric(llama.url, "llamacpp:tokens_predicted_total")
+    post_then_hang_up_when_busy(proxy, llama, "/v1/messages", LONG_ANTHROPIC)
+    wait_slots_idle(llama)
+    generated = metric(llama.url, "llamacpp:tokens_predicted_total") - before
+    assert generated < 2000, f"llama-server kept generating after the client left ({generated} tokens)"
+
+
+def test_disconnect_during_a_non_streamed_openai_request_closes_the_upstream_request(proxy, llama):
+    """The proxy hangs up on llama-server as soon as the client does. (llama-server itself finishes
+    a non-streamed completion whose client has gone, even without the proxy: see the README.)"""
+    wait_slots_idle(llama)
+    body = {"model": "x", "max_tokens": 3000, "ignore_eos": True, "messages": [{"role": "user", "content": "go"}]}
+    post_then_hang_up_when_busy(proxy, llama, "/v1/chat/completions", body)
+    deadline = time.monotonic() + 10
+    while '"POST /v1/chat/completions HTTP/1.1" 499' not in proxy.log_text():
+        assert time.monotonic() < deadline, proxy.log_text()[-2000:]
+        time.sleep(0.05)
+    wait_slots_idle(llama, timeout=60)
 
 
 def test_openai_context_overflow_keeps_llama_server_error(oai, llama):
