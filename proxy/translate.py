@@ -360,6 +360,8 @@ def validate_common(body: Any, *, need_max_tokens: bool) -> dict:
     messages = _expect(body.get("messages"), list, "messages", "an array of messages")
     if not messages:
         raise InvalidRequest("messages: at least one message is required")
+    if body.get("stream") is not None:
+        _expect(body["stream"], bool, "stream", "true or false")
     if need_max_tokens:
         if "max_tokens" not in body:
             raise InvalidRequest("max_tokens: field required")

@@ -258,6 +258,7 @@ def test_assistant_thinking_blocks_become_reasoning_content():
     (minimal(max_tokens="10"), "max_tokens"),
     (minimal(max_tokens=0), "max_tokens"),
     (minimal(max_tokens=True), "max_tokens"),
+    (minimal(stream="yes"), "stream"),
     (minimal(messages=[{"role": "robot", "content": "x"}]), "messages.0.role"),
     (minimal(messages=[{"role": "user"}]), "messages.0.content"),
     (minimal(messages=[{"role": "user", "content": [{"type": "hologram"}]}]), "messages.0.content.0.type"),
