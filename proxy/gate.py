@@ -1,0 +1,209 @@
+"""Admission control: at most one generation per llama-server slot, the rest wait their turn.
+
+llama-server queues what it cannot run, but blindly: a background request can take the only
+slot ahead of the conversation and evict its prompt cache. The gate admits at most `slots`
+requests, hands each a slot id (passed upstream as `id_slot`), and keeps the others in a
+bounded queue ordered by class priority, then arrival. Requests of one session go back to the
+slot that holds their cache when it is free.
+
+Waiting is step-wise (`wait(waiter, timeout)`), so a streamed response can send pings to its
+client between steps and notice when that client has gone.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .errors import ApiError
+
+
+class QueueFull(ApiError):
+    def __init__(self, depth: int):
+        super().__init__(529, f"llamabridge's queue is full ({depth} requests waiting for llama-server; QUEUE_MAX)", retry_after=10)
+
+
+class QueueTimeout(ApiError):
+    def __init__(self, waited: float):
+        super().__init__(529, f"waited {waited:.0f}s for a free llama-server slot (QUEUE_TIMEOUT)", retry_after=10)
+
+
+class Superseded(Exception):
+    """The same session sent the same request again; this older copy stands down."""
+
+
+@dataclass
+class Ticket:
+    slot: int
+    klass: str
+    session: str | None
+    waited: float
+
+
+@dataclass(order=True)
+class Waiter:
+    priority: int
+    seq: int
+    klass: str = field(compare=False)
+    session: str | None = field(compare=False)
+    enqueued: float = field(compare=False)
+    ticket: Ticket | None = field(default=None, compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+
+class Gate:
+    def __init__(self, slots: int, queue_max: int, queue_timeout: float):
+        self.queue_max = queue_max
+        self.queue_timeout = queue_timeout
+        self._cond = threading.Condition()
+        self._slots = max(1, slots)
+        self._busy: dict[int, Ticket] = {}
+        self._owner: dict[int, str] = {}  # slot -> session whose cache it holds
+        self._last_used: dict[int, float] = {}
+        self._heap: list[Waiter] = []
+        self._seq = itertools.count()
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    def resize(self, slots: int) -> None:
+        """Follow llama-server's slot count (it may restart with another --parallel)."""
+        with self._cond:
+            if slots != self._slots and slots >= 1:
+                self._slots = slots
+                self._owner = {s: o for s, o in self._owner.items() if s < slots}
+                self._grant()
+                self._cond.notify_all()
+
+    def depth(self) -> int:
+        with self._cond:
+            return sum(1 for w in self._heap if not w.cancelled and w.ticket is None)
+
+    def in_flight(self) -> int:
+        with self._cond:
+            return len(self._busy)
+
+    def busy_slots(self) -> list[int]:
+        with self._cond:
+            return sorted(self._busy)
+
+    def has_cold_free_slot(self) -> bool:
+        """A free slot that holds no session's cache: running something there evicts nothing."""
+        with self._cond:
+            return any(s not in self._busy and s not in self._owner for s in range(self._slots))
+
+    def owner(self, slot: int) -> str | None:
+        with self._cond:
+            return self._owner.get(slot)
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def enqueue(self, klass: str, priority: int, session: str | None) -> Waiter:
+        """Join the queue (granted at once if a slot is free). Raises QueueFull."""
+        with self._cond:
+            waiting = sum(1 for w in self._heap if not w.cancelled and w.ticket is None)
+            free = self._slots - len(self._busy)
+            if waiting >= self.queue_max and free <= waiting:
+                raise QueueFull(waiting)
+            waiter = Waiter(priority, next(self._seq), klass, session, time.monotonic())
+            heapq.heappush(self._heap, waiter)
+            self._grant()
+            return waiter
+
+    def wait(self, waiter: Waiter, timeout: float) -> Ticket | None:
+        """The ticket once granted, or None after `timeout` seconds. Raises QueueTimeout past
+        QUEUE_TIMEOUT and Superseded if the waiter was cancelled."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while waiter.ticket is None:
+                if waiter.cancelled:
+                    raise Superseded()
+                waited = time.monotonic() - waiter.enqueued
+                if waited >= self.queue_timeout:
+                    self._drop(waiter)
+                    raise QueueTimeout(waited)
+                remaining = min(deadline, waiter.enqueued + self.queue_timeout) - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            return waiter.ticket
+
+    def admit(self, klass: str, priority: int, session: str | None, check=lambda: None, step: float = 0.25) -> Ticket:
+        """Enqueue and wait until admitted, calling `check()` (which may raise) between steps."""
+        waiter = self.enqueue(klass, priority, session)
+        try:
+            while True:
+                ticket = self.wait(waiter, step)
+                if ticket is not None:
+                    return ticket
+                check()
+        except BaseException:
+            self.cancel(waiter)
+            raise
+
+    def cancel(self, waiter: Waiter) -> None:
+        """Leave the queue; if a ticket was granted in the meantime, give the slot back."""
+        with self._cond:
+            waiter.cancelled = True
+            if waiter.ticket is not None:
+                self._release(waiter.ticket)
+            self._drop(waiter)
+            self._cond.notify_all()
+
+    def release(self, ticket: Ticket) -> None:
+        with self._cond:
+            self._release(ticket)
+            self._cond.notify_all()
+
+    # -- internals (lock held) --------------------------------------------------------------------
+
+    def _release(self, ticket: Ticket) -> None:
+        if self._busy.get(ticket.slot) is ticket:
+            del self._busy[ticket.slot]
+            self._last_used[ticket.slot] = time.monotonic()
+            self._grant()
+
+    def _drop(self, waiter: Waiter) -> None:
+        waiter.cancelled = True
+        self._heap = [w for w in self._heap if w is not waiter]
+        heapq.heapify(self._heap)
+
+    def _grant(self) -> None:
+        """Give free slots to the waiters at the head of the queue."""
+        while self._heap:
+            head = self._heap[0]
+            if head.cancelled or head.ticket is not None:
+                heapq.heappop(self._heap)
+                continue
+            slot = self._choose_slot(head.session)
+            if slot is None:
+                return
+            heapq.heappop(self._heap)
+            head.ticket = Ticket(slot, head.klass, head.session, time.monotonic() - head.enqueued)
+            self._busy[slot] = head.ticket
+            if head.session is not None:
+                for s, o in list(self._owner.items()):
+                    if o == head.session and s != slot:
+                        del self._owner[s]
+                self._owner[slot] = head.session
+            self._cond.notify_all()
+
+    def _choose_slot(self, session: str | None) -> int | None:
+        free = [s for s in range(self._slots) if s not in self._busy]
+        if not free:
+            return None
+        if session is not None:
+            mine = [s for s in free if self._owner.get(s) == session]
+            if mine:
+                return mine[0]
+        # Prefer a slot holding nobody's cache, then the one whose cache is oldest.
+        cold = [s for s in free if s not in self._owner]
+        if cold:
+            return cold[0]
+        return min(free, key=lambda s: self._last_used.get(s, 0.0))
