@@ -7,18 +7,22 @@ error page or a bare 500.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from . import errors, messages, relay, translate
 from .config import Settings
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import ApiError
+from .metrics import Call
+from .services import Services
 from .upstream import Upstream
 
 log = logging.getLogger("llamabridge.proxy")
@@ -74,21 +78,41 @@ class ApiMode:
             return self._resolved
 
 
-def create_app(settings: Settings) -> Flask:
+SESSION_HEADER = "X-Claude-Code-Session-Id"
+
+
+def new_call() -> Call:
+    """The record of this request, kept on flask.g so the error handlers can finish it."""
+    session = request.headers.get(SESSION_HEADER, "").strip()[:100] or None
+    g.call = Call(route=request.path, client=request.headers.get("User-Agent", "-"), session=session)
+    return g.call
+
+
+def _finish_call(services: Services, status: int, message: str) -> None:
+    call = getattr(g, "call", None)
+    if call is not None and not call.recorded:
+        call.status, call.error = status, message
+        services.metrics.record(call)
+
+
+def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> Flask:
     app = Flask("llamabridge")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    upstream = Upstream(settings)
+    services = Services(settings, registry)
+    upstream = services.main.upstream
     mode = ApiMode(settings, upstream)
-    app.extensions["llamabridge.upstream"] = upstream
+    app.extensions["llamabridge.services"] = services
 
     @app.errorhandler(ApiError)
     def on_api_error(err: ApiError) -> Response:
         if err.status >= 500:
             log.warning("%s %s -> %s: %s", request.method, request.path, err.status, err.message)
+        _finish_call(services, err.status, err.message)
         return errors.render(flavor_of(request.path), err)
 
     @app.errorhandler(translate.InvalidRequest)
     def on_invalid(err: translate.InvalidRequest) -> Response:
+        _finish_call(services, 400, str(err))
         return errors.render(flavor_of(request.path), ApiError(400, str(err)))
 
     @app.errorhandler(HTTPException)
@@ -108,12 +132,14 @@ def create_app(settings: Settings) -> Flask:
     def on_client_gone(err: ClientDisconnected) -> Response:
         # Nobody is listening; the upstream request is already closed. 499 is nginx's name for it.
         log.info("%s %s: client disconnected before llama-server answered", request.method, request.path)
+        _finish_call(services, 499, "client disconnected")
         return Response(status=499)
 
     @app.errorhandler(Exception)
     def on_unexpected(err: Exception) -> Response:
         # A bug, not the client's fault: log the traceback, keep the worker, answer in envelope.
         log.exception("unhandled error on %s %s", request.method, request.path)
+        _finish_call(services, 500, type(err).__name__)
         return errors.render(flavor_of(request.path), ApiError(500, f"llamabridge internal error: {type(err).__name__}"))
 
     @app.route("/", methods=["GET", "HEAD"])
@@ -131,31 +157,47 @@ def create_app(settings: Settings) -> Flask:
         body = {"status": "ok" if ok else "unavailable", "upstream": settings.upstream_base, "detail": reason}
         return Response(json.dumps(body), status=200 if ok else 503, mimetype="application/json")
 
+    @app.route("/metrics", methods=["GET"])
+    def metrics() -> Response:
+        return Response(generate_latest(services.metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
     @app.route("/v1/messages", methods=["POST"])
     def create_message() -> Response:
+        call = new_call()
         body = translate.validate_common(parse_json_body(), need_max_tokens=True)
-        watch = ClientWatch(request.environ)
-        if mode.get() == "anthropic":
-            return messages.passthrough("/v1/messages", body, upstream, watch)
-        return messages.create_message(body, upstream, watch)
+        digest = hashlib.sha256(request.get_data(cache=True)).hexdigest()
+        native = mode.get() == "anthropic"
+        return messages.create_message(body, digest, services, ClientWatch(request.environ), call, native)
 
     @app.route("/v1/messages/count_tokens", methods=["POST"])
     def count_tokens() -> Response:
         body = translate.validate_common(parse_json_body(), need_max_tokens=False)
-        if mode.get() == "anthropic":
-            return messages.passthrough("/v1/messages/count_tokens", body, upstream, ClientWatch(request.environ))
-        return jsonify(messages.count_tokens(body, upstream))
+        return messages.count_tokens(body, services, native=mode.get() == "anthropic")
+
+    @app.route("/v1/models", methods=["GET"])
+    def models() -> Response:
+        """llama-server's model list, each with the context window a request really gets (per slot)."""
+        listing = upstream.json("GET", "/v1/models", timeout=10)
+        info = services.main.info(settings.upstream_slots)
+        for model in listing.get("data") or []:
+            if isinstance(model, dict):
+                model["context_window"] = info.n_ctx
+                model["slots"] = info.total_slots
+        return jsonify(listing)
 
     def openai_relay() -> Response:
-        raw = None
+        call = new_call()
+        raw, parsed = None, None
         if request.method == "POST":
             parsed = parse_json_body()  # refuse bad JSON here, in a clear OpenAI error
             if not isinstance(parsed, dict):
                 raise ApiError(400, "request body must be a JSON object")
             raw = request.get_data(cache=True)
-        return relay.relay(request.method, request.path, raw, request.content_type, upstream, ClientWatch(request.environ))
+        return relay.relay(request.method, request.path, parsed, raw, request.content_type, services,
+                           ClientWatch(request.environ), call)
 
     for path, methods in OPENAI_ROUTES.items():
-        app.add_url_rule(path, endpoint=path, view_func=openai_relay, methods=list(methods))
+        if path != "/v1/models":
+            app.add_url_rule(path, endpoint=path, view_func=openai_relay, methods=list(methods))
 
     return app

@@ -13,6 +13,21 @@ from urllib.parse import urlparse
 
 UPSTREAM_APIS = ("openai", "anthropic", "auto")
 
+# What to do with each request class (see classify.py):
+#   pass   send it to llama-server through the admission queue
+#   local  answer without the model (titles: from the user's first words; probes: exact token count)
+#   route  send it to BACKGROUND_URL, a second (small) llama-server
+#   shed   529 unless a slot that holds no conversation's cache is free (Claude Code does not
+#          retry a background 529, so nothing evicts the conversation's prompt cache)
+POLICIES = ("pass", "local", "route", "shed")
+POLICY_CLASSES = {
+    "main": ("pass", "route"),
+    "subagent": ("pass", "route", "shed"),
+    "title": POLICIES,
+    "probe": POLICIES,
+    "background": ("pass", "route", "shed"),
+}
+
 
 class ConfigError(ValueError):
     """A setting is present but unusable; the message names the variable and what it accepts."""
@@ -31,6 +46,15 @@ class Settings:
     connect_timeout: float = 5.0
     read_timeout: float = 600.0
     log_level: str = "info"
+    upstream_slots: int = 0  # 0: read total_slots from llama-server's /props
+    queue_max: int = 64
+    queue_timeout: float = 600.0
+    background_url: str = ""
+    policies: tuple[tuple[str, str], ...] = ()
+    min_output_tokens: int = 1024
+
+    def policy(self, klass: str) -> str:
+        return dict(self.policies).get(klass, "pass")
 
     @property
     def upstream_base(self) -> str:
@@ -72,6 +96,20 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     upstream_api = (env.get("UPSTREAM_API", "").strip() or Settings.upstream_api).lower()
     if upstream_api not in UPSTREAM_APIS:
         raise ConfigError(f"UPSTREAM_API={upstream_api!r}: expected one of {', '.join(UPSTREAM_APIS)}")
+    background_url = env.get("BACKGROUND_URL", "").strip()
+    if background_url and urlparse(background_url).scheme not in ("http", "https"):
+        raise ConfigError(f"BACKGROUND_URL={background_url!r}: expected an http(s) URL")
+    defaults = {"main": "pass", "subagent": "pass", "title": "local", "probe": "local",
+                "background": "route" if background_url else "shed"}
+    policies = []
+    for klass, allowed in POLICY_CLASSES.items():
+        name = f"POLICY_{klass.upper()}"
+        value = (env.get(name, "").strip() or defaults[klass]).lower()
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+        if value == "route" and not background_url:
+            raise ConfigError(f"{name}=route needs BACKGROUND_URL (a second llama-server for background requests)")
+        policies.append((klass, value))
     log_level = (env.get("LOG_LEVEL", "").strip() or Settings.log_level).lower()
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"LOG_LEVEL={log_level!r}: expected debug, info, warning or error")
@@ -87,4 +125,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         connect_timeout=_float(env, "UPSTREAM_CONNECT_TIMEOUT", Settings.connect_timeout, 0.1, 600),
         read_timeout=_float(env, "UPSTREAM_READ_TIMEOUT", Settings.read_timeout, 1, 86400),
         log_level=log_level,
+        upstream_slots=_int(env, "UPSTREAM_SLOTS", 0, 0, 1024),
+        queue_max=_int(env, "QUEUE_MAX", Settings.queue_max, 0, 100_000),
+        queue_timeout=_float(env, "QUEUE_TIMEOUT", Settings.queue_timeout, 0.1, 86400),
+        background_url=background_url,
+        policies=tuple(policies),
+        min_output_tokens=_int(env, "CONTEXT_MIN_OUTPUT", Settings.min_output_tokens, 1, 1_000_000),
     )

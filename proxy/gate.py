@@ -31,16 +31,13 @@ class QueueTimeout(ApiError):
         super().__init__(529, f"waited {waited:.0f}s for a free llama-server slot (QUEUE_TIMEOUT)", retry_after=10)
 
 
-class Superseded(Exception):
-    """The same session sent the same request again; this older copy stands down."""
-
-
 @dataclass
 class Ticket:
     slot: int
     klass: str
     session: str | None
     waited: float
+    previous: str | None = None  # who used this slot last: a session id, or "<class>" if none
 
 
 @dataclass(order=True)
@@ -63,6 +60,7 @@ class Gate:
         self._busy: dict[int, Ticket] = {}
         self._owner: dict[int, str] = {}  # slot -> session whose cache it holds
         self._last_used: dict[int, float] = {}
+        self._last_user: dict[int, str] = {}
         self._heap: list[Waiter] = []
         self._seq = itertools.count()
 
@@ -118,12 +116,12 @@ class Gate:
 
     def wait(self, waiter: Waiter, timeout: float) -> Ticket | None:
         """The ticket once granted, or None after `timeout` seconds. Raises QueueTimeout past
-        QUEUE_TIMEOUT and Superseded if the waiter was cancelled."""
+        QUEUE_TIMEOUT."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while waiter.ticket is None:
                 if waiter.cancelled:
-                    raise Superseded()
+                    raise RuntimeError("waiting on a waiter that left the queue")
                 waited = time.monotonic() - waiter.enqueued
                 if waited >= self.queue_timeout:
                     self._drop(waiter)
@@ -185,8 +183,9 @@ class Gate:
             if slot is None:
                 return
             heapq.heappop(self._heap)
-            head.ticket = Ticket(slot, head.klass, head.session, time.monotonic() - head.enqueued)
+            head.ticket = Ticket(slot, head.klass, head.session, time.monotonic() - head.enqueued, self._last_user.get(slot))
             self._busy[slot] = head.ticket
+            self._last_user[slot] = head.session or f"<{head.klass}>"
             if head.session is not None:
                 for s, o in list(self._owner.items()):
                     if o == head.session and s != slot:

@@ -1,115 +1,269 @@
 """The Anthropic routes: `/v1/messages` and `/v1/messages/count_tokens`.
 
-Two ways to reach llama-server, chosen by `UPSTREAM_API`:
+Every request is classified by shape (classify.py) and handled by its class's policy: answered
+here (`local`), sent to a second llama-server (`route`), refused while it would evict a
+conversation's cache (`shed`), or passed to llama-server through the admission gate. Two ways
+to reach llama-server, chosen by `UPSTREAM_API`:
 - `openai` (default): llamabridge's own translation to `/v1/chat/completions` (translate.py),
   which covers what llama-server's native Anthropic endpoint gets wrong (adaptive thinking,
   images in tool results, tool results after user text, named tool_choice, pings in prefill).
 - `anthropic`: llama-server's native `/v1/messages`, with the same request fixes applied
   (model name mapped, billing header removed) and errors put in Anthropic's envelope.
+
+A streamed request that cannot get a slot within a few seconds is answered at once with
+`message_start` and then `ping` every few seconds until it does (clients abort silent
+streams); a failure after that point is an `event: error` rather than an HTTP status.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Iterator
 
 from flask import Response
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from . import sse, translate
+from . import classify, local, sse, translate
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import ApiError, from_upstream, sse_error
-from .upstream import Answer, Upstream, read_all, relay_headers, stream_chunks, stream_lines
+from .generation import UPSTREAM_PING_SECONDS, Generation
+from .metrics import Call
+from .services import Flight, Services, Target
+from .tokens import estimate, fit_max_tokens, upper_bound
+from .upstream import read_all, relay_headers, stream_chunks
 
 log = logging.getLogger("llamabridge.messages")
 
-# Ask llama-server for an SSE comment every second while it has nothing else to send
-# (prefill of a long prompt): each one gives us a chance to notice a vanished client.
-UPSTREAM_PING_SECONDS = 1
-
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
+# How long a streamed request may wait for a slot before we start its stream and ping.
+SYNC_WAIT_SECONDS = 3.0
+# At most this long between two frames to a waiting client (Claude Code aborts after 300 s).
+PING_SECONDS = 5.0
 
 # What a broken upstream connection looks like while reading it.
 BROKEN = (OSError, Urllib3Error, sse.StreamProtocolError)
 BROKE_MESSAGE = "the connection to llama-server broke mid-response"
 
-
-def _open(path: str, payload: dict, upstream: Upstream, watch: ClientWatch) -> Answer:
-    """POST `payload`; an error status becomes the ApiError the client should see."""
-    resp = upstream.open("POST", path, json.dumps(payload, ensure_ascii=False).encode(), watch)
-    if resp.status >= 400:
-        try:
-            raw = read_all(resp, watch)
-        finally:
-            resp.close()
-        raise from_upstream(resp.status, raw)
-    return resp
+EventStream = Iterator[tuple[str, dict]]
 
 
-def _anthropic_stream(events: Iterator[tuple[str, dict]], resp: Answer) -> Iterator[bytes]:
-    """Encode events as SSE; a failure after the stream started becomes `event: error`."""
-    try:
-        for event, data in events:
-            yield sse.encode(event, data)
-    except ClientDisconnected:
-        log.info("client disconnected; closed the upstream request")
-    except translate.UpstreamStreamError as exc:
+def _error_for(exc: BaseException) -> ApiError:
+    """The client-facing error for something that went wrong once the answer had started."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, translate.UpstreamStreamError):
         status = exc.error.get("code") if isinstance(exc.error.get("code"), int) else 500
-        yield sse.encode("error", sse_error(from_upstream(status, json.dumps({"error": exc.error}))))
-    except BROKEN as exc:
-        log.warning("upstream stream broke: %s", exc)
-        yield sse.encode("error", sse_error(ApiError(502, f"{BROKE_MESSAGE}: {type(exc).__name__}")))
-    finally:
-        # Closing the upstream connection is what stops generation and frees llama-server's slot.
-        resp.close()
+        return from_upstream(status, json.dumps({"error": exc.error}))
+    log.warning("upstream stream broke: %r", exc)
+    return ApiError(502, f"{BROKE_MESSAGE}: {type(exc).__name__}")
 
 
-def create_message(body: dict, upstream: Upstream, watch: ClientWatch) -> Response:
-    info = upstream.info()
+def _sse(events: EventStream) -> Iterator[bytes]:
+    """Encode events, keeping at most one ping per PING_SECONDS."""
+    last = time.monotonic()
+    for event, data in events:
+        now = time.monotonic()
+        if event == "ping" and now - last < PING_SECONDS:
+            continue
+        last = now
+        yield sse.encode(event, data)
+
+
+def _respond(body: dict, events: EventStream) -> Response:
+    if body.get("stream") is True:
+        return Response(_sse(events), mimetype="text/event-stream", headers=SSE_HEADERS)
+    return Response(json.dumps(translate.collect_message(events), ensure_ascii=False), mimetype="application/json")
+
+
+# --------------------------------------------------------------------------------------------
+# POST /v1/messages
+
+
+def create_message(body: dict, digest: str, services: Services, watch: ClientWatch, call: Call, native: bool) -> Response:
+    call.klass = classify.classify(body)
+    policy = services.settings.policy(call.klass)
+    if policy == "local":
+        return _local_reply(body, services, call)
+    target = services.main
+    if policy == "route":
+        assert services.background is not None  # config.from_env guarantees it
+        target = services.background
+        call.handled = "background"
+    info = target.info(services.settings.upstream_slots)
+    if policy == "shed" and not target.gate.has_cold_free_slot():
+        call.handled = "shed"
+        raise ApiError(529, f"{call.klass} request not run: every llama-server slot holds a conversation's prompt cache "
+                            f"(POLICY_{call.klass.upper()}=shed; set BACKGROUND_URL to run these on a second server)", retry_after=60)
+    if native:
+        return _passthrough(body, target, services, watch, call)
+
     request = translate.anthropic_to_openai(body, translate.Options(model=info.model, vision=info.vision))
     request["sse_ping_interval"] = UPSTREAM_PING_SECONDS
-    resp = _open("/v1/chat/completions", request, upstream, watch)
-    events = translate.stream_openai_to_anthropic(sse.decode_openai(stream_lines(resp, watch)), model=body["model"])
-    if body.get("stream") is True:
-        return Response(_anthropic_stream(events, resp), mimetype="text/event-stream", headers=SSE_HEADERS)
+    tokens = None
+    render = translate.render_request(request)
+    if info.n_ctx > 0 and (call.klass in (classify.MAIN, classify.SUBAGENT) or upper_bound(render) + request["max_tokens"] > info.n_ctx):
+        # Exact tokens: to clamp max_tokens to the context, and to check the prompt cache afterwards.
+        tokens = target.counter.tokens(render)
+        if tokens is not None:
+            request["max_tokens"] = fit_max_tokens(len(tokens), request["max_tokens"], info.n_ctx, services.settings.min_output_tokens)
+
+    key = (call.session, digest) if call.session else None
+    flight, leader = services.flights.join(key) if key else (None, True)
+    if not leader:
+        assert flight is not None
+        return _follow(body, flight, watch, call, services)
+    gen = Generation(services, target, call, watch, "/v1/chat/completions", request, tokens)
     try:
-        message = translate.collect_message(events)
-    except translate.UpstreamStreamError as exc:
-        status = exc.error.get("code") if isinstance(exc.error.get("code"), int) else 500
-        raise from_upstream(status, json.dumps({"error": exc.error})) from None
-    except BROKEN as exc:
-        raise ApiError(502, f"{BROKE_MESSAGE}: {type(exc).__name__}") from None
+        gen.enqueue()
+        if body.get("stream") is True:
+            if gen.wait(SYNC_WAIT_SECONDS):
+                gen.open()
+                return _respond(body, _led(gen, body, flight, key, services, queued=False))
+            return _respond(body, _led(gen, body, flight, key, services, queued=True))
+        gen.wait_until_admitted()
+        gen.open()
+    except ClientDisconnected:
+        gen.client_left = True
+        _finish(gen, flight, key, services, None)
+        raise
+    except BaseException as exc:
+        _failed(call, exc)
+        _finish(gen, flight, key, services, None)
+        raise
+    return _respond(body, _led(gen, body, flight, key, services, queued=False))
+
+
+def _failed(call: Call, exc: BaseException) -> None:
+    if isinstance(exc, ApiError):
+        call.status, call.error = exc.status, exc.message
+    else:
+        call.status, call.error = 500, type(exc).__name__
+
+
+def _finish(gen: Generation, flight: Flight | None, key, services: Services, events: list | None) -> None:
+    gen.close()
+    if flight is not None:
+        services.flights.finish(key, flight, events)
+
+
+def _led(gen: Generation, body: dict, flight: Flight | None, key, services: Services, queued: bool) -> EventStream:
+    """The events of a generation this request runs itself; a queued one pings until admitted."""
+    recorded: list[tuple[str, dict]] = []
+    try:
+        if queued:
+            start = translate.message_start(body["model"])
+            recorded.append(start)
+            yield start
+            while not gen.wait(PING_SECONDS):
+                gen.watch.check()
+                yield "ping", {"type": "ping"}
+            gen.open()
+        for event, data in gen.anthropic_events(body["model"], skip_start=queued):
+            if event != "ping":
+                recorded.append((event, data))
+            yield event, data
+    except ClientDisconnected:
+        gen.client_left = True
+    except GeneratorExit:
+        gen.client_left = True  # the server could not write to the client
+        raise
+    except (ApiError, translate.UpstreamStreamError, *BROKEN) as exc:
+        err = _error_for(exc)
+        gen.call.status, gen.call.error = err.status, err.message
+        if body.get("stream") is not True:
+            raise err from None
+        yield "error", sse_error(err)
     finally:
-        resp.close()
-    return Response(json.dumps(message, ensure_ascii=False), mimetype="application/json")
+        _finish(gen, flight, key, services, recorded if gen.completed else None)
 
 
-def count_tokens(body: dict, upstream: Upstream) -> dict[str, int]:
-    """The exact number of prompt tokens `create_message` would send for this request.
+def _follow(body: dict, flight: Flight, watch: ClientWatch, call: Call, services: Services) -> Response:
+    """An identical request from the same session is already running: wait for its answer."""
+    call.handled = "deduplicated"
 
-    Renders our translation with llama-server's own chat template (`/apply-template`) and
-    tokenizer (`/tokenize`), with the special tokens a completion adds: no slot is used.
+    def events() -> EventStream:
+        try:
+            while not flight.done.wait(PING_SECONDS if body.get("stream") is True else 0.25):
+                watch.check()
+                if body.get("stream") is True:
+                    yield "ping", {"type": "ping"}
+            if flight.events is None:
+                raise ApiError(529, "the identical request this one repeats did not finish; retry", retry_after=1)
+            for event, data in flight.events:
+                if event == "message_delta":
+                    call.usage(data.get("usage"))
+                yield event, data
+        except ClientDisconnected:
+            call.status = 499
+        except ApiError as err:
+            call.status, call.error = err.status, err.message
+            if body.get("stream") is not True:
+                raise
+            yield "error", sse_error(err)
+        finally:
+            services.metrics.record(call)
+
+    if body.get("stream") is not True:
+        return Response(json.dumps(translate.collect_message(events()), ensure_ascii=False), mimetype="application/json")
+    return Response(_sse(events()), mimetype="text/event-stream", headers=SSE_HEADERS)
+
+
+def _local_reply(body: dict, services: Services, call: Call) -> Response:
+    """A title or a token-count probe, answered without the model.
+
+    A probe exists to learn the request's token count, so it gets the exact one (tokenizing
+    uses no slot). A title's usage matters to nobody: it gets the estimate, and no call to
+    llama-server at all, so it comes back at once even when llama-server is busy or down.
     """
-    info = upstream.info()
-    rendered = upstream.json("POST", "/apply-template", translate.count_tokens_request(body, translate.Options(vision=info.vision)))
-    prompt = rendered.get("prompt") if isinstance(rendered, dict) else None
-    if not isinstance(prompt, str):
-        raise ApiError(502, "llama-server's /apply-template did not return a prompt")
-    tokens = upstream.json("POST", "/tokenize", {"content": prompt, "add_special": True, "parse_special": True})
-    return {"input_tokens": len(tokens.get("tokens") or [])}
+    call.handled = "local"
+    render = translate.count_tokens_request(body)
+    if call.klass == classify.PROBE:
+        count, _ = services.main.counter.count(render)
+        text, output_tokens, stop = "", 1, "max_tokens"
+    else:
+        count = estimate(render)
+        text = local.title_text(body)
+        output_tokens, stop = max(1, len(text) // 4), "end_turn"
+    call.usage({"input_tokens": count, "output_tokens": output_tokens})
+    services.metrics.record(call)
+    return _respond(body, iter(local.events(body, text, count, output_tokens, stop)))
+
+
+# --------------------------------------------------------------------------------------------
+# POST /v1/messages/count_tokens
+
+
+def count_tokens(body: dict, services: Services, native: bool) -> Response:
+    """The exact number of prompt tokens `/v1/messages` would send for this request.
+
+    Renders our translation with llama-server's own chat template and tokenizer: no slot is
+    used, so this never waits behind a generation. `X-Llamabridge-Token-Count` says `exact`,
+    or `estimate` when the upstream cannot render templates.
+    """
+    target = services.main
+    info = target.upstream.info()
+    if native:
+        raw = target.upstream.json("POST", "/v1/messages/count_tokens", _native_body(body, info.model), timeout=60)
+        count, exact = int(raw.get("input_tokens") or 0), True
+    else:
+        count, exact = target.counter.count(translate.count_tokens_request(body, translate.Options(vision=info.vision)))
+    services.metrics.token_counts.labels("exact" if exact else "estimate").inc()
+    resp = Response(json.dumps({"input_tokens": count}), mimetype="application/json")
+    resp.headers["X-Llamabridge-Token-Count"] = "exact" if exact else "estimate"
+    return resp
 
 
 # --------------------------------------------------------------------------------------------
 # Native passthrough (UPSTREAM_API=anthropic)
 
 
-def _native_body(body: dict, upstream: Upstream) -> dict:
+def _native_body(body: dict, model: str) -> dict:
     out = dict(body)
-    out["model"] = upstream.info().model
+    out["model"] = model
     if out.get("system") is not None:
-        # Same cache fix as the translation: drop the per-session billing header block.
+        # Same cache fix as the translation: drop the per-session billing header.
         text = translate.system_text(out["system"])
         out["system"] = text
         if not text:
@@ -152,26 +306,47 @@ def _rename_first_event(chunks: Iterator[bytes], model: str) -> Iterator[bytes]:
     yield from chunks
 
 
-def passthrough(path: str, body: dict, upstream: Upstream, watch: ClientWatch) -> Response:
-    resp = _open(path, _native_body(body, upstream), upstream, watch)
-    if body.get("stream") is not True:
-        try:
-            raw = read_all(resp, watch)
-        except BROKEN as exc:
-            raise ApiError(502, f"{BROKE_MESSAGE}: {type(exc).__name__}") from None
-        finally:
-            resp.close()
-        return Response(_with_model(raw, body["model"]), status=resp.status, mimetype="application/json")
+def _passthrough(body: dict, target: Target, services: Services, watch: ClientWatch, call: Call) -> Response:
+    """llama-server's native /v1/messages, admitted through the same gate (waiting without pings)."""
+    gen = Generation(services, target, call, watch, "/v1/messages", _native_body(body, target.upstream.info().model))
+    stream = body.get("stream") is True
+    try:
+        gen.enqueue()
+        gen.wait_until_admitted()
+        answer = gen.open()
+        if not stream:
+            raw = read_all(answer, watch)
+            gen.completed = True
+    except ClientDisconnected:
+        gen.client_left = True
+        gen.close()
+        raise
+    except BaseException as exc:
+        error = _error_for(exc) if isinstance(exc, BROKEN) else exc
+        _failed(call, error)
+        gen.close()
+        if error is exc:
+            raise
+        raise error from None
+    if not stream:
+        call.usage((json.loads(raw) if raw.startswith(b"{") else {}).get("usage"))
+        gen.close()
+        return Response(_with_model(raw, body["model"]), status=answer.status, mimetype="application/json")
 
     def relay() -> Iterator[bytes]:
         try:
-            yield from _rename_first_event(stream_chunks(resp, watch), body["model"])
+            for chunk in _rename_first_event(stream_chunks(answer, watch), body["model"]):
+                call.first_token()
+                yield chunk
+            gen.completed = True
         except ClientDisconnected:
-            log.info("client disconnected; closed the upstream request")
+            gen.client_left = True
+        except GeneratorExit:
+            gen.client_left = True
+            raise
         except BROKEN as exc:
-            log.warning("upstream stream broke: %s", exc)
-            yield sse.encode("error", sse_error(ApiError(502, BROKE_MESSAGE)))
+            yield sse.encode("error", sse_error(_error_for(exc)))
         finally:
-            resp.close()
+            gen.close()
 
-    return Response(relay(), status=resp.status, headers=relay_headers(resp))
+    return Response(relay(), status=answer.status, headers=relay_headers(answer))

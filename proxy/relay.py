@@ -1,35 +1,103 @@
 """OpenAI routes, relayed to llama-server as they are and streamed without buffering.
 
 Cline, Continue, Aider, Cursor and the OpenAI SDKs already speak llama-server's dialect; the
-proxy adds one port for every agent, uniform errors when llama-server is down, and closing the
-upstream request the moment the client leaves.
+proxy adds one port for every agent, the admission gate (generation requests wait for a slot
+with Claude Code's, at interactive priority), uniform errors when llama-server is down, and
+closing the upstream request the moment the client leaves. The one change to a body: with
+more than one slot, `id_slot` names the slot the gate admitted it to.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Iterator
 
 from flask import Response
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from . import classify
 from .disconnect import ClientDisconnected, ClientWatch
-from .upstream import Upstream, relay_headers, stream_chunks
+from .errors import ApiError
+from .generation import Generation
+from .metrics import Call
+from .services import Services
+from .upstream import relay_headers, stream_chunks
 
 log = logging.getLogger("llamabridge.relay")
 
+# Routes that run a generation on a slot, and so go through the gate.
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 
-def relay(method: str, path: str, raw_body: bytes | None, content_type: str | None, upstream: Upstream,
-          watch: ClientWatch) -> Response:
-    resp = upstream.open(method, path, raw_body, watch, content_type=content_type)
+
+def relay(method: str, path: str, parsed: dict | None, raw_body: bytes | None, content_type: str | None,
+          services: Services, watch: ClientWatch, call: Call) -> Response:
+    target = services.main
+    if path not in GENERATION_ROUTES or parsed is None:
+        return _plain(method, path, raw_body, content_type, services, watch)
+    call.klass = classify.OPENAI
+    target.info(services.settings.upstream_slots)
+    gen = Generation(services, target, call, watch, path, parsed)
+    try:
+        gen.enqueue()
+        gen.wait_until_admitted()
+        if target.gate.slots <= 1:
+            gen.payload = None  # relay the client's bytes untouched
+        answer = _open(gen, raw_body)
+    except ClientDisconnected:
+        gen.client_left = True
+        gen.close()
+        raise
+    except BaseException as exc:
+        if isinstance(exc, ApiError):
+            call.status, call.error = exc.status, exc.message
+        gen.close()
+        raise
+    call.status = answer.status
+
+    def body() -> Iterator[bytes]:
+        try:
+            for chunk in stream_chunks(answer, watch):
+                call.first_token()
+                yield chunk
+            gen.completed = True
+        except ClientDisconnected:
+            gen.client_left = True
+        except GeneratorExit:
+            gen.client_left = True
+            raise
+        except (OSError, Urllib3Error) as exc:
+            # Headers are sent; all we can do is end the body early and say why in the log.
+            log.warning("upstream connection broke while relaying %s: %s", path, exc)
+            call.error = f"upstream broke: {type(exc).__name__}"
+        finally:
+            gen.close()
+
+    return Response(body(), status=answer.status, headers=relay_headers(answer))
+
+
+def _open(gen: Generation, raw_body: bytes | None):
+    """Send the client's body (or, with several slots, the body with `id_slot`), any status."""
+    assert gen.ticket is not None
+    if gen.payload is not None:
+        gen.payload["id_slot"] = gen.ticket.slot
+        raw_body = json.dumps(gen.payload, ensure_ascii=False).encode()
+    answer = gen.target.upstream.open("POST", gen.path, raw_body, gen.watch)
+    gen.answer = answer
+    return answer
+
+
+def _plain(method: str, path: str, raw_body: bytes | None, content_type: str | None, services: Services,
+           watch: ClientWatch) -> Response:
+    """Routes that use no slot (models, embeddings): relayed directly."""
+    resp = services.main.upstream.open(method, path, raw_body, watch, content_type=content_type)
 
     def body() -> Iterator[bytes]:
         try:
             yield from stream_chunks(resp, watch)
         except ClientDisconnected:
-            log.info("client disconnected from %s; closed the upstream request", path)
+            pass
         except (OSError, Urllib3Error) as exc:
-            # Headers are sent; all we can do is end the body early and say why in the log.
             log.warning("upstream connection broke while relaying %s: %s", path, exc)
         finally:
             resp.close()

@@ -11,16 +11,21 @@ def encode(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
 
+# Yielded by decode_openai(keepalive=True) for each comment line (llama-server's `: ping`).
+KEEPALIVE: dict[str, Any] = {"keepalive": True}
+
+
 class StreamProtocolError(ValueError):
     """The upstream stream is not what an OpenAI-compatible server sends."""
 
 
-def decode_openai(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+def decode_openai(lines: Iterable[bytes], keepalive: bool = False) -> Iterator[dict[str, Any]]:
     """Yield each JSON payload of an OpenAI-style SSE stream, stopping at `data: [DONE]`.
 
-    `lines` are raw lines without their newline (as `requests`' `iter_lines` gives them).
-    Comment lines (`: ping`) and other fields are skipped. A payload that is not a JSON object
-    raises StreamProtocolError so the caller can end the client's stream with an error event.
+    `lines` are raw lines without their newline. Comment lines (`: ping`) yield KEEPALIVE if
+    `keepalive` is set, and are skipped otherwise; other fields are skipped. A payload that is
+    not a JSON object raises StreamProtocolError so the caller can end the client's stream
+    with an error event.
     """
     data: list[bytes] = []
     for line in lines:
@@ -37,6 +42,8 @@ def decode_openai(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
         if line.startswith(b"data:"):
             value = line[5:]
             data.append(value[1:] if value.startswith(b" ") else value)
+        elif keepalive and line.startswith(b":"):
+            yield KEEPALIVE
         # "event:", "id:", "retry:" and ":" comment lines carry nothing we use.
     if data:
         payload = b"\n".join(data)

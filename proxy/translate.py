@@ -25,8 +25,10 @@ Event = tuple[str, dict[str, Any]]
 
 # The system block Claude Code puts first: `x-anthropic-billing-header: cc_version=2.1.328.ccf; ...`.
 # Its last 3 hex characters hash the first user message, so it differs between sessions while
-# the ~20k tokens behind it do not. It means nothing to a local model; forwarding it would make
-# every new session miss llama-server's prompt cache from token ~10 on.
+# the ~20k tokens behind it do not (older versions also put a `cch=` value in it that changed on
+# every request). It means nothing to a local model; forwarding it would make every new
+# session miss llama-server's prompt cache from token ~10 on. The line is removed wherever a
+# system block or string starts with it.
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
 
 NO_VISION_NOTE = "[image omitted: the model behind this server does not accept images]"
@@ -78,22 +80,29 @@ def _optional_number(body: dict, key: str, low: float, high: float) -> float | i
 # Request: Anthropic -> OpenAI
 
 
+def _without_billing_header(text: str) -> str:
+    """`text` without a leading billing-header line (the whole text, if that is all it is)."""
+    if not text.startswith(BILLING_HEADER_PREFIX):
+        return text
+    _, _, rest = text.partition("\n")
+    return rest
+
+
 def system_text(system: Any) -> str:
     """The system prompt as one string: blocks joined by a blank line, billing header removed."""
     if system is None:
         return ""
     if isinstance(system, str):
-        return "" if system.startswith(BILLING_HEADER_PREFIX) else system
+        return _without_billing_header(system)
     _expect(system, list, "system", "a string or an array of text blocks")
     parts = []
     for i, block in enumerate(system):
         _expect(block, dict, f"system.{i}", "a text block")
         if block.get("type") != "text":
             raise InvalidRequest(f"system.{i}.type: expected 'text', got {block.get('type')!r}")
-        text = _expect(block.get("text"), str, f"system.{i}.text", "a string")
-        if text.startswith(BILLING_HEADER_PREFIX):
-            continue
-        parts.append(text)
+        text = _without_billing_header(_expect(block.get("text"), str, f"system.{i}.text", "a string"))
+        if text:
+            parts.append(text)
     return "\n\n".join(parts)
 
 
@@ -325,19 +334,27 @@ def _apply_tool_choice(body: dict, out: dict) -> None:
         out["parallel_tool_calls"] = not bool(choice["disable_parallel_tool_use"])
 
 
-def _response_format(body: dict) -> dict | None:
+def output_format(body: dict) -> dict | None:
+    """The structured-output spec (`output_config.format`, or the beta's `output_format`)."""
     fmt = None
     if isinstance(body.get("output_config"), dict):
         fmt = body["output_config"].get("format")
     if fmt is None:
-        fmt = body.get("output_format")  # the structured-outputs beta's earlier spelling
+        fmt = body.get("output_format")
     if fmt is None:
         return None
     _expect(fmt, dict, "output_config.format", "an object")
     if fmt.get("type") != "json_schema":
         raise InvalidRequest(f"output_config.format.type: expected 'json_schema', got {fmt.get('type')!r}")
-    schema = _expect(fmt.get("schema"), dict, "output_config.format.schema", "a JSON schema object")
-    return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    _expect(fmt.get("schema"), dict, "output_config.format.schema", "a JSON schema object")
+    return fmt
+
+
+def _response_format(body: dict) -> dict | None:
+    fmt = output_format(body)
+    if fmt is None:
+        return None
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
 
 
 def _thinking_switch(body: dict) -> bool | None:
@@ -385,6 +402,8 @@ def anthropic_to_openai(body: Any, options: Options = Options()) -> dict:
         "stream": True,
         "stream_options": {"include_usage": True},
         "cache_prompt": True,
+        # Progress chunks while llama-server prefills a long prompt: they become pings.
+        "return_progress": True,
     }
     tools = convert_tools(body.get("tools"))
     if tools:
@@ -419,17 +438,15 @@ def anthropic_to_openai(body: Any, options: Options = Options()) -> dict:
     return out
 
 
+def render_request(request: dict) -> dict:
+    """The `/apply-template` body that renders exactly the prompt of a chat-completions request."""
+    return {key: request[key] for key in ("messages", "tools", "chat_template_kwargs") if key in request}
+
+
 def count_tokens_request(body: Any, options: Options = Options()) -> dict:
     """The `/apply-template` body rendering what `/v1/messages` would send for this request."""
     body = validate_common(body, need_max_tokens=False)
-    out: dict[str, Any] = {"messages": convert_messages(body, options.vision)}
-    tools = convert_tools(body.get("tools"))
-    if tools:
-        out["tools"] = tools
-    thinking = _thinking_switch(body)
-    if thinking is not None:
-        out["chat_template_kwargs"] = {"enable_thinking": thinking}
-    return out
+    return render_request(anthropic_to_openai(dict(body, max_tokens=1), options))
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,18 +504,9 @@ def _json_complete(text: str) -> bool:
     return True
 
 
-def stream_openai_to_anthropic(chunks: Iterable[dict], model: str, message_id: str | None = None) -> Iterator[Event]:
-    """Anthropic SSE events for a stream of OpenAI chat-completion chunks.
-
-    Event order is the one Claude Code requires: message_start, then per block
-    content_block_start / content_block_delta... / content_block_stop, then message_delta
-    with the stop reason and cumulative usage, then message_stop. Every upstream delta is
-    passed on as soon as it arrives. All state lives in this generator's locals.
-
-    Each OpenAI `tool_calls[i].index` becomes its own `tool_use` block, closed as soon as its
-    arguments form complete JSON (Claude Code may start the tool at content_block_stop).
-    """
-    yield "message_start", {
+def message_start(model: str, message_id: str | None = None) -> Event:
+    """The first event of every Anthropic stream; usage is only known at the end."""
+    return "message_start", {
         "type": "message_start",
         "message": {
             "id": message_id or new_message_id(),
@@ -511,6 +519,21 @@ def stream_openai_to_anthropic(chunks: Iterable[dict], model: str, message_id: s
             "usage": {"input_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "output_tokens": 0},
         },
     }
+
+
+def stream_openai_to_anthropic(chunks: Iterable[dict], model: str, message_id: str | None = None) -> Iterator[Event]:
+    """Anthropic SSE events for a stream of OpenAI chat-completion chunks.
+
+    Event order is the one Claude Code requires: message_start, then per block
+    content_block_start / content_block_delta... / content_block_stop, then message_delta
+    with the stop reason and cumulative usage, then message_stop. Every upstream delta is
+    passed on as soon as it arrives. All state lives in this generator's locals.
+
+    Each OpenAI `tool_calls[i].index` becomes its own `tool_use` block, closed as soon as its
+    arguments form complete JSON (Claude Code may start the tool at content_block_stop).
+    Keep-alives and prefill progress become `ping` events (allowed anywhere in the stream).
+    """
+    yield message_start(model, message_id)
     index = -1  # index of the last block started
     open_kind: str | None = None  # "text" | "thinking" | "tool_use" while a block is open
     thinking_text: list[str] = []
@@ -549,6 +572,9 @@ def stream_openai_to_anthropic(chunks: Iterable[dict], model: str, message_id: s
         yield "content_block_start", {"type": "content_block_start", "index": index, "content_block": block}
 
     for chunk in chunks:
+        if chunk.get("keepalive") or "prompt_progress" in chunk:
+            # llama-server is still prefilling: let the client know we are alive.
+            yield "ping", {"type": "ping"}
         if "error" in chunk and not chunk.get("choices"):
             error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
             raise UpstreamStreamError(error)
@@ -645,5 +671,6 @@ def collect_message(events: Iterable[Event]) -> dict:
         elif event == "message_delta":
             message.update(data["delta"])
             message["usage"] = data["usage"]
+        # "ping" and anything else carry no content.
     message["content"] = blocks
     return message

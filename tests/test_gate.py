@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from proxy.gate import Gate, QueueFull, QueueTimeout, Superseded
+from proxy.gate import Gate, QueueFull, QueueTimeout
 
 
 def test_grants_up_to_the_slot_count_then_queues():
@@ -73,13 +73,12 @@ def test_admit_blocks_until_release_and_check_can_abort():
     assert gate.depth() == 0
 
 
-def test_cancelled_waiter_is_superseded():
+def test_cancel_after_grant_gives_the_slot_back():
     gate = Gate(slots=1, queue_max=5, queue_timeout=60)
-    gate.enqueue("main", 0, None)
-    waiter = gate.enqueue("main", 0, None)
-    gate.cancel(waiter)
-    with pytest.raises(Superseded):
-        gate.wait(waiter, 0.01)
+    first = gate.enqueue("main", 0, None)
+    second = gate.enqueue("main", 0, None)
+    gate.cancel(first)
+    assert second.ticket is not None and gate.in_flight() == 1
 
 
 def test_sessions_return_to_their_slot_and_cold_slots_are_preferred():

@@ -10,6 +10,8 @@ from pathlib import Path
 import gguf
 import pytest
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

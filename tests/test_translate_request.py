@@ -232,7 +232,7 @@ def test_platform_fields_are_dropped_without_error():
         context_management={"edits": []}, safeguards={"x": 1}, metadata={"user_id": "{}"}, betas=["b"],
         output_config={"effort": "high"}, service_tier="auto",
     ))
-    assert set(out) == {"model", "messages", "max_tokens", "stream", "stream_options", "cache_prompt"}
+    assert set(out) == {"model", "messages", "max_tokens", "stream", "stream_options", "cache_prompt", "return_progress"}
 
 
 def test_any_model_name_is_served_by_the_upstream_model():
@@ -277,3 +277,10 @@ def test_bad_requests_name_the_field(body, where):
     with pytest.raises(InvalidRequest) as err:
         anthropic_to_openai(body)
     assert str(err.value).startswith(where)
+
+
+def test_billing_header_line_is_removed_but_text_after_it_kept():
+    header = "x-anthropic-billing-header: cc_version=2.1.100.abc; cch=1f2e3; cc_entrypoint=cli;"
+    assert translate.system_text(header) == ""
+    assert translate.system_text(header + "\nYou are helpful.") == "You are helpful."
+    assert translate.system_text([{"type": "text", "text": header + "\nA"}, {"type": "text", "text": "B"}]) == "A\n\nB"

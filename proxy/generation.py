@@ -1,0 +1,132 @@
+"""One generation on its way through the gate to llama-server and back.
+
+`Generation` owns the lifecycle that every route shares: wait for a slot, send the request
+with that slot's `id_slot`, read the answer, and at the end give the slot back (after a
+disconnect, only once llama-server shows it idle), record the request and check the prompt
+cache against the session's previous turn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from array import array
+from typing import Iterator
+
+from . import classify, sse, translate
+from .disconnect import ClientWatch
+from .errors import from_upstream
+from .gate import Ticket, Waiter
+from .metrics import Call
+from .services import Services, Target
+from .upstream import Answer, read_all, stream_lines
+
+log = logging.getLogger("llamabridge.proxy")
+
+# Ask llama-server for an SSE comment every second while it has nothing else to send
+# (prefill of a long prompt): each one lets us notice a vanished client and ping a waiting one.
+UPSTREAM_PING_SECONDS = 1
+
+
+class Generation:
+    def __init__(self, services: Services, target: Target, call: Call, watch: ClientWatch, path: str, payload: dict,
+                 tokens: array | None = None):
+        self.services = services
+        self.target = target
+        self.call = call
+        self.watch = watch
+        self.path = path
+        self.payload = payload
+        self.tokens = tokens  # exact prompt tokens, when they were counted
+        self.waiter: Waiter | None = None
+        self.ticket: Ticket | None = None
+        self.answer: Answer | None = None
+        self.client_left = False
+        self.completed = False
+        self._closed = False
+
+    # -- the slot ------------------------------------------------------------------------------
+
+    def enqueue(self) -> None:
+        self.waiter = self.target.gate.enqueue(self.call.klass, classify.PRIORITY.get(self.call.klass, 0), self.call.session)
+
+    def wait(self, seconds: float) -> bool:
+        """True once admitted; False if still queued after `seconds` (raises QueueTimeout)."""
+        assert self.waiter is not None
+        ticket = self.target.gate.wait(self.waiter, seconds)
+        if ticket is None:
+            return False
+        self.ticket = ticket
+        self.call.slot = ticket.slot
+        self.call.queue_wait = ticket.waited
+        return True
+
+    def wait_until_admitted(self, step: float = 0.25) -> None:
+        while not self.wait(step):
+            self.watch.check()
+
+    # -- llama-server ---------------------------------------------------------------------------
+
+    def open(self) -> Answer:
+        """Send the request on the admitted slot; an error status raises the client's ApiError."""
+        assert self.ticket is not None
+        if self.target.gate.slots > 1:
+            self.payload["id_slot"] = self.ticket.slot
+        body = json.dumps(self.payload, ensure_ascii=False).encode()
+        answer = self.target.upstream.open("POST", self.path, body, self.watch)
+        if answer.status >= 400:
+            try:
+                raw = read_all(answer, self.watch)
+            finally:
+                answer.close()
+            raise from_upstream(answer.status, raw)
+        self.answer = answer
+        return answer
+
+    def anthropic_events(self, model: str, skip_start: bool = False) -> Iterator[tuple[str, dict]]:
+        """The translated answer as Anthropic events; records first token and usage on the way."""
+        assert self.answer is not None
+        chunks = sse.decode_openai(stream_lines(self.answer, self.watch), keepalive=True)
+        for event, data in translate.stream_openai_to_anthropic(chunks, model):
+            if event == "message_start" and skip_start:
+                continue
+            if event == "content_block_delta":
+                self.call.first_token()
+            elif event == "message_delta":
+                self.call.usage(data.get("usage"))
+            elif event == "message_stop":
+                self.completed = True
+            yield event, data
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Hang up on llama-server, give the slot back, record the request. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.answer is not None:
+            self.answer.close()
+        if self.ticket is not None:
+            self.services.release(self.target, self.ticket, self.client_left)
+        elif self.waiter is not None:
+            self.target.gate.cancel(self.waiter)
+        if self.client_left:
+            self.call.status = 499
+            self.call.error = self.call.error or "client disconnected"
+        self._check_prefix()
+        self.services.metrics.record(self.call)
+
+    def _check_prefix(self) -> None:
+        call, ticket = self.call, self.ticket
+        if self.tokens is None or ticket is None or call.session is None or not self.completed:
+            return
+        taken = ticket.previous is not None and ticket.previous != call.session
+        finding = self.services.tracker.observe(call.session, self.tokens, ticket.slot, call.cached_tokens, taken)
+        if finding is None:
+            return
+        self.services.metrics.reprefills.inc()
+        self.services.metrics.reprefilled_tokens.inc(finding.reprefilled)
+        log.warning("session %s re-prefilled %d tokens: llama-server reused %d of the %d expected from the previous turn; "
+                    "first differing token %d; reason: %s", finding.session, finding.reprefilled, finding.cached,
+                    finding.expected, finding.first_difference, finding.reason)

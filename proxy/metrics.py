@@ -1,0 +1,112 @@
+"""What happened to each request: one log line, and the proxy's Prometheus metrics (`/metrics`).
+
+The proxy is one process with threads, so prometheus-client's ordinary registry works; queue
+depth and in-flight requests are read from the gate at scrape time by a custom collector.
+Tests build their own `CollectorRegistry`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .gate import Gate
+
+log = logging.getLogger("llamabridge.request")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+@dataclass
+class Call:
+    """One client request, filled in as it goes."""
+
+    route: str
+    client: str
+    session: str | None
+    klass: str = "-"
+    started: float = field(default_factory=time.monotonic)
+    status: int = 200
+    queue_wait: float = 0.0
+    ttft: float | None = None
+    prompt_tokens: int = 0  # prefilled (not from cache)
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    slot: int | None = None
+    handled: str = "upstream"  # upstream | local | background | shed | deduplicated
+    error: str | None = None
+    recorded: bool = False
+
+    def first_token(self) -> None:
+        if self.ttft is None:
+            self.ttft = time.monotonic() - self.started
+
+    def usage(self, usage: dict | None) -> None:
+        if usage:
+            self.prompt_tokens = int(usage.get("input_tokens") or 0)
+            self.cached_tokens = int(usage.get("cache_read_input_tokens") or 0)
+            self.generated_tokens = int(usage.get("output_tokens") or 0)
+
+
+class _GateCollector(Collector):
+    def __init__(self, gate: "Gate"):
+        self.gate = gate
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("llamabridge_proxy_queue_depth", "Requests waiting for a llama-server slot.", value=self.gate.depth())
+        yield GaugeMetricFamily("llamabridge_proxy_in_flight", "Requests holding a llama-server slot.", value=self.gate.in_flight())
+        yield GaugeMetricFamily("llamabridge_proxy_slots", "llama-server slots the gate admits to.", value=self.gate.slots)
+
+
+class ProxyMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("llamabridge_proxy_requests", "Requests by route, class, status and how they were answered.",
+                                ["route", "class", "status", "handled"], registry=r)
+        self.queue_wait = Histogram("llamabridge_proxy_queue_wait_seconds", "Time spent waiting for a slot.", ["class"],
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("llamabridge_proxy_time_to_first_token_seconds", "Time to the first generated token.", ["class"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.duration = Histogram("llamabridge_proxy_request_duration_seconds", "Whole request time.", ["class"],
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("llamabridge_proxy_tokens", "Tokens of proxied generations by kind (prompt = prefilled).",
+                              ["kind"], registry=r)
+        self.reprefills = Counter("llamabridge_proxy_reprefills", "Turns that re-prefilled more than the session's history explains.",
+                                  registry=r)
+        self.reprefilled_tokens = Counter("llamabridge_proxy_reprefilled_tokens", "Tokens prefilled again by those turns.", registry=r)
+        self.slot_not_freed = Counter("llamabridge_proxy_slot_not_freed",
+                                      "Disconnected requests whose llama-server slot stayed busy for seconds after we hung up.", registry=r)
+        self.token_counts = Counter("llamabridge_proxy_token_counts", "count_tokens answers by source.", ["source"], registry=r)
+
+    def watch_gate(self, gate: "Gate") -> None:
+        self.registry.register(_GateCollector(gate))
+
+    def record(self, call: Call) -> None:
+        """Count and log a finished request, once."""
+        if call.recorded:
+            return
+        call.recorded = True
+        total = time.monotonic() - call.started
+        self.requests.labels(call.route, call.klass, str(call.status), call.handled).inc()
+        if call.handled == "upstream" or call.handled == "background":
+            self.queue_wait.labels(call.klass).observe(call.queue_wait)
+            if call.ttft is not None:
+                self.ttft.labels(call.klass).observe(call.ttft)
+            self.tokens.labels("prompt").inc(call.prompt_tokens)
+            self.tokens.labels("cached").inc(call.cached_tokens)
+            self.tokens.labels("generated").inc(call.generated_tokens)
+        self.duration.labels(call.klass).observe(total)
+        log.info(
+            "%s class=%s status=%s handled=%s session=%s slot=%s wait=%.3fs ttft=%s total=%.3fs prompt=%d cached=%d generated=%d client=%r%s",
+            call.route, call.klass, call.status, call.handled, call.session or "-", "-" if call.slot is None else call.slot,
+            call.queue_wait, "-" if call.ttft is None else f"{call.ttft:.3f}s", total, call.prompt_tokens,
+            call.cached_tokens, call.generated_tokens, call.client[:80], f" error={call.error!r}" if call.error else "",
+        )

@@ -1,0 +1,124 @@
+"""The proxy's long-lived state, built once per app: upstreams with their gates, the token
+counter, the prefix tracker, in-flight deduplication and metrics."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from .config import Settings
+from .errors import ApiError
+from .gate import Gate, Ticket
+from .metrics import ProxyMetrics
+from .prefix import PrefixTracker
+from .tokens import TokenCounter
+from .upstream import ServerInfo, Upstream
+
+log = logging.getLogger("llamabridge.proxy")
+
+# After a client leaves mid-generation we hang up on llama-server and watch /slots: the slot
+# should be idle within a token or two. Past this, it is logged and counted.
+SLOT_FREE_WARN_SECONDS = 5.0
+SLOT_FREE_GIVE_UP_SECONDS = 600.0
+
+
+@dataclass
+class Target:
+    """One llama-server and the gate in front of it."""
+
+    name: str
+    upstream: Upstream
+    gate: Gate
+    counter: TokenCounter
+
+    def info(self, slots_override: int) -> ServerInfo:
+        info = self.upstream.info()
+        self.gate.resize(slots_override or info.total_slots)
+        return info
+
+
+class Flight:
+    """A generation in progress, that an identical retry can wait for instead of running it again."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.events: list[tuple[str, dict]] | None = None
+
+
+class Flights:
+    """In-flight requests by (session, body digest)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_key: dict[tuple[str, str], Flight] = {}
+
+    def join(self, key: tuple[str, str]) -> tuple[Flight, bool]:
+        """(flight, True) for the first request with this key, (its flight, False) for a repeat."""
+        with self._lock:
+            flight = self._by_key.get(key)
+            if flight is not None and not flight.done.is_set():
+                return flight, False
+            flight = Flight()
+            self._by_key[key] = flight
+            return flight, True
+
+    def finish(self, key: tuple[str, str], flight: Flight, events: list[tuple[str, dict]] | None) -> None:
+        flight.events = events
+        flight.done.set()
+        with self._lock:
+            if self._by_key.get(key) is flight:
+                del self._by_key[key]
+
+
+class Services:
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None):
+        self.settings = settings
+        self.main = self._target("llama-server", settings)
+        self.background = None
+        if settings.background_url:
+            self.background = self._target("background llama-server", Settings(**{**settings.__dict__, "llama_url": settings.background_url}))
+        self.tracker = PrefixTracker()
+        self.flights = Flights()
+        self.metrics = ProxyMetrics(registry)
+        self.metrics.watch_gate(self.main.gate)
+
+    def _target(self, name: str, settings: Settings) -> Target:
+        upstream = Upstream(settings)
+        gate = Gate(settings.upstream_slots or 1, settings.queue_max, settings.queue_timeout)
+        return Target(name, upstream, gate, TokenCounter(upstream))
+
+    def release(self, target: Target, ticket: Ticket, client_left: bool) -> None:
+        """Give the slot back. After a disconnect, only once llama-server shows it idle."""
+        if not client_left:
+            target.gate.release(ticket)
+            return
+        threading.Thread(target=self._release_when_idle, args=(target, ticket), daemon=True,
+                         name=f"slot-{ticket.slot}-release").start()
+
+    def _release_when_idle(self, target: Target, ticket: Ticket) -> None:
+        started = time.monotonic()
+        warned = False
+        try:
+            while time.monotonic() - started < SLOT_FREE_GIVE_UP_SECONDS:
+                if not self._slot_busy(target, ticket.slot):
+                    return
+                if not warned and time.monotonic() - started > SLOT_FREE_WARN_SECONDS:
+                    warned = True
+                    self.metrics.slot_not_freed.inc()
+                    log.warning("slot %d of %s is still busy %.0fs after its client left and we closed the request; "
+                                "holding it until llama-server finishes", ticket.slot, target.name, SLOT_FREE_WARN_SECONDS)
+                time.sleep(0.1)  # polling llama-server's /slots: it has no event to wait on
+        finally:
+            target.gate.release(ticket)
+
+    @staticmethod
+    def _slot_busy(target: Target, slot: int) -> bool:
+        try:
+            slots = target.upstream.json("GET", "/slots", timeout=5)
+        except ApiError:
+            return False  # unreachable or /slots disabled: nothing to wait for
+        return any(s.get("id") == slot and s.get("is_processing") for s in slots if isinstance(s, dict))

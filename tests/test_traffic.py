@@ -1,0 +1,288 @@
+"""Traffic shaping against the real llama-server (tiny model, one slot): the admission gate
+under a burst of Claude Code-shaped requests, priority order, queue bounds, disconnects while
+queued, pings while waiting, deduplicated retries, local titles and the background lane."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import json
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import processes
+from tests.support.anthropic_sse import check_order, parse
+
+pytestmark = pytest.mark.integration
+
+AGENT_TOOLS = [{"name": "Agent", "description": "Spawn a subagent", "input_schema": {"type": "object", "properties": {"task": {"type": "string"}}}},
+               {"name": "Bash", "description": "Run a command", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}]
+# Forces ~200 generated tokens (a second or two here): long enough to hold the slot while others queue.
+HOLD_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 200}
+
+
+def main_body(text: str, max_tokens: int = 16) -> dict:
+    return {"model": "claude-sonnet-4-5", "max_tokens": max_tokens, "tools": AGENT_TOOLS,
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "messages": [{"role": "user", "content": text}]}
+
+
+def subagent_body(text: str) -> dict:
+    return dict(main_body(text), tools=AGENT_TOOLS[1:])
+
+
+def background_body(text: str) -> dict:
+    return {"model": "claude-sonnet-4-5", "max_tokens": 256, "thinking": {"type": "disabled"},
+            "messages": [{"role": "user", "content": text}]}
+
+
+def holder_body(session: str) -> dict:
+    return {"model": "claude-sonnet-4-5", "max_tokens": 4000, "messages": [{"role": "user", "content": "digits " + session}],
+            "output_config": {"format": {"type": "json_schema", "schema": HOLD_SCHEMA}}}
+
+
+def post(url: str, body: dict, session: str | None = None, path: str = "/v1/messages", timeout: float = 120) -> requests.Response:
+    headers = {"X-Claude-Code-Session-Id": session} if session else {}
+    return requests.post(url + path + "?beta=true", json=body, headers=headers, timeout=timeout)
+
+
+def proxy_metric(proxy, name: str, labels: dict | None = None) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(requests.get(proxy.url + "/metrics", timeout=5).text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += sample.value
+    return total
+
+
+def wait_until(predicate, timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class UpstreamMonitor:
+    """Polls llama-server's /metrics while a test runs: most requests processing and deferred."""
+
+    def __init__(self, llama):
+        self.llama = llama
+        self.max_processing = 0.0
+        self.max_deferred = 0.0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                text = requests.get(self.llama.url + "/metrics", timeout=30).text
+            except requests.RequestException:
+                continue  # a busy server answers /metrics late; the next sample counts
+
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "llamacpp:requests_processing":
+                        self.max_processing = max(self.max_processing, sample.value)
+                    elif sample.name == "llamacpp:requests_deferred":
+                        self.max_deferred = max(self.max_deferred, sample.value)
+            self.samples += 1
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> "UpstreamMonitor":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def background_llama(llama_server_bin, tiny_model):
+    """A second, small llama-server for the background lane."""
+    with processes.llama_server(llama_server_bin, tiny_model, ctx=8192) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def lane_proxy(llama, background_llama):
+    with processes.proxy(llama.url, BACKGROUND_URL=background_llama.url) as server:
+        yield server
+
+
+def test_burst_of_mixed_claude_code_requests(lane_proxy, llama, background_llama, capture_messages):
+    """30 at once: main loops, titles, token counts, background work. None fails; llama-server
+    never runs or queues more than its one slot; titles never reach a model."""
+    title = capture_messages[0]
+    jobs = []
+    for i in range(10):
+        jobs.append(("main", main_body(f"task {i}: look at the repository"), f"s-main-{i}", "/v1/messages"))
+    for i in range(8):
+        jobs.append(("title", dict(copy.deepcopy(title), stream=bool(i % 2)), f"s-title-{i}", "/v1/messages"))
+    for i in range(8):
+        jobs.append(("count", {"model": "claude-sonnet-4-5", "tools": AGENT_TOOLS, "messages": [{"role": "user", "content": f"count {i}"}]},
+                     f"s-main-{i}", "/v1/messages/count_tokens"))
+    for i in range(4):
+        jobs.append(("background", background_body(f"summarise item {i}"), f"s-bg-{i}", "/v1/messages"))
+    predicted_before = requests.get(background_llama.url + "/metrics", timeout=5).text
+
+    def run(job):
+        kind, body, session, path = job
+        started = time.monotonic()
+        resp = post(lane_proxy.url, body, session, path)
+        return kind, resp, time.monotonic() - started
+
+    with UpstreamMonitor(llama) as monitor, concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(run, jobs))
+    assert monitor.samples > 5
+    for kind, resp, _ in results:
+        assert resp.status_code == 200, (kind, resp.status_code, resp.text[:300])
+        if kind == "count":
+            assert resp.json()["input_tokens"] > 0 and resp.headers["X-Llamabridge-Token-Count"] == "exact"
+        else:
+            message = parse(resp.content) if resp.headers["content-type"].startswith("text/event-stream") else None
+            if message is not None:
+                check_order(message)
+    assert monitor.max_processing <= 1 and monitor.max_deferred == 0, (monitor.max_processing, monitor.max_deferred)
+    titles = [(resp, took) for kind, resp, took in results if kind == "title"]
+    for resp, _ in titles:
+        text = resp.json()["content"][0]["text"] if not resp.headers["content-type"].startswith("text/event-stream") else \
+            "".join(d["delta"]["text"] for e, d in parse(resp.content) if e == "content_block_delta")
+        assert json.loads(text) == {"title": "List the files here"}
+    durations = sorted(took for _, took in titles)
+    assert durations[len(durations) // 2] < 0.05, durations  # answered here, not queued behind the model
+    assert proxy_metric(lane_proxy, "llamabridge_proxy_requests_total", {"class": "title", "handled": "local"}) >= 8
+    assert proxy_metric(lane_proxy, "llamabridge_proxy_requests_total", {"class": "background", "handled": "background"}) >= 4
+    assert requests.get(background_llama.url + "/metrics", timeout=5).text != predicted_before  # the lane did the work
+    log = lane_proxy.log_text()
+    for klass in ("main", "title", "background"):
+        assert f"class={klass} " in log
+
+
+@pytest.fixture()
+def pass_proxy(llama):
+    """Background requests queue like the rest (POLICY_BACKGROUND=pass), one slot."""
+    with processes.proxy(llama.url, POLICY_BACKGROUND="pass") as server:
+        yield server
+
+
+def test_queued_requests_are_served_by_priority_then_arrival(pass_proxy, llama):
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def run(name: str, body: dict, session: str) -> None:
+        resp = post(pass_proxy.url, body, session)
+        assert resp.status_code == 200, resp.text
+        with lock:
+            finished.append(name)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        holder = pool.submit(run, "holder", holder_body("prio"), "s-holder")
+        wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_in_flight") == 1, what="the holder to run")
+        order = [("background-1", background_body("b1"), "s-b1"), ("subagent-1", subagent_body("s1"), "s-sub"),
+                 ("main-1", main_body("m1"), "s-m1"), ("background-2", background_body("b2"), "s-b2"),
+                 ("main-2", main_body("m2"), "s-m2"), ("subagent-2", subagent_body("s2"), "s-sub2")]
+        futures = []
+        for n, (name, body, session) in enumerate(order, start=1):
+            futures.append(pool.submit(run, name, body, session))
+            wait_until(lambda n=n: proxy_metric(pass_proxy, "llamabridge_proxy_queue_depth") == n, what=f"{name} to queue")
+        for f in [holder, *futures]:
+            f.result(timeout=120)
+    assert finished == ["holder", "main-1", "main-2", "subagent-1", "subagent-2", "background-1", "background-2"]
+
+
+@pytest.fixture()
+def tight_proxy(llama):
+    with processes.proxy(llama.url, QUEUE_MAX="1", QUEUE_TIMEOUT="1.5") as server:
+        yield server
+
+
+def test_queue_full_and_queue_timeout_are_overloaded_with_retry_after(tight_proxy, llama):
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        holder = pool.submit(post, tight_proxy.url, holder_body("tight"), "s-hold")
+        wait_until(lambda: proxy_metric(tight_proxy, "llamabridge_proxy_in_flight") == 1, what="the holder")
+        waiting = pool.submit(post, tight_proxy.url, main_body("waits"), "s-wait")
+        wait_until(lambda: proxy_metric(tight_proxy, "llamabridge_proxy_queue_depth") == 1, what="a queued request")
+        full = post(tight_proxy.url, main_body("no room"), "s-full")
+        assert full.status_code == 529 and full.headers["retry-after"]
+        assert full.json()["error"]["type"] == "overloaded_error" and "QUEUE_MAX" in full.json()["error"]["message"]
+        openai_full = requests.post(tight_proxy.url + "/v1/chat/completions", timeout=30,
+                                    json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 4})
+        assert openai_full.status_code == 503 and openai_full.headers["retry-after"]
+        timed_out = waiting.result(timeout=60)
+        assert timed_out.status_code == 529 and "QUEUE_TIMEOUT" in timed_out.json()["error"]["message"]
+        assert holder.result(timeout=120).status_code == 200
+    wait_until(lambda: proxy_metric(tight_proxy, "llamabridge_proxy_in_flight") == 0, what="the slot to be released")
+
+
+def test_disconnect_while_queued_leaves_the_queue(pass_proxy, llama):
+    from tests.test_proxy_llama import raw_post
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        holder = pool.submit(post, pass_proxy.url, holder_body("dq"), "s-hold-dq")
+        wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_in_flight") == 1, what="the holder")
+        with raw_post(pass_proxy.url, "/v1/messages", main_body("leaves")):
+            wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_queue_depth") == 1, what="the request to queue")
+        wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_queue_depth") == 0, timeout=10, what="the queue to empty")
+        assert holder.done() is False  # it left while the slot was still taken
+        assert holder.result(timeout=120).status_code == 200
+    wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_in_flight") == 0, what="the slot to be released")
+    assert proxy_metric(pass_proxy, "llamabridge_proxy_requests_total", {"status": "499"}) == 1
+
+
+def test_streamed_request_waiting_for_a_slot_gets_pings(pass_proxy, llama):
+    """Queued past a few seconds, a streamed request gets message_start at once, then pings."""
+    long_holder = {"model": "x", "max_tokens": 5000, "ignore_eos": True, "messages": [{"role": "user", "content": "hold"}]}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        holder = pool.submit(requests.post, pass_proxy.url + "/v1/chat/completions", json=long_holder, timeout=120)
+        wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_in_flight") == 1, what="the holder")
+        events, arrived = [], []
+        with requests.post(pass_proxy.url + "/v1/messages", json=dict(main_body("patience"), stream=True), stream=True, timeout=120) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if line.startswith(b"event: "):
+                    events.append(line[7:].decode())
+                    arrived.append(time.monotonic())
+            raw_ok = True
+        assert holder.result(timeout=120).status_code == 200
+    assert raw_ok and events[0] == "message_start" and "ping" in events
+    first_block = events.index("content_block_start") if "content_block_start" in events else events.index("message_delta")
+    assert events.index("ping") < first_block
+    gaps = [b - a for a, b in zip(arrived, arrived[1:first_block + 1])]
+    assert max(gaps) < 10, gaps  # never silent for 10 s while waiting
+    assert events[-1] == "message_stop"
+
+
+def test_identical_retry_from_the_same_session_runs_once(pass_proxy, llama):
+    session = str(uuid.uuid4())
+    body = holder_body("dedup")
+    before = requests.get(llama.url + "/metrics", timeout=5).text
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, pass_proxy.url, body, session)
+        wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_in_flight") == 1, what="the first copy")
+        second = pool.submit(post, pass_proxy.url, body, session)
+        a, b = first.result(timeout=120), second.result(timeout=120)
+    assert a.status_code == b.status_code == 200
+    assert a.json()["content"] == b.json()["content"]
+    assert proxy_metric(pass_proxy, "llamabridge_proxy_requests_total", {"handled": "deduplicated"}) == 1
+
+    def predicted(text: str) -> float:
+        return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "llamacpp:tokens_predicted_total")
+
+    generated = predicted(requests.get(llama.url + "/metrics", timeout=5).text) - predicted(before)
+    assert generated == a.json()["usage"]["output_tokens"]  # one generation, not two
+
+
+def test_background_is_shed_while_the_slot_holds_a_conversation(llama):
+    with processes.proxy(llama.url) as proxy:
+        first = post(proxy.url, main_body("warm the slot"), "s-warm")
+        assert first.status_code == 200
+        shed = post(proxy.url, background_body("a summary nobody waits for"), "s-warm")
+        assert shed.status_code == 529 and shed.json()["error"]["type"] == "overloaded_error"
+        assert "POLICY_BACKGROUND=shed" in shed.json()["error"]["message"]
