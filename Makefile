@@ -42,9 +42,10 @@ run: $(VENV)/.installed ## run the proxy natively against $$LLAMA_URL (default h
 env: $(VENV)/.installed ## print the Claude Code / OpenAI client settings for this proxy, with the real context window
 	@$(PY) -m proxy env
 
-# `make test` prepares everything it needs (venv, llama-server, tiny model, Claude Code CLI)
+# `make test` prepares everything it needs (tmux, venv, llama-server, tiny model, Claude Code CLI)
 # and then runs the whole suite against real processes on loopback.
 test: $(VENV)/.installed-test ## set everything up and run the whole test suite
+	@bash scripts/system-deps.sh
 	@set -e; \
 	LLAMA_SERVER_BIN="$$(bash llama/build.sh | tail -n 1)"; \
 	TINY_MODEL="$$($(PY) llama/tiny_model.py | tail -n 1)"; \

@@ -16,6 +16,10 @@ from .app import create_app
 from .config import ConfigError, Settings, from_env
 from .upstream import Upstream
 
+# Claude Code 2.1.328 refuses CLAUDE_CODE_AUTO_COMPACT_WINDOW below this ("set it to a size of
+# at least 100k"), so a smaller local context cannot make it compact early.
+MIN_AUTO_COMPACT_WINDOW = 100_000
+
 
 class _Server(BaseApplication):
     def __init__(self, settings: Settings):
@@ -62,11 +66,17 @@ def print_env(settings: Settings) -> int:
     print(f"export ANTHROPIC_BASE_URL={base}")
     print("export ANTHROPIC_API_KEY=llamabridge  # any value; the proxy does not check it")
     if info and info.n_ctx:
-        # Without this Claude Code assumes a 1M-token window and never compacts in time.
+        # For a model name it does not know, Claude Code assumes a 1M-token window; this says the truth.
         print(f"export CLAUDE_CODE_MAX_CONTEXT_TOKENS={info.n_ctx}")
-        print(f"export CLAUDE_CODE_AUTO_COMPACT_WINDOW={info.n_ctx}")
-    print("export DISABLE_AUTOUPDATER=1")
-    print("export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1")
+        if info.n_ctx >= MIN_AUTO_COMPACT_WINDOW:
+            # When to compact; Claude Code 2.1 honours it from 100k tokens up.
+            print(f"export CLAUDE_CODE_AUTO_COMPACT_WINDOW={info.n_ctx}")
+        else:
+            print(f"# This server's context ({info.n_ctx} tokens per slot) is below the {MIN_AUTO_COMPACT_WINDOW} tokens from which Claude Code")
+            print("# compacts by itself: run /compact when /context nears it, or start llama-server with a larger -c.")
+    # Not CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC: it also turns off session titles, which the
+    # proxy answers at once without the model.
+    print("export DISABLE_AUTOUPDATER=1 DISABLE_TELEMETRY=1 DISABLE_ERROR_REPORTING=1")
     print("# Cline, Continue, Aider, OpenAI SDKs")
     print(f"export OPENAI_BASE_URL={base}/v1")
     print("export OPENAI_API_KEY=llamabridge")

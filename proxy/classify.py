@@ -14,6 +14,11 @@ shape does (see the README's "Traffic shaping"):
   long summary with thinking on) counts as `main`: it must never be shed.
 - `openai`: anything on the OpenAI routes (Cline, Continue, ...): interactive.
 
+Titles, probes and background work are Claude Code's side requests, and Claude Code marks
+every request with its session header. A request without it (an Anthropic SDK script, another
+agent) is somebody waiting at a prompt: `main` or `subagent` by its tools, never shed or
+answered locally.
+
 Lower priority numbers are admitted first.
 """
 
@@ -58,12 +63,15 @@ def _asks_for_title(body: dict) -> bool:
     return "naming a coding session" in text or "title for this session" in text or "session title" in text
 
 
-def classify(body: dict[str, Any]) -> str:
-    """The class of an Anthropic Messages request (already validated)."""
+def classify(body: dict[str, Any], claude_code: bool = True) -> str:
+    """The class of an Anthropic Messages request (already validated); `claude_code` says
+    whether it carries Claude Code's session header."""
     tools = body.get("tools") or []
     names = {t.get("name") for t in tools if isinstance(t, dict)}
     if tools:
         return MAIN if names & SPAWNING_TOOLS else SUBAGENT
+    if not claude_code:
+        return MAIN
     if body.get("max_tokens") == 1:
         return PROBE
     if _asks_for_title(body):

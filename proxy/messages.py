@@ -82,7 +82,7 @@ def _respond(body: dict, events: EventStream) -> Response:
 
 
 def create_message(body: dict, digest: str, services: Services, watch: ClientWatch, call: Call, native: bool) -> Response:
-    call.klass = classify.classify(body)
+    call.klass = classify.classify(body, claude_code=call.session is not None)
     policy = services.settings.policy(call.klass)
     if policy == "local":
         return _local_reply(body, services, call)

@@ -33,3 +33,9 @@ TOOL = {"name": "Read", "input_schema": {"type": "object"}}
 ])
 def test_shapes(body, expected):
     assert classify(body) == expected
+
+
+def test_requests_without_claude_codes_session_are_interactive():
+    for body in ({"max_tokens": 1}, {"max_tokens": 512}, {"max_tokens": 32000, "system": "Generate a session title"}):
+        assert classify(body, claude_code=False) == MAIN
+    assert classify({"tools": [TOOL], "max_tokens": 10}, claude_code=False) == SUBAGENT

@@ -22,6 +22,8 @@ pytestmark = pytest.mark.integration
 
 AGENT_TOOLS = [{"name": "Agent", "description": "Spawn a subagent", "input_schema": {"type": "object", "properties": {"task": {"type": "string"}}}},
                {"name": "Bash", "description": "Run a command", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}]
+# Holds the only slot for several seconds (an OpenAI request that ignores end-of-turn).
+LONG_HOLD = {"model": "x", "max_tokens": 4000, "ignore_eos": True, "messages": [{"role": "user", "content": "hold the slot"}]}
 # Forces ~200 generated tokens (a second or two here): long enough to hold the slot while others queue.
 HOLD_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 200}
 
@@ -41,9 +43,10 @@ def background_body(text: str) -> dict:
             "messages": [{"role": "user", "content": text}]}
 
 
-def holder_body(session: str) -> dict:
-    return {"model": "claude-sonnet-4-5", "max_tokens": 4000, "messages": [{"role": "user", "content": "digits " + session}],
-            "output_config": {"format": {"type": "json_schema", "schema": HOLD_SCHEMA}}}
+def holder_body(session: str, items: int = 200) -> dict:
+    schema = dict(HOLD_SCHEMA, minItems=items)
+    return {"model": "claude-sonnet-4-5", "max_tokens": 8000, "messages": [{"role": "user", "content": "digits " + session}],
+            "output_config": {"format": {"type": "json_schema", "schema": schema}}}
 
 
 def post(url: str, body: dict, session: str | None = None, path: str = "/v1/messages", timeout: float = 120) -> requests.Response:
@@ -183,7 +186,7 @@ def test_queued_requests_are_served_by_priority_then_arrival(pass_proxy, llama):
             finished.append(name)
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        holder = pool.submit(run, "holder", holder_body("prio"), "s-holder")
+        holder = pool.submit(requests.post, pass_proxy.url + "/v1/chat/completions", json=LONG_HOLD, timeout=120)
         wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_in_flight") == 1, what="the holder to run")
         order = [("background-1", background_body("b1"), "s-b1"), ("subagent-1", subagent_body("s1"), "s-sub"),
                  ("main-1", main_body("m1"), "s-m1"), ("background-2", background_body("b2"), "s-b2"),
@@ -192,9 +195,10 @@ def test_queued_requests_are_served_by_priority_then_arrival(pass_proxy, llama):
         for n, (name, body, session) in enumerate(order, start=1):
             futures.append(pool.submit(run, name, body, session))
             wait_until(lambda n=n: proxy_metric(pass_proxy, "llamabridge_proxy_queue_depth") == n, what=f"{name} to queue")
-        for f in [holder, *futures]:
+        assert holder.result(timeout=120).status_code == 200
+        for f in futures:
             f.result(timeout=120)
-    assert finished == ["holder", "main-1", "main-2", "subagent-1", "subagent-2", "background-1", "background-2"]
+    assert finished == ["main-1", "main-2", "subagent-1", "subagent-2", "background-1", "background-2"]
 
 
 @pytest.fixture()
@@ -205,7 +209,8 @@ def tight_proxy(llama):
 
 def test_queue_full_and_queue_timeout_are_overloaded_with_retry_after(tight_proxy, llama):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        holder = pool.submit(post, tight_proxy.url, holder_body("tight"), "s-hold")
+        # Holds the only slot for several seconds: far past QUEUE_TIMEOUT.
+        holder = pool.submit(requests.post, tight_proxy.url + "/v1/chat/completions", json=LONG_HOLD, timeout=120)
         wait_until(lambda: proxy_metric(tight_proxy, "llamabridge_proxy_in_flight") == 1, what="the holder")
         waiting = pool.submit(post, tight_proxy.url, main_body("waits"), "s-wait")
         wait_until(lambda: proxy_metric(tight_proxy, "llamabridge_proxy_queue_depth") == 1, what="a queued request")
@@ -225,7 +230,7 @@ def test_disconnect_while_queued_leaves_the_queue(pass_proxy, llama):
     from tests.test_proxy_llama import raw_post
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        holder = pool.submit(post, pass_proxy.url, holder_body("dq"), "s-hold-dq")
+        holder = pool.submit(requests.post, pass_proxy.url + "/v1/chat/completions", json=LONG_HOLD, timeout=120)
         wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_in_flight") == 1, what="the holder")
         with raw_post(pass_proxy.url, "/v1/messages", main_body("leaves")):
             wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_queue_depth") == 1, what="the request to queue")
@@ -238,9 +243,8 @@ def test_disconnect_while_queued_leaves_the_queue(pass_proxy, llama):
 
 def test_streamed_request_waiting_for_a_slot_gets_pings(pass_proxy, llama):
     """Queued past a few seconds, a streamed request gets message_start at once, then pings."""
-    long_holder = {"model": "x", "max_tokens": 5000, "ignore_eos": True, "messages": [{"role": "user", "content": "hold"}]}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        holder = pool.submit(requests.post, pass_proxy.url + "/v1/chat/completions", json=long_holder, timeout=120)
+        holder = pool.submit(requests.post, pass_proxy.url + "/v1/chat/completions", json=dict(LONG_HOLD, max_tokens=5000), timeout=120)
         wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_in_flight") == 1, what="the holder")
         events, arrived = [], []
         with requests.post(pass_proxy.url + "/v1/messages", json=dict(main_body("patience"), stream=True), stream=True, timeout=120) as resp:
@@ -261,7 +265,7 @@ def test_streamed_request_waiting_for_a_slot_gets_pings(pass_proxy, llama):
 
 def test_identical_retry_from_the_same_session_runs_once(pass_proxy, llama):
     session = str(uuid.uuid4())
-    body = holder_body("dedup")
+    body = holder_body("dedup", items=800)
     before = requests.get(llama.url + "/metrics", timeout=5).text
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(post, pass_proxy.url, body, session)

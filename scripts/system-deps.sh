@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install the Debian packages the test suite drives (tmux for the interactive Claude Code test),
+# if they are missing. As root it installs them; otherwise it names them and stops.
+set -euo pipefail
+missing=()
+command -v tmux >/dev/null || missing+=(tmux)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -eq 0 ]; then
+    echo "installing ${missing[*]} (Debian packages)" >&2
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+elif command -v sudo >/dev/null; then
+    sudo apt-get update -qq >&2
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+else
+    echo "the tests need these Debian packages: ${missing[*]} (apt-get install ${missing[*]})" >&2
+    exit 1
+fi
