@@ -171,8 +171,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     @app.route("/v1/messages/count_tokens", methods=["POST"])
     def count_tokens() -> Response:
+        call = new_call()
         body = translate.validate_common(parse_json_body(), need_max_tokens=False)
-        return messages.count_tokens(body, services, native=mode.get() == "anthropic")
+        return messages.count_tokens(body, services, native=mode.get() == "anthropic", call=call)
 
     @app.route("/v1/models", methods=["GET"])
     def models() -> Response:

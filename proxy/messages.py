@@ -235,7 +235,7 @@ def _local_reply(body: dict, services: Services, call: Call) -> Response:
 # POST /v1/messages/count_tokens
 
 
-def count_tokens(body: dict, services: Services, native: bool) -> Response:
+def count_tokens(body: dict, services: Services, native: bool, call: Call) -> Response:
     """The exact number of prompt tokens `/v1/messages` would send for this request.
 
     Renders our translation with llama-server's own chat template and tokenizer: no slot is
@@ -250,6 +250,9 @@ def count_tokens(body: dict, services: Services, native: bool) -> Response:
     else:
         count, exact = target.counter.count(translate.count_tokens_request(body, translate.Options(vision=info.vision)))
     services.metrics.token_counts.labels("exact" if exact else "estimate").inc()
+    call.klass, call.handled = "count_tokens", "local"
+    call.usage({"input_tokens": count})
+    services.metrics.record(call)
     resp = Response(json.dumps({"input_tokens": count}), mimetype="application/json")
     resp.headers["X-Llamabridge-Token-Count"] = "exact" if exact else "estimate"
     return resp

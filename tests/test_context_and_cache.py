@@ -69,6 +69,18 @@ def test_count_tokens_is_cached_by_content(proxy):
     assert proxy_metric(proxy, "llamabridge_proxy_token_counts_total") == hits_before + 5
 
 
+def test_count_tokens_falls_back_to_a_labelled_estimate(tmp_path):
+    """An upstream without llama-server's /apply-template cannot count exactly: say so."""
+    from tests.support.scripted_upstream import ScriptedUpstream
+
+    with ScriptedUpstream(can_render=False) as upstream, processes.proxy(upstream.url) as proxy:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}]}
+        resp = requests.post(proxy.url + "/v1/messages/count_tokens", json=body, timeout=30)
+        assert resp.status_code == 200 and resp.headers["X-Llamabridge-Token-Count"] == "estimate"
+        assert 100 <= resp.json()["input_tokens"] <= 200  # about 4 bytes of text per token
+        assert "class=count_tokens" in proxy.log_text()
+
+
 def test_second_session_reuses_the_cached_system_prompt_and_tools(proxy, llama, capture_messages):
     """Claude Code's billing header changes with every session; through the proxy the second
     session's first turn still takes the shared system prompt and tools from the cache."""

@@ -19,8 +19,9 @@ from typing import Any
 
 
 class ScriptedUpstream:
-    def __init__(self, command: str):
+    def __init__(self, command: str = "true", can_render: bool = True):
         self.command = command
+        self.can_render = can_render  # False: no /apply-template, like a non-llama.cpp server
         self.requests: list[dict[str, Any]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -97,7 +98,7 @@ class ScriptedUpstream:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 upstream.requests.append({"path": self.path, "body": body})
-                if self.path == "/apply-template":
+                if self.path == "/apply-template" and upstream.can_render:
                     self._json(200, {"prompt": json.dumps(body)})
                 elif self.path == "/tokenize":
                     self._json(200, {"tokens": list(range(len(body.get("content", "")) // 4))})
