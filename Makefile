@@ -8,10 +8,10 @@ PY := $(VENV)/bin/python
 # Everything slow (llama-server build, Claude Code CLI, tiny model) is cached here, by version.
 export LLAMABRIDGE_CACHE ?= $(HOME)/.cache/llamabridge
 
-.PHONY: help install install-test llama-server tiny-model claude-code run env test test-unit up down clean
+.PHONY: help install install-test llama-server tiny-model claude-code run collector env test test-unit up down clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/\$$\$$/$$/g' | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ claude-code: ## install the Claude Code CLI used by the end-to-end tests; prints
 
 run: $(VENV)/.installed ## run the proxy natively against $$LLAMA_URL (default http://127.0.0.1:8080)
 	$(PY) -m proxy
+
+collector: $(VENV)/.installed ## run the lifetime-metrics collector natively against $$LLAMA_URL (serves :9091)
+	$(PY) -m collector
 
 env: $(VENV)/.installed ## print the Claude Code / OpenAI client settings for this proxy, with the real context window
 	@$(PY) -m proxy env

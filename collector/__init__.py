@@ -1,1 +1,1 @@
-"""llamabridge collector: lifetime llama-server metrics (not yet implemented; see the README's roadmap)."""
+"""llamabridge collector: lifetime llama-server metrics in SQLite, exported to Prometheus."""

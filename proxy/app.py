@@ -165,6 +165,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     def create_message() -> Response:
         call = new_call()
         body = translate.validate_common(parse_json_body(), need_max_tokens=True)
+        call.model = body["model"]
         digest = hashlib.sha256(request.get_data(cache=True)).hexdigest()
         native = mode.get() == "anthropic"
         return messages.create_message(body, digest, services, ClientWatch(request.environ), call, native)

@@ -52,6 +52,7 @@ class Settings:
     background_url: str = ""
     policies: tuple[tuple[str, str], ...] = ()
     min_output_tokens: int = 1024
+    db_path: str = "data/llamabridge.db"  # the shared store; "" (DB_PATH=off) keeps no request log
 
     def policy(self, klass: str) -> str:
         return dict(self.policies).get(klass, "pass")
@@ -131,4 +132,5 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         background_url=background_url,
         policies=tuple(policies),
         min_output_tokens=_int(env, "CONTEXT_MIN_OUTPUT", Settings.min_output_tokens, 1, 1_000_000),
+        db_path="" if env.get("DB_PATH", "").strip() == "off" else (env.get("DB_PATH", "").strip() or Settings.db_path),
     )

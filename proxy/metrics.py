@@ -40,6 +40,7 @@ class Call:
     cached_tokens: int = 0
     generated_tokens: int = 0
     slot: int | None = None
+    model: str | None = None
     handled: str = "upstream"  # upstream | local | background | shed | deduplicated
     error: str | None = None
     recorded: bool = False
@@ -66,8 +67,9 @@ class _GateCollector(Collector):
 
 
 class ProxyMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, request_log=None):
         self.registry = registry or CollectorRegistry()
+        self.request_log = request_log
         r = self.registry
         self.requests = Counter("llamabridge_proxy_requests", "Requests by route, class, status and how they were answered.",
                                 ["route", "class", "status", "handled"], registry=r)
@@ -104,6 +106,16 @@ class ProxyMetrics:
             self.tokens.labels("cached").inc(call.cached_tokens)
             self.tokens.labels("generated").inc(call.generated_tokens)
         self.duration.labels(call.klass).observe(total)
+        if self.request_log is not None:
+            generating = total - (call.ttft or total) if call.ttft is not None else 0.0
+            self.request_log.add({
+                "ts": time.time() - total, "client": call.client[:200], "session": call.session, "route": call.route,
+                "class": call.klass, "model": call.model, "status": call.status, "handled": call.handled,
+                "queue_wait": call.queue_wait, "ttft": call.ttft, "total_time": total, "prompt_tokens": call.prompt_tokens,
+                "cached_tokens": call.cached_tokens, "generated_tokens": call.generated_tokens,
+                "tokens_per_second": call.generated_tokens / generating if generating > 0 and call.generated_tokens else None,
+                "error": call.error,
+            })
         log.info(
             "%s class=%s status=%s handled=%s session=%s slot=%s wait=%.3fs ttft=%s total=%.3fs prompt=%d cached=%d generated=%d client=%r%s",
             call.route, call.klass, call.status, call.handled, call.session or "-", "-" if call.slot is None else call.slot,

@@ -15,6 +15,7 @@ from .errors import ApiError
 from .gate import Gate, Ticket
 from .metrics import ProxyMetrics
 from .prefix import PrefixTracker
+from .requestlog import RequestLog
 from .tokens import TokenCounter
 from .upstream import ServerInfo, Upstream
 
@@ -83,7 +84,8 @@ class Services:
             self.background = self._target("background llama-server", Settings(**{**settings.__dict__, "llama_url": settings.background_url}))
         self.tracker = PrefixTracker()
         self.flights = Flights()
-        self.metrics = ProxyMetrics(registry)
+        self.request_log = RequestLog(settings.db_path) if settings.db_path else None
+        self.metrics = ProxyMetrics(registry, self.request_log)
         self.metrics.watch_gate(self.main.gate)
 
     def _target(self, name: str, settings: Settings) -> Target:

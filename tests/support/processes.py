@@ -107,9 +107,19 @@ class Service:
         self.stop()
 
 
-def llama_server(binary: str, model: str, *, ctx: int = 32768, parallel: int = 1, extra: Sequence[str] = ()) -> Service:
+def free_port() -> int:
+    """A port nothing listens on now, for a server that must come back on the same address."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def llama_server(binary: str, model: str, *, ctx: int = 32768, parallel: int = 1, port: int = 0,
+                 extra: Sequence[str] = ()) -> Service:
     cmd = [
-        binary, "-m", model, "-t", "1", "--host", "127.0.0.1", "--port", "0",
+        binary, "-m", model, "-t", "1", "--host", "127.0.0.1", "--port", str(port),
         "--metrics", "--jinja", "-c", str(ctx), "--parallel", str(parallel), "--no-webui", *extra,
     ]
     return Service("llama-server", cmd, r"listening on http://127\.0\.0\.1:(?P<port>\d+)", health_path="/health")
@@ -117,7 +127,17 @@ def llama_server(binary: str, model: str, *, ctx: int = 32768, parallel: int = 1
 
 def proxy(llama_url: str, **env_overrides: str) -> Service:
     env = dict(os.environ)
-    env.update({"LLAMA_URL": llama_url, "PROXY_HOST": "127.0.0.1", "PROXY_PORT": "0", "PROXY_THREADS": "32"})
+    env.update({"LLAMA_URL": llama_url, "PROXY_HOST": "127.0.0.1", "PROXY_PORT": "0", "PROXY_THREADS": "32",
+                "DB_PATH": tempfile.mktemp(prefix="llamabridge-", suffix=".db")})
     env.update(env_overrides)
     return Service("proxy", [sys.executable, "-m", "proxy"], r"Listening at: http://127\.0\.0\.1:(?P<port>\d+)",
                    env=env, health_path="/", cwd=ROOT)
+
+
+def collector(llama_url: str, db_path: str, interval: float = 0.2, **env_overrides: str) -> Service:
+    env = dict(os.environ)
+    env.update({"LLAMA_URL": llama_url, "DB_PATH": db_path, "COLLECT_INTERVAL": str(interval),
+                "COLLECTOR_HOST": "127.0.0.1", "COLLECTOR_PORT": "0"})
+    env.update(env_overrides)
+    return Service("collector", [sys.executable, "-m", "collector"], r"Listening at: http://127\.0\.0\.1:(?P<port>\d+)",
+                   env=env, health_path="/healthz", cwd=ROOT)

@@ -1,0 +1,36 @@
+"""Collector settings, read once from the environment (documented in .env.example)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from proxy.config import ConfigError, _float, _int
+
+DEFAULT_DB_PATH = "data/llamabridge.db"
+
+
+@dataclass(frozen=True)
+class CollectorSettings:
+    llama_url: str = "http://127.0.0.1:8080"
+    db_path: str = DEFAULT_DB_PATH
+    interval: float = 10.0
+    host: str = "127.0.0.1"
+    port: int = 9091
+    log_level: str = "info"
+
+
+def from_env(env: Mapping[str, str] | None = None) -> CollectorSettings:
+    env = os.environ if env is None else env
+    llama_url = (env.get("LLAMA_URL", "").strip() or CollectorSettings.llama_url).rstrip("/")
+    if not llama_url.startswith(("http://", "https://")):
+        raise ConfigError(f"LLAMA_URL={llama_url!r}: expected an http(s) URL such as http://127.0.0.1:8080")
+    return CollectorSettings(
+        llama_url=llama_url,
+        db_path=env.get("DB_PATH", "").strip() or DEFAULT_DB_PATH,
+        interval=_float(env, "COLLECT_INTERVAL", CollectorSettings.interval, 0.05, 3600),
+        host=env.get("COLLECTOR_HOST", "").strip() or CollectorSettings.host,
+        port=_int(env, "COLLECTOR_PORT", CollectorSettings.port, 0, 65535),
+        log_level=(env.get("LOG_LEVEL", "").strip() or "info").lower(),
+    )

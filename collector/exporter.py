@@ -1,0 +1,70 @@
+"""Prometheus metrics of the collector, built from the store at every scrape (a custom
+collector: nothing is cached in the process, and an unreadable store yields nothing)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from typing import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .job import ScrapeJob
+from .store import Store
+
+log = logging.getLogger("llamabridge.exporter")
+
+# Lifetime counter name (without _total) -> llama-server counter it totals.
+LIFETIME = {
+    "llamabridge_lifetime_prompt_tokens": ("prompt_tokens_total", "Prompt tokens llama-server evaluated (not from cache), since tracking began."),
+    "llamabridge_lifetime_cached_prompt_tokens": ("prompt_tokens_cached_total", "Prompt tokens taken from llama-server's prompt cache."),
+    "llamabridge_lifetime_generated_tokens": ("tokens_predicted_total", "Tokens llama-server generated."),
+    "llamabridge_lifetime_prompt_seconds": ("prompt_seconds_total", "Seconds llama-server spent evaluating prompts."),
+    "llamabridge_lifetime_generation_seconds": ("tokens_predicted_seconds_total", "Seconds llama-server spent generating."),
+    "llamabridge_lifetime_decode_calls": ("n_decode_total", "llama_decode calls."),
+}
+
+
+class StoreCollector(Collector):
+    def __init__(self, store: Store, job: ScrapeJob):
+        self.store = store
+        self.job = job
+
+    def collect(self) -> Iterator:
+        try:
+            totals = self.store.totals()
+            requests = self.store.request_totals()["requests"]
+            restarts = self.store.count_events("restart")
+            latest = self.store.latest_sample()
+        except sqlite3.Error as exc:
+            log.warning("store unreadable, exporting nothing: %s", exc)
+            return
+        for name, (source, doc) in LIFETIME.items():
+            yield CounterMetricFamily(name, doc, value=totals.get(source, 0.0))
+        yield CounterMetricFamily("llamabridge_lifetime_requests", "Requests through the proxy, since tracking began "
+                                  "(llama-server counts none itself).", value=requests)
+        yield CounterMetricFamily("llamabridge_lifetime_upstream_restarts", "llama-server restarts seen.", value=restarts)
+        yield CounterMetricFamily("llamabridge_scrape_errors", "Failed reads of llama-server.", value=self.job.scrape_errors)
+        yield GaugeMetricFamily("llamabridge_last_scrape_success_timestamp_seconds", "When llama-server was last read.",
+                                value=self.job.last_success or 0)
+        yield GaugeMetricFamily("llamabridge_upstream_up", "1 if the last read of llama-server worked.",
+                                value=1 if self.job.down_since is None and self.job.last_success else 0)
+        now = {key: (latest or {}).get(key) for key in ("generation_tps", "prompt_tps", "busy_slots", "processing", "deferred", "cache_ratio")}
+        for name, key, doc in (
+            ("llamabridge_generation_tokens_per_second", "generation_tps", "Generation speed over the last interval."),
+            ("llamabridge_prompt_tokens_per_second", "prompt_tps", "Prompt evaluation speed over the last interval."),
+            ("llamabridge_busy_slots", "busy_slots", "Slots generating at the last read."),
+            ("llamabridge_requests_processing", "processing", "Requests llama-server was processing at the last read."),
+            ("llamabridge_requests_deferred", "deferred", "Requests llama-server had queued at the last read."),
+            ("llamabridge_prompt_cache_hit_ratio", "cache_ratio", "Cached share of prompt tokens over the last interval."),
+        ):
+            yield GaugeMetricFamily(name, doc, value=now[key] if now[key] is not None else 0.0)
+        context = GaugeMetricFamily("llamabridge_context_used_tokens", "Tokens in each slot's context at the last read.", labels=["slot"])
+        size = GaugeMetricFamily("llamabridge_context_size_tokens", "Context size of each slot.", labels=["slot"])
+        for slot in json.loads((latest or {}).get("context_used") or "[]"):
+            context.add_metric([str(slot.get("slot"))], slot.get("used") or 0)
+            size.add_metric([str(slot.get("slot"))], slot.get("n_ctx") or 0)
+        yield context
+        yield size

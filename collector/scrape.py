@@ -1,0 +1,110 @@
+"""Read llama-server: `/metrics` (parsed with prometheus-client's parser), `/slots`, `/props`,
+and turn two readings of its counters into what was served in between.
+
+llama-server's counters restart at 0 with the process. A counter lower than last time means a
+restart, but a restarted server can climb past the old value between two scrapes, so the
+`Process-Start-Time-Unix` header of `/metrics` (a clock reading taken when the process started;
+a new value means a new process) is checked too. After a restart the whole new value is what
+was served since; what the old process served after our last scrape is lost to polling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+PREFIX = "llamacpp:"
+# The counters kept as lifetime totals (llama-server names without the prefix).
+COUNTERS = ("prompt_tokens_total", "prompt_tokens_cached_total", "prompt_seconds_total", "tokens_predicted_total",
+            "tokens_predicted_seconds_total", "n_decode_total")
+GAUGES = ("prompt_tokens_seconds", "predicted_tokens_seconds", "requests_processing", "requests_deferred",
+          "n_busy_slots_per_decode")
+
+
+@dataclass
+class Reading:
+    counters: dict[str, float]
+    gauges: dict[str, float]
+    process_start: str | None
+    slots: list[dict[str, Any]] = field(default_factory=list)
+    props: dict[str, Any] = field(default_factory=dict)
+
+
+class ScrapeError(Exception):
+    """llama-server could not be read (down, loading, or answering garbage)."""
+
+
+def parse_metrics(text: str) -> tuple[dict[str, float], dict[str, float]]:
+    """(counters, gauges) from a `/metrics` text, keyed without the `llamacpp:` prefix."""
+    counters: dict[str, float] = {}
+    gauges: dict[str, float] = {}
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError as exc:
+        raise ScrapeError(f"/metrics is not Prometheus text: {exc}") from None
+    for family in families:
+        for sample in family.samples:
+            if not sample.name.startswith(PREFIX):
+                continue
+            name = sample.name[len(PREFIX):]
+            # prometheus-client names a counter family without "_total" and its sample with it.
+            if name in COUNTERS:
+                counters[name] = float(sample.value)
+            elif name in GAUGES:
+                gauges[name] = float(sample.value)
+    if not counters:
+        raise ScrapeError("/metrics has none of llama-server's counters (is it started with --metrics?)")
+    return counters, gauges
+
+
+def deltas(last: dict[str, float], current: dict[str, float], restarted: bool) -> dict[str, float]:
+    """What each counter advanced by since `last`.
+
+    A counter with no previous value only sets the baseline (0); one that went backwards, or any
+    counter when the process restarted, counts its whole new value; a counter missing from
+    `current` is left alone (no delta, and its baseline is kept by the caller).
+    """
+    out: dict[str, float] = {}
+    for name, value in current.items():
+        previous = last.get(name)
+        if previous is None:
+            out[name] = 0.0
+        elif restarted or value < previous:
+            out[name] = value
+        else:
+            out[name] = value - previous
+    return out
+
+
+def restart_reason(last: dict[str, float], current: dict[str, float], last_start: str | None, start: str | None) -> str | None:
+    """Why these two readings come from different llama-server processes, or None if they do not."""
+    if not any(name in current for name in last):
+        return None  # no baseline yet
+    if last_start and start and start != last_start:
+        return "new process start time"
+    if any(current[name] < value for name, value in last.items() if name in current):
+        return "counters went backwards"
+    return None
+
+
+def read(base_url: str, session: requests.Session, timeout: float = 5.0) -> Reading:
+    """One reading of llama-server. Raises ScrapeError."""
+    try:
+        resp = session.get(f"{base_url}/metrics", timeout=timeout)
+    except requests.RequestException as exc:
+        raise ScrapeError(f"llama-server unreachable at {base_url}: {type(exc).__name__}") from None
+    if resp.status_code != 200:
+        raise ScrapeError(f"llama-server /metrics answered HTTP {resp.status_code}: {resp.text[:200]}")
+    counters, gauges = parse_metrics(resp.text)
+    reading = Reading(counters, gauges, resp.headers.get("Process-Start-Time-Unix"))
+    for path, attr in (("/slots", "slots"), ("/props", "props")):
+        try:
+            extra = session.get(f"{base_url}{path}", timeout=timeout)
+            if extra.status_code == 200:
+                setattr(reading, attr, extra.json())
+        except (requests.RequestException, ValueError):
+            pass  # optional: /slots can be disabled; the counters are what matter
+    return reading

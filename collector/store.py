@@ -1,0 +1,280 @@
+"""The SQLite store shared by the collector and the proxy: lifetime totals, samples, events,
+and the proxy's request log.
+
+WAL mode, so the proxy's request-log writes, the collector's scrapes and the dashboard's reads
+do not block each other. The schema is a list of ordered, named migrations recorded in
+`_migrations` (each runs once, in order, inside a transaction).
+
+The invariant that makes lifetime totals exact: a total and the raw counter value it was last
+advanced from are written in the same transaction, so a crash at any moment leaves the pair
+consistent and the next scrape neither loses nor double-counts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = []
+
+
+def migration(fn: Callable[[sqlite3.Connection], None]) -> Callable[[sqlite3.Connection], None]:
+    MIGRATIONS.append((fn.__name__, fn))
+    return fn
+
+
+def _run(db: sqlite3.Connection, script: str) -> None:
+    """Execute `;`-separated statements inside the caller's transaction (sqlite3's
+    executescript would commit it first)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+@migration
+def m001_initial(db: sqlite3.Connection) -> None:
+    _run(
+        db,
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        -- One row per llama-server counter: the lifetime total, and the raw value last seen.
+        CREATE TABLE lifetime (
+            name TEXT PRIMARY KEY,
+            total REAL NOT NULL DEFAULT 0,
+            last_raw REAL,
+            updated_at REAL NOT NULL
+        );
+        -- One row per scrape (resolution 0), rolled up into per-minute (60) and per-hour (3600) rows.
+        CREATE TABLE samples (
+            ts REAL NOT NULL,
+            resolution INTEGER NOT NULL DEFAULT 0,
+            up INTEGER NOT NULL,
+            prompt_tokens REAL NOT NULL DEFAULT 0,
+            cached_tokens REAL NOT NULL DEFAULT 0,
+            generated_tokens REAL NOT NULL DEFAULT 0,
+            prompt_seconds REAL NOT NULL DEFAULT 0,
+            generation_seconds REAL NOT NULL DEFAULT 0,
+            prompt_tps REAL,
+            generation_tps REAL,
+            busy_slots REAL,
+            processing REAL,
+            deferred REAL,
+            cache_ratio REAL,
+            context_used TEXT
+        );
+        CREATE INDEX samples_by_time ON samples (resolution, ts);
+        -- Upstream restarts, outages and recoveries.
+        CREATE TABLE events (ts REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '');
+        CREATE INDEX events_by_time ON events (ts);
+        -- One row per request through the proxy.
+        CREATE TABLE requests (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            client TEXT,
+            session TEXT,
+            route TEXT,
+            class TEXT,
+            model TEXT,
+            status INTEGER,
+            handled TEXT,
+            queue_wait REAL,
+            ttft REAL,
+            total_time REAL,
+            prompt_tokens INTEGER,
+            cached_tokens INTEGER,
+            generated_tokens INTEGER,
+            tokens_per_second REAL,
+            error TEXT
+        );
+        CREATE INDEX requests_by_time ON requests (ts);
+        CREATE INDEX requests_by_session ON requests (session, ts);
+        """
+    )
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """Open (creating if needed) and migrate the store."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes, cheap commits
+    db.execute("PRAGMA busy_timeout=30000")
+    migrate(db)
+    return db
+
+
+def migrate(db: sqlite3.Connection) -> list[str]:
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    done = {row[0] for row in db.execute("SELECT name FROM _migrations")}
+    applied = []
+    for name, fn in MIGRATIONS:
+        if name in done:
+            continue
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT 1 FROM _migrations WHERE name = ?", (name,)).fetchone() is None:  # another process won
+                fn(db)
+                db.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.time()))
+                applied.append(name)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    return applied
+
+
+class Store:
+    """Thread-safe access to one connection (the collector and the proxy each open their own)."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.db = connect(path)
+        self.lock = threading.Lock()
+        with self.lock:
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('tracking_since', ?)", (str(time.time()),))
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def last_raw(self) -> dict[str, float]:
+        with self.lock:
+            return {r["name"]: r["last_raw"] for r in self.db.execute("SELECT name, last_raw FROM lifetime WHERE last_raw IS NOT NULL")}
+
+    def totals(self) -> dict[str, float]:
+        with self.lock:
+            return {r["name"]: r["total"] for r in self.db.execute("SELECT name, total FROM lifetime")}
+
+    def meta(self, key: str) -> str | None:
+        with self.lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            return row[0] if row else None
+
+    def record_scrape(self, now: float, deltas: dict[str, float], raw: dict[str, float], sample: dict[str, Any] | None,
+                      events: Iterable[tuple[str, str]] = (), meta: dict[str, str] | None = None) -> None:
+        """Advance lifetime totals by `deltas`, remember `raw` as the new baseline, add the sample,
+        events and meta, all in one transaction."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for name, value in raw.items():
+                    self.db.execute(
+                        "INSERT INTO lifetime (name, total, last_raw, updated_at) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT(name) DO UPDATE SET total = total + excluded.total, last_raw = excluded.last_raw, "
+                        "updated_at = excluded.updated_at",
+                        (name, deltas.get(name, 0.0), value, now),
+                    )
+                if sample is not None:
+                    columns = ", ".join(sample)
+                    self.db.execute(f"INSERT INTO samples (ts, {columns}) VALUES (?, {', '.join('?' * len(sample))})",
+                                    (now, *sample.values()))
+                for kind, detail in events:
+                    self.db.execute("INSERT INTO events VALUES (?, ?, ?)", (now, kind, detail))
+                for key, value in (meta or {}).items():
+                    self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def add_event(self, now: float, kind: str, detail: str = "") -> None:
+        with self.lock:
+            self.db.execute("INSERT INTO events VALUES (?, ?, ?)", (now, kind, detail))
+
+    # -- reads for the API ------------------------------------------------------------------------
+
+    def samples(self, since: float, resolution: int | None = None, limit: int = 5000) -> list[dict[str, Any]]:
+        with self.lock:
+            if resolution is None:
+                rows = self.db.execute("SELECT * FROM samples WHERE ts >= ? ORDER BY ts LIMIT ?", (since, limit))
+            else:
+                rows = self.db.execute("SELECT * FROM samples WHERE ts >= ? AND resolution = ? ORDER BY ts LIMIT ?",
+                                       (since, resolution, limit))
+            return [dict(r) for r in rows]
+
+    def latest_sample(self) -> dict[str, Any] | None:
+        with self.lock:
+            row = self.db.execute("SELECT * FROM samples WHERE resolution = 0 ORDER BY ts DESC LIMIT 1").fetchone()
+            return dict(row) if row else None
+
+    def events(self, since: float, limit: int = 500) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(r) for r in self.db.execute("SELECT * FROM events WHERE ts >= ? ORDER BY ts DESC LIMIT ?", (since, limit))]
+
+    def count_events(self, kind: str) -> int:
+        with self.lock:
+            return self.db.execute("SELECT COUNT(*) FROM events WHERE kind = ?", (kind,)).fetchone()[0]
+
+    # -- the proxy's request log ----------------------------------------------------------------
+
+    REQUEST_COLUMNS = ("ts", "client", "session", "route", "class", "model", "status", "handled", "queue_wait", "ttft",
+                       "total_time", "prompt_tokens", "cached_tokens", "generated_tokens", "tokens_per_second", "error")
+
+    def add_requests(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        cols = self.REQUEST_COLUMNS
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.executemany(f"INSERT INTO requests ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                                    [tuple(r.get(c) for c in cols) for r in rows])
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def requests(self, limit: int = 200, client: str | None = None, klass: str | None = None, session: str | None = None) -> list[dict[str, Any]]:
+        where, args = [], []
+        for column, value in (("client", client), ("class", klass), ("session", session)):
+            if value:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = "SELECT * FROM requests" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
+        with self.lock:
+            return [dict(r) for r in self.db.execute(sql, (*args, limit))]
+
+    def request_totals(self) -> dict[str, float]:
+        with self.lock:
+            row = self.db.execute("SELECT COUNT(*) AS requests, COALESCE(SUM(prompt_tokens), 0) AS prompt, "
+                                  "COALESCE(SUM(cached_tokens), 0) AS cached, COALESCE(SUM(generated_tokens), 0) AS generated "
+                                  "FROM requests").fetchone()
+            return dict(row)
+
+    # -- retention --------------------------------------------------------------------------------
+
+    def compact(self, now: float, full_for: float = 48 * 3600, minutes_for: float = 30 * 86400, requests_for: float = 30 * 86400) -> None:
+        """Keep disk bounded: per-scrape samples for `full_for`, per-minute rows until
+        `minutes_for`, per-hour rows after that; request-log rows for `requests_for`."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self._roll_up(0, 60, now - full_for)
+                self._roll_up(60, 3600, now - minutes_for)
+                self.db.execute("DELETE FROM requests WHERE ts < ?", (now - requests_for,))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def _roll_up(self, source: int, target: int, before: float) -> None:
+        """Replace `source`-resolution rows older than `before` with one row per `target` seconds:
+        token and second counts summed, rates and gauges averaged, `up` the minimum."""
+        before = (before // target) * target  # whole buckets only: none is split across two runs
+        self.db.execute(
+            f"""INSERT INTO samples (ts, resolution, up, prompt_tokens, cached_tokens, generated_tokens, prompt_seconds,
+                    generation_seconds, prompt_tps, generation_tps, busy_slots, processing, deferred, cache_ratio, context_used)
+                SELECT CAST(ts / {target} AS INTEGER) * {target}, {target}, MIN(up), SUM(prompt_tokens), SUM(cached_tokens),
+                    SUM(generated_tokens), SUM(prompt_seconds), SUM(generation_seconds), AVG(prompt_tps), AVG(generation_tps),
+                    AVG(busy_slots), AVG(processing), AVG(deferred), AVG(cache_ratio), MAX(context_used)
+                FROM samples WHERE resolution = ? AND ts < ? GROUP BY CAST(ts / {target} AS INTEGER)""",
+            (source, before),
+        )
+        self.db.execute("DELETE FROM samples WHERE resolution = ? AND ts < ?", (source, before))

@@ -1,0 +1,123 @@
+"""Reset detection on recorded llama-server /metrics texts, the store's schema and transactions,
+and retention keeping a month of 10-second samples small."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from collector import scrape
+from collector.store import Store, connect
+
+FIXTURES = Path(__file__).parent / "fixtures"
+# The Process-Start-Time-Unix headers recorded with the two texts.
+START_BEFORE, START_AFTER = "3724350572", "3725066060"
+
+
+@pytest.fixture(scope="module")
+def before():
+    return scrape.parse_metrics((FIXTURES / "metrics-before-restart.txt").read_text())[0]
+
+
+@pytest.fixture(scope="module")
+def after():
+    return scrape.parse_metrics((FIXTURES / "metrics-after-restart.txt").read_text())[0]
+
+
+def test_parse_reads_every_counter(before):
+    assert set(before) == set(scrape.COUNTERS)
+    assert before["prompt_tokens_total"] == 82 and before["tokens_predicted_total"] == 33
+
+
+def test_first_reading_only_sets_the_baseline(before):
+    assert scrape.restart_reason({}, before, None, START_BEFORE) is None
+    assert set(scrape.deltas({}, before, restarted=False).values()) == {0.0}
+
+
+def test_same_process_counts_the_difference(before):
+    later = dict(before, prompt_tokens_total=before["prompt_tokens_total"] + 40)
+    assert scrape.restart_reason(before, later, START_BEFORE, START_BEFORE) is None
+    assert scrape.deltas(before, later, restarted=False)["prompt_tokens_total"] == 40
+
+
+def test_restart_counts_the_whole_new_value(before, after):
+    why = scrape.restart_reason(before, after, START_BEFORE, START_AFTER)
+    assert why == "new process start time"
+    advanced = scrape.deltas(before, after, restarted=True)
+    assert advanced["prompt_tokens_total"] == after["prompt_tokens_total"] == 33
+
+
+def test_counter_going_backwards_is_a_restart_even_without_the_header(before, after):
+    assert scrape.restart_reason(before, after, None, None) == "counters went backwards"
+
+
+def test_restarted_server_that_climbed_past_the_old_values_is_caught_by_the_header(before):
+    climbed = {name: value + 1000 for name, value in before.items()}
+    assert scrape.restart_reason(before, climbed, START_BEFORE, START_AFTER) == "new process start time"
+    assert scrape.deltas(before, climbed, restarted=True)["prompt_tokens_total"] == before["prompt_tokens_total"] + 1000
+
+
+def test_missing_metric_is_left_alone(before):
+    partial = {k: v for k, v in before.items() if k != "n_decode_total"}
+    advanced = scrape.deltas(before, partial, restarted=False)
+    assert "n_decode_total" not in advanced
+
+
+def test_garbage_is_a_scrape_error():
+    with pytest.raises(scrape.ScrapeError):
+        scrape.parse_metrics("<html>not metrics</html>\n")
+    with pytest.raises(scrape.ScrapeError):
+        scrape.parse_metrics("# nothing from llama-server\nother_metric 1\n")
+
+
+def test_migrations_create_the_exact_schema(tmp_path):
+    db = connect(tmp_path / "s.db")
+    columns = {t: [r[1] for r in db.execute(f"PRAGMA table_info({t})")] for t in ("lifetime", "samples", "events", "requests")}
+    assert columns["lifetime"] == ["name", "total", "last_raw", "updated_at"]
+    assert columns["samples"][:3] == ["ts", "resolution", "up"] and "context_used" in columns["samples"]
+    assert columns["requests"] == ["id"] + list(Store.REQUEST_COLUMNS)
+    assert [r[0] for r in db.execute("SELECT name FROM _migrations")] == ["m001_initial"]
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+    assert connect(tmp_path / "s.db").execute("SELECT COUNT(*) FROM _migrations").fetchone()[0] == 1  # not re-run
+
+
+def test_a_failed_scrape_write_changes_nothing(tmp_path):
+    store = Store(tmp_path / "s.db")
+    store.record_scrape(1.0, {"prompt_tokens_total": 0}, {"prompt_tokens_total": 10}, {"up": 1})
+    with pytest.raises(sqlite3.OperationalError):
+        store.record_scrape(2.0, {"prompt_tokens_total": 5}, {"prompt_tokens_total": 15}, {"no_such_column": 1})
+    assert store.totals() == {"prompt_tokens_total": 0} and store.last_raw() == {"prompt_tokens_total": 10}
+
+
+MONTH_LIMIT_BYTES = 16 * 1024 * 1024
+
+
+def test_retention_keeps_a_month_of_10s_samples_small(tmp_path):
+    """30 days of scrapes every 10 s (259,200 samples), compacted hourly as the collector does:
+    the database stays under 16 MB (the bound the README states)."""
+    path = tmp_path / "month.db"
+    store = Store(path)
+    start = time.time() - 30 * 86400
+    sample = ("[{\"slot\": 0, \"used\": 1200, \"n_ctx\": 32768}]",)
+    for hour in range(30 * 24):
+        rows = [(start + hour * 3600 + i * 10, 1, 120.0, 900.0, 40.0, 0.05, 0.4, 1500.0, 60.0, 1.0, 1.0, 0.0, 0.88, sample[0])
+                for i in range(360)]
+        with store.lock:
+            store.db.executemany(
+                "INSERT INTO samples (ts, up, prompt_tokens, cached_tokens, generated_tokens, prompt_seconds, generation_seconds,"
+                " prompt_tps, generation_tps, busy_slots, processing, deferred, cache_ratio, context_used)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        store.compact(start + (hour + 1) * 3600)
+    with store.lock:
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        by_resolution = dict(store.db.execute("SELECT resolution, COUNT(*) FROM samples GROUP BY resolution").fetchall())
+        tokens = store.db.execute("SELECT SUM(generated_tokens) FROM samples").fetchone()[0]
+    assert tokens == 30 * 24 * 360 * 40.0  # rolled up, not lost
+    assert by_resolution[0] <= 48 * 360 + 360 and by_resolution[60] > 0
+    size = os.path.getsize(path) + (os.path.getsize(f"{path}-wal") if os.path.exists(f"{path}-wal") else 0)
+    assert size < MONTH_LIMIT_BYTES, size
