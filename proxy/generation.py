@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import logging
 from array import array
-from typing import Iterator
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 from . import classify, sse, translate
-from .disconnect import ClientWatch
-from .errors import from_upstream
+from .disconnect import ClientDisconnected, ClientWatch
+from .errors import ApiError, from_upstream
 from .gate import Ticket, Waiter
 from .metrics import Call
 from .services import Services, Target
@@ -26,6 +29,9 @@ log = logging.getLogger("llamabridge.proxy")
 # Ask llama-server for an SSE comment every second while it has nothing else to send
 # (prefill of a long prompt): each one lets us notice a vanished client and ping a waiting one.
 UPSTREAM_PING_SECONDS = 1
+
+# What a broken upstream connection looks like while reading it.
+BROKEN = (OSError, Urllib3Error, sse.StreamProtocolError)
 
 
 class Generation:
@@ -98,7 +104,45 @@ class Generation:
                 self.completed = True
             yield event, data
 
+    def relay(self, chunks: Iterator[bytes], on_broken: Callable[[BaseException], Iterator[bytes]]) -> Iterator[bytes]:
+        """Pass the answer's bytes on as they come, and close the generation however it ends."""
+        try:
+            for chunk in chunks:
+                self.call.first_token()
+                yield chunk
+            self.completed = True
+        except ClientDisconnected:
+            self.client_left = True
+        except GeneratorExit:
+            self.client_left = True  # the server could not write to the client
+            raise
+        except BROKEN as exc:
+            yield from on_broken(exc)
+        finally:
+            self.close()
+
     # -- the end --------------------------------------------------------------------------------
+
+    @contextmanager
+    def starting(self) -> Iterator[None]:
+        """Around everything before the answer starts: a failure closes the generation, with the
+        status the client will see, and propagates."""
+        try:
+            yield
+        except ClientDisconnected:
+            self.client_left = True
+            self.close()
+            raise
+        except BaseException as exc:
+            self.fail(exc)
+            self.close()
+            raise
+
+    def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, ApiError):
+            self.call.status, self.call.error = exc.status, exc.message
+        else:
+            self.call.status, self.call.error = 500, type(exc).__name__
 
     def close(self) -> None:
         """Hang up on llama-server, give the slot back, record the request. Safe to call twice."""

@@ -23,12 +23,11 @@ import time
 from typing import Iterator
 
 from flask import Response
-from urllib3.exceptions import HTTPError as Urllib3Error
 
 from . import classify, local, sse, translate
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import ApiError, from_upstream, sse_error
-from .generation import UPSTREAM_PING_SECONDS, Generation
+from .generation import BROKEN, UPSTREAM_PING_SECONDS, Generation
 from .metrics import Call
 from .services import Flight, Services, Target
 from .tokens import estimate, fit_max_tokens, upper_bound
@@ -42,8 +41,6 @@ SYNC_WAIT_SECONDS = 3.0
 # At most this long between two frames to a waiting client (Claude Code aborts after 300 s).
 PING_SECONDS = 5.0
 
-# What a broken upstream connection looks like while reading it.
-BROKEN = (OSError, Urllib3Error, sse.StreamProtocolError)
 BROKE_MESSAGE = "the connection to llama-server broke mid-response"
 
 EventStream = Iterator[tuple[str, dict]]
@@ -115,31 +112,20 @@ def create_message(body: dict, digest: str, services: Services, watch: ClientWat
         assert flight is not None
         return _follow(body, flight, watch, call, services)
     gen = Generation(services, target, call, watch, "/v1/chat/completions", request, tokens)
+    queued = False
     try:
-        gen.enqueue()
-        if body.get("stream") is True:
-            if gen.wait(SYNC_WAIT_SECONDS):
+        with gen.starting():
+            gen.enqueue()
+            if body.get("stream") is True and not gen.wait(SYNC_WAIT_SECONDS):
+                queued = True  # answer now, ping while waiting (in _led)
+            else:
+                gen.wait_until_admitted()  # at once if the wait above already admitted it
                 gen.open()
-                return _respond(body, _led(gen, body, flight, key, services, queued=False))
-            return _respond(body, _led(gen, body, flight, key, services, queued=True))
-        gen.wait_until_admitted()
-        gen.open()
-    except ClientDisconnected:
-        gen.client_left = True
-        _finish(gen, flight, key, services, None)
+    except BaseException:
+        if flight is not None:
+            services.flights.finish(key, flight, None)
         raise
-    except BaseException as exc:
-        _failed(call, exc)
-        _finish(gen, flight, key, services, None)
-        raise
-    return _respond(body, _led(gen, body, flight, key, services, queued=False))
-
-
-def _failed(call: Call, exc: BaseException) -> None:
-    if isinstance(exc, ApiError):
-        call.status, call.error = exc.status, exc.message
-    else:
-        call.status, call.error = 500, type(exc).__name__
+    return _respond(body, _led(gen, body, flight, key, services, queued=queued))
 
 
 def _finish(gen: Generation, flight: Flight | None, key, services: Services, events: list | None) -> None:
@@ -171,7 +157,7 @@ def _led(gen: Generation, body: dict, flight: Flight | None, key, services: Serv
         raise
     except (ApiError, translate.UpstreamStreamError, *BROKEN) as exc:
         err = _error_for(exc)
-        gen.call.status, gen.call.error = err.status, err.message
+        gen.fail(err)
         if body.get("stream") is not True:
             raise err from None
         yield "error", sse_error(err)
@@ -314,42 +300,22 @@ def _passthrough(body: dict, target: Target, services: Services, watch: ClientWa
     gen = Generation(services, target, call, watch, "/v1/messages", _native_body(body, target.upstream.info().model))
     stream = body.get("stream") is True
     try:
-        gen.enqueue()
-        gen.wait_until_admitted()
-        answer = gen.open()
-        if not stream:
-            raw = read_all(answer, watch)
-            gen.completed = True
-    except ClientDisconnected:
-        gen.client_left = True
-        gen.close()
-        raise
-    except BaseException as exc:
-        error = _error_for(exc) if isinstance(exc, BROKEN) else exc
-        _failed(call, error)
-        gen.close()
-        if error is exc:
-            raise
-        raise error from None
+        with gen.starting():
+            gen.enqueue()
+            gen.wait_until_admitted()
+            answer = gen.open()
+            if not stream:
+                raw = read_all(answer, watch)
+                gen.completed = True
+    except BROKEN as exc:
+        raise _error_for(exc) from None
     if not stream:
         call.usage((json.loads(raw) if raw.startswith(b"{") else {}).get("usage"))
         gen.close()
         return Response(_with_model(raw, body["model"]), status=answer.status, mimetype="application/json")
 
-    def relay() -> Iterator[bytes]:
-        try:
-            for chunk in _rename_first_event(stream_chunks(answer, watch), body["model"]):
-                call.first_token()
-                yield chunk
-            gen.completed = True
-        except ClientDisconnected:
-            gen.client_left = True
-        except GeneratorExit:
-            gen.client_left = True
-            raise
-        except BROKEN as exc:
-            yield sse.encode("error", sse_error(_error_for(exc)))
-        finally:
-            gen.close()
+    def broken(exc: BaseException) -> Iterator[bytes]:
+        yield sse.encode("error", sse_error(_error_for(exc)))
 
-    return Response(relay(), status=answer.status, headers=relay_headers(answer))
+    chunks = _rename_first_event(stream_chunks(answer, watch), body["model"])
+    return Response(gen.relay(chunks, broken), status=answer.status, headers=relay_headers(answer))

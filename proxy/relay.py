@@ -18,7 +18,6 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from . import classify
 from .disconnect import ClientDisconnected, ClientWatch
-from .errors import ApiError
 from .generation import Generation
 from .metrics import Call
 from .services import Services
@@ -38,42 +37,21 @@ def relay(method: str, path: str, parsed: dict | None, raw_body: bytes | None, c
     call.klass = classify.OPENAI
     target.info(services.settings.upstream_slots)
     gen = Generation(services, target, call, watch, path, parsed)
-    try:
+    with gen.starting():
         gen.enqueue()
         gen.wait_until_admitted()
         if target.gate.slots <= 1:
             gen.payload = None  # relay the client's bytes untouched
         answer = _open(gen, raw_body)
-    except ClientDisconnected:
-        gen.client_left = True
-        gen.close()
-        raise
-    except BaseException as exc:
-        if isinstance(exc, ApiError):
-            call.status, call.error = exc.status, exc.message
-        gen.close()
-        raise
     call.status = answer.status
 
-    def body() -> Iterator[bytes]:
-        try:
-            for chunk in stream_chunks(answer, watch):
-                call.first_token()
-                yield chunk
-            gen.completed = True
-        except ClientDisconnected:
-            gen.client_left = True
-        except GeneratorExit:
-            gen.client_left = True
-            raise
-        except (OSError, Urllib3Error) as exc:
-            # Headers are sent; all we can do is end the body early and say why in the log.
-            log.warning("upstream connection broke while relaying %s: %s", path, exc)
-            call.error = f"upstream broke: {type(exc).__name__}"
-        finally:
-            gen.close()
+    def broken(exc: BaseException) -> Iterator[bytes]:
+        # Headers are sent; all we can do is end the body early and say why in the log.
+        log.warning("upstream connection broke while relaying %s: %s", path, exc)
+        call.error = f"upstream broke: {type(exc).__name__}"
+        return iter(())
 
-    return Response(body(), status=answer.status, headers=relay_headers(answer))
+    return Response(gen.relay(stream_chunks(answer, watch), broken), status=answer.status, headers=relay_headers(answer))
 
 
 def _open(gen: Generation, raw_body: bytes | None):

@@ -6,7 +6,6 @@ context window reported to clients."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import requests
 
 from proxy import translate
 from tests.support import processes
-from tests.support.anthropic_sse import check_order, parse
+from tests.support.anthropic_sse import parse
 from tests.test_traffic import AGENT_TOOLS, main_body, post, proxy_metric
 
 pytestmark = pytest.mark.integration

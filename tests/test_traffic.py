@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import json
+import sqlite3
 import threading
 import time
 import uuid
@@ -158,8 +159,11 @@ def test_burst_of_mixed_claude_code_requests(lane_proxy, llama, background_llama
         text = resp.json()["content"][0]["text"] if not resp.headers["content-type"].startswith("text/event-stream") else \
             "".join(d["delta"]["text"] for e, d in parse(resp.content) if e == "content_block_delta")
         assert json.loads(text) == {"title": "List the files here"}
-    durations = sorted(took for _, took in titles)
-    assert durations[len(durations) // 2] < 0.05, durations  # answered here, not queued behind the model
+    # Answered here, never queued behind the model: every title is back before a typical main
+    # request of the same burst (absolute latency is measured by `make bench`, not asserted).
+    title_times = sorted(took for _, took in titles)
+    main_times = sorted(took for kind, _, took in results if kind == "main")
+    assert title_times[-1] < main_times[len(main_times) // 2], (title_times, main_times)
     assert proxy_metric(lane_proxy, "llamabridge_proxy_requests_total", {"class": "title", "handled": "local"}) >= 8
     assert proxy_metric(lane_proxy, "llamabridge_proxy_requests_total", {"class": "background", "handled": "background"}) >= 4
     assert requests.get(background_llama.url + "/metrics", timeout=5).text != predicted_before  # the lane did the work
@@ -169,28 +173,40 @@ def test_burst_of_mixed_claude_code_requests(lane_proxy, llama, background_llama
 
 
 @pytest.fixture()
-def pass_proxy(llama):
+def pass_proxy(llama, tmp_path):
     """Background requests queue like the rest (POLICY_BACKGROUND=pass), one slot."""
-    with processes.proxy(llama.url, POLICY_BACKGROUND="pass") as server:
+    with processes.proxy(llama.url, POLICY_BACKGROUND="pass", DB_PATH=str(tmp_path / "store.db")) as server:
+        server.db_path = tmp_path / "store.db"
         yield server
 
 
-def test_queued_requests_are_served_by_priority_then_arrival(pass_proxy, llama):
-    finished: list[str] = []
-    lock = threading.Lock()
+def admission_order(proxy, sessions: list[str]) -> list[str]:
+    """Sessions in the order the gate admitted them, from the proxy's request log."""
+    deadline = time.monotonic() + 10
+    while True:
+        db = sqlite3.connect(proxy.db_path)
+        rows = db.execute("SELECT session, ts + queue_wait FROM requests WHERE session IN (%s)" % ",".join("?" * len(sessions)),
+                          sessions).fetchall()
+        db.close()
+        if len(rows) == len(sessions) or time.monotonic() > deadline:
+            return [session for session, _ in sorted(rows, key=lambda r: r[1])]
+        time.sleep(0.05)
 
+
+def test_queued_requests_are_served_by_priority_then_arrival(pass_proxy, llama):
     def run(name: str, body: dict, session: str) -> None:
         resp = post(pass_proxy.url, body, session)
         assert resp.status_code == 200, resp.text
-        with lock:
-            finished.append(name)
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         holder = pool.submit(requests.post, pass_proxy.url + "/v1/chat/completions", json=LONG_HOLD, timeout=120)
         wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_in_flight") == 1, what="the holder to run")
-        order = [("background-1", background_body("b1"), "s-b1"), ("subagent-1", subagent_body("s1"), "s-sub"),
-                 ("main-1", main_body("m1"), "s-m1"), ("background-2", background_body("b2"), "s-b2"),
-                 ("main-2", main_body("m2"), "s-m2"), ("subagent-2", subagent_body("s2"), "s-sub2")]
+        # Each runs long enough (a 40-digit grammar) that admissions are far apart next to the
+        # few milliseconds of jitter in how the request log times them.
+        slow = {"max_tokens": 256, "output_config": {"format": {"type": "json_schema", "schema": dict(HOLD_SCHEMA, minItems=40)}}}
+        order = [("background-1", dict(background_body("b1"), **slow), "s-b1"), ("subagent-1", dict(subagent_body("s1"), **slow), "s-sub"),
+                 ("main-1", dict(main_body("m1"), **slow), "s-m1"), ("background-2", dict(background_body("b2"), **slow), "s-b2"),
+                 ("main-2", dict(main_body("m2"), **slow), "s-m2"), ("subagent-2", dict(subagent_body("s2"), **slow), "s-sub2")]
         futures = []
         for n, (name, body, session) in enumerate(order, start=1):
             futures.append(pool.submit(run, name, body, session))
@@ -198,7 +214,9 @@ def test_queued_requests_are_served_by_priority_then_arrival(pass_proxy, llama):
         assert holder.result(timeout=120).status_code == 200
         for f in futures:
             f.result(timeout=120)
-    assert finished == ["main-1", "main-2", "subagent-1", "subagent-2", "background-1", "background-2"]
+    names = {session: name for name, _, session in order}
+    admitted = [names[s] for s in admission_order(pass_proxy, list(names))]
+    assert admitted == ["main-1", "main-2", "subagent-1", "subagent-2", "background-1", "background-2"]
 
 
 @pytest.fixture()
