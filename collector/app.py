@@ -9,15 +9,14 @@ from __future__ import annotations
 import time
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from . import api
 from .config import CollectorSettings
 from .exporter import StoreCollector
 from .job import ScrapeJob
 from .store import Store
-
-RANGES = {"1h": 3600, "24h": 86400, "30d": 30 * 86400}
 
 
 def create_app(settings: CollectorSettings, start_jobs: bool = True) -> Flask:
@@ -43,57 +42,16 @@ def create_app(settings: CollectorSettings, start_jobs: bool = True) -> Flask:
 
     @app.get("/healthz")
     def healthz() -> Response:
-        return jsonify({"status": "ok", "upstream_up": job.down_since is None and job.last_success is not None})
+        return jsonify({"status": "ok", "upstream_up": job.up})
 
-    @app.get("/api/totals")
-    def totals() -> Response:
-        lifetime = store.totals()
-        since = store.meta("tracking_since")
-        last = store.meta("last_scrape")
-        return jsonify({
-            "since": float(since) if since else None,
-            "last_scrape": float(last) if last else None,
-            "upstream": {"up": job.down_since is None and job.last_success is not None, "url": settings.llama_url,
-                         "model": store.meta("model"), "n_ctx": _int(store.meta("n_ctx")), "slots": _int(store.meta("total_slots"))},
-            "lifetime": {
-                "prompt_tokens": lifetime.get("prompt_tokens_total", 0),
-                "cached_prompt_tokens": lifetime.get("prompt_tokens_cached_total", 0),
-                "generated_tokens": lifetime.get("tokens_predicted_total", 0),
-                "prompt_seconds": lifetime.get("prompt_seconds_total", 0),
-                "generation_seconds": lifetime.get("tokens_predicted_seconds_total", 0),
-                "upstream_restarts": store.count_events("restart"),
-            },
-            "proxy": store.request_totals(),
-            "now": store.latest_sample(),
-        })
-
-    @app.get("/api/samples")
-    def samples() -> Response:
-        span = RANGES.get(request.args.get("range", "1h"), 3600)
-        return jsonify({"range": request.args.get("range", "1h"), "samples": store.samples(time.time() - span)})
-
-    @app.get("/api/events")
-    def events() -> Response:
-        return jsonify({"events": store.events(time.time() - 30 * 86400)})
-
-    @app.get("/api/requests")
-    def requests_() -> Response:
-        limit = min(max(int(request.args.get("limit", 200) or 200), 1), 2000)
-        rows = store.requests(limit, client=request.args.get("client"), klass=request.args.get("class"),
-                              session=request.args.get("session"))
-        return jsonify({"requests": rows})
+    app.register_blueprint(api.blueprint(store, lambda: {"up": job.up, "collector": True}))
 
     return app
 
 
-def _now():
+def _now():  # APScheduler: run the first time right away
     from datetime import datetime, timezone
 
     return datetime.now(timezone.utc)
 
 
-def _int(value: str | None) -> int | None:
-    try:
-        return int(value) if value else None
-    except ValueError:
-        return None

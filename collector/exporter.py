@@ -50,7 +50,7 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily("llamabridge_last_scrape_success_timestamp_seconds", "When llama-server was last read.",
                                 value=self.job.last_success or 0)
         yield GaugeMetricFamily("llamabridge_upstream_up", "1 if the last read of llama-server worked.",
-                                value=1 if self.job.down_since is None and self.job.last_success else 0)
+                                value=1 if self.job.up else 0)
         now = {key: (latest or {}).get(key) for key in ("generation_tps", "prompt_tps", "busy_slots", "processing", "deferred", "cache_ratio")}
         for name, key, doc in (
             ("llamabridge_generation_tokens_per_second", "generation_tps", "Generation speed over the last interval."),

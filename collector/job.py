@@ -33,6 +33,11 @@ class ScrapeJob:
         self.down_since: float | None = None
         self.last_reading: scrape.Reading | None = None
 
+    @property
+    def up(self) -> bool:
+        """The last read of llama-server worked."""
+        return self.down_since is None and self.last_success is not None
+
     def run(self) -> None:
         now = time.time()
         try:

@@ -11,11 +11,14 @@ import hashlib
 import json
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, g, jsonify, request, send_file
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException
+
+from collector import api
 
 from . import errors, messages, relay, translate
 from .config import Settings
@@ -79,6 +82,7 @@ class ApiMode:
 
 
 SESSION_HEADER = "X-Claude-Code-Session-Id"
+DASHBOARD = Path(__file__).resolve().parent.parent / "dashboard" / "index.html"
 
 
 def new_call() -> Call:
@@ -156,6 +160,15 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         ok, reason = upstream.health()
         body = {"status": "ok" if ok else "unavailable", "upstream": settings.upstream_base, "detail": reason}
         return Response(json.dumps(body), status=200 if ok else 503, mimetype="application/json")
+
+    if services.request_log is not None:
+        # The dashboard and the JSON it reads, from the store the collector fills.
+        store = services.request_log.store
+        app.register_blueprint(api.blueprint(store, lambda: {**api.stored_status(store), "queued": services.main.gate.depth()}))
+
+    @app.route("/dashboard", methods=["GET"])
+    def dashboard() -> Response:
+        return send_file(DASHBOARD, mimetype="text/html", max_age=0)
 
     @app.route("/metrics", methods=["GET"])
     def metrics() -> Response:

@@ -51,7 +51,28 @@ def relay(method: str, path: str, parsed: dict | None, raw_body: bytes | None, c
         call.error = f"upstream broke: {type(exc).__name__}"
         return iter(())
 
-    return Response(gen.relay(stream_chunks(answer, watch), broken), status=answer.status, headers=relay_headers(answer))
+    chunks = _noting_usage(stream_chunks(answer, watch), call)
+    return Response(gen.relay(chunks, broken), status=answer.status, headers=relay_headers(answer))
+
+
+def _noting_usage(chunks: Iterator[bytes], call: Call, keep: int = 16384) -> Iterator[bytes]:
+    """Relay bytes untouched, then read the usage for the request log from the tail of the
+    answer: llama-server puts `timings` in the JSON body, or in the last chunks of a stream."""
+    tail = b""
+    for chunk in chunks:
+        tail = (tail + chunk)[-keep:]
+        yield chunk
+    for line in reversed(tail.split(b"\n")):
+        payload = line[5:].strip() if line.startswith(b"data:") else line.strip()
+        if b'"timings"' not in payload:
+            continue
+        try:
+            timings = json.loads(payload).get("timings") or {}
+        except ValueError:
+            continue
+        call.usage({"input_tokens": timings.get("prompt_n"), "cache_read_input_tokens": timings.get("cache_n"),
+                    "output_tokens": timings.get("predicted_n")})
+        return
 
 
 def _open(gen: Generation, raw_body: bytes | None):

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Install the Debian packages the test suite drives (tmux for the interactive Claude Code test),
-# if they are missing. As root it installs them; otherwise it names them and stops.
+# Install the Debian packages the test suite drives, if they are missing: tmux (the interactive
+# Claude Code test) and chromium (the dashboard, driven by Playwright; Playwright's own browser
+# download is not used). As root it installs them; otherwise it names them and stops.
 set -euo pipefail
 missing=()
 command -v tmux >/dev/null || missing+=(tmux)
+command -v chromium >/dev/null || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ]; then
     echo "installing ${missing[*]} (Debian packages)" >&2

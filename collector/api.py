@@ -1,0 +1,87 @@
+"""The JSON API the dashboard reads, as a Flask blueprint: the collector serves it, and the
+proxy serves it next to /dashboard, both reading the same SQLite store. Read-only."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from flask import Blueprint, jsonify, request
+
+from .store import Store
+
+RANGES = {"1h": 3600, "24h": 86400, "30d": 30 * 86400}
+# A store whose last scrape is older than this has no collector feeding it: upstream unknown.
+STALE_SECONDS = 60
+
+
+def stored_status(store: Store) -> dict[str, Any]:
+    """Upstream state as the collector last recorded it (for a process that does not scrape)."""
+    latest = store.latest_sample()
+    last = store.meta("last_scrape")
+    fresh = last is not None and time.time() - float(last) < STALE_SECONDS
+    return {"up": bool(fresh and latest and latest.get("up")), "collector": fresh}
+
+
+def blueprint(store: Store, status: Callable[[], dict[str, Any]]) -> Blueprint:
+    api = Blueprint("llamabridge_api", __name__)
+
+    @api.get("/api/totals")
+    def totals():
+        lifetime = store.totals()
+        since, last = store.meta("tracking_since"), store.meta("last_scrape")
+        return jsonify({
+            "since": float(since) if since else None,
+            "last_scrape": float(last) if last else None,
+            "upstream": {**status(), "model": store.meta("model"), "n_ctx": _int(store.meta("n_ctx")),
+                         "slots": _int(store.meta("total_slots"))},
+            "lifetime": {
+                "prompt_tokens": lifetime.get("prompt_tokens_total", 0),
+                "cached_prompt_tokens": lifetime.get("prompt_tokens_cached_total", 0),
+                "generated_tokens": lifetime.get("tokens_predicted_total", 0),
+                "prompt_seconds": lifetime.get("prompt_seconds_total", 0),
+                "generation_seconds": lifetime.get("tokens_predicted_seconds_total", 0),
+                "upstream_restarts": store.count_events("restart"),
+            },
+            "proxy": store.request_totals(),
+            "now": store.latest_sample(),
+        })
+
+    @api.get("/api/samples")
+    def samples():
+        name = request.args.get("range", "1h")
+        span = RANGES.get(name, 3600)
+        return jsonify({"range": name, "samples": store.samples(time.time() - span)})
+
+    @api.get("/api/events")
+    def events():
+        return jsonify({"events": store.events(time.time() - 30 * 86400)})
+
+    @api.get("/api/requests")
+    def requests_():
+        try:
+            limit = min(max(int(request.args.get("limit", 200)), 1), 2000)
+        except ValueError:
+            limit = 200
+        rows = store.requests(limit, client=request.args.get("client"), klass=request.args.get("class"),
+                              session=request.args.get("session"))
+        return jsonify({"requests": rows})
+
+    @api.get("/api/sessions")
+    def sessions():
+        """Recent Claude Code sessions with their conversation turns (main and subagent)."""
+        rows = [r for r in store.requests(2000) if r["session"] and r["class"] in ("main", "subagent")]
+        grouped: dict[str, list[dict]] = {}
+        for row in reversed(rows):  # oldest first within a session
+            grouped.setdefault(row["session"], []).append(row)
+        ordered = sorted(grouped.items(), key=lambda kv: kv[1][-1]["ts"], reverse=True)[:20]
+        return jsonify({"sessions": [{"session": s, "client": turns[-1]["client"], "turns": turns} for s, turns in ordered]})
+
+    return api
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
