@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # Everything slow (llama-server build, Claude Code CLI, tiny model) is cached here, by version.
 export LLAMABRIDGE_CACHE ?= $(HOME)/.cache/llamabridge
 
-.PHONY: help install install-test llama-server tiny-model claude-code run collector env test test-unit up down clean
+.PHONY: help install install-test llama-server tiny-model claude-code run demo proxy collector env test test-unit up down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/\$$\$$/$$/g' | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -36,7 +36,13 @@ tiny-model: $(VENV)/.installed-test ## generate the tiny test model (random weig
 claude-code: ## install the Claude Code CLI used by the end-to-end tests; prints its path last
 	@bash scripts/claude-code.sh
 
-run: $(VENV)/.installed ## run the proxy natively against $$LLAMA_URL (default http://127.0.0.1:8080)
+run: $(VENV)/.installed ## llama-server (LLAMA_MODEL=path.gguf, unless LLAMA_URL answers), proxy and collector; Ctrl-C stops all
+	@$(PY) scripts/run_stack.py
+
+demo: $(VENV)/.installed-test ## the whole stack on the tiny generated model: no GPU, no download, a minute
+	@$(PY) scripts/run_stack.py --demo
+
+proxy: $(VENV)/.installed ## only the proxy, against $$LLAMA_URL
 	$(PY) -m proxy
 
 collector: $(VENV)/.installed ## run the lifetime-metrics collector natively against $$LLAMA_URL (serves :9091)
@@ -60,9 +66,9 @@ test: $(VENV)/.installed-test ## set everything up and run the whole test suite
 test-unit: $(VENV)/.installed-test ## only the tests that need no llama-server
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-up: ## the docker compose stack (not built yet: use `make run`)
+up: ## the docker compose stack (not built yet: use `make run` or `make demo`)
 	@echo "The docker compose stack is not built yet; compose.yaml is a placeholder." >&2
-	@echo "Run natively instead: start llama-server, then 'make run' (see README)." >&2
+	@echo "Run natively instead: 'make demo' (tiny model), or LLAMA_MODEL=path.gguf make run (see README)." >&2
 	@exit 2
 
 down: ## stop the compose stack

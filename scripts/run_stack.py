@@ -1,0 +1,167 @@
+"""Run the whole stack natively, without Docker: llama-server (unless LLAMA_URL already answers),
+the proxy and the collector, as local processes with one combined, prefixed log. Ctrl-C (or
+SIGTERM) stops them all; if any of them dies, the others are stopped too.
+
+    LLAMA_MODEL=path/to/model.gguf python scripts/run_stack.py     # what `make run` does
+    python scripts/run_stack.py --demo                             # the tiny test model (`make demo`)
+
+The settings are the services' own environment variables (see .env.example); this adds
+LLAMA_MODEL (the GGUF to serve), LLAMA_CTX (context size, default 65536; the demo uses 32768),
+LLAMA_THREADS and LLAMA_EXTRA_ARGS for the llama-server it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parents[1]
+STOP_GRACE_SECONDS = 10
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def last_line(cmd: list[str]) -> str:
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, text=True, errors="replace")
+        self.procs[name] = proc
+        threading.Thread(target=self._pump, args=(name, proc), daemon=True).start()
+        return proc
+
+    def _pump(self, name: str, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            with self.lock:
+                sys.stdout.write(f"[{name:9}] {line}")
+                sys.stdout.flush()
+
+    def say(self, text: str) -> None:
+        with self.lock:
+            print(f"[{'stack':9}] {text}", flush=True)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def wait_any(self) -> str | None:
+        """Block until a child exits (returns its name) or we are asked to stop (returns None)."""
+        while not self.stopping.is_set():
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    return name
+            self.stopping.wait(0.2)
+        return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", action="store_true", help="serve the tiny generated test model")
+    args = parser.parse_args()
+    env = dict(os.environ)
+    stack = Stack()
+    signal.signal(signal.SIGINT, lambda *_: stack.stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: stack.stopping.set())
+
+    if args.demo:
+        env.setdefault("LLAMA_URL", "http://127.0.0.1:8088")  # not 8080: leave a real llama-server alone
+        env.setdefault("LLAMA_CTX", "32768")
+        env.setdefault("LLAMA_THREADS", "1")
+        env.setdefault("DB_PATH", str(ROOT / "data" / "demo.db"))
+        if not env.get("LLAMA_MODEL"):
+            stack.say("generating the tiny demo model (random weights: its words are noise, its plumbing is real)")
+            env["LLAMA_MODEL"] = last_line([sys.executable, "llama/tiny_model.py"])
+    llama_url = env.setdefault("LLAMA_URL", "http://127.0.0.1:8080").rstrip("/")
+
+    try:
+        if healthy(llama_url):
+            stack.say(f"using the llama-server already running at {llama_url}")
+        elif env.get("LLAMA_MODEL"):
+            parsed = urlparse(llama_url)
+            if parsed.hostname not in ("127.0.0.1", "localhost"):
+                stack.say(f"LLAMA_URL={llama_url} does not answer, and a llama-server can only be started here on 127.0.0.1")
+                return 2
+            binary = last_line(["bash", "llama/build.sh"])
+            cmd = [binary, "-m", env["LLAMA_MODEL"], "--host", "127.0.0.1", "--port", str(parsed.port or 8080),
+                   "--jinja", "--metrics", "-c", env.get("LLAMA_CTX", "65536"), "--no-webui"]
+            if env.get("LLAMA_THREADS"):
+                cmd += ["-t", env["LLAMA_THREADS"]]
+            cmd += env.get("LLAMA_EXTRA_ARGS", "").split()
+            stack.start("llama", cmd, env)
+            deadline = time.monotonic() + 600  # a large model can take minutes to load
+            while not healthy(llama_url):
+                if stack.procs["llama"].poll() is not None or stack.stopping.is_set() or time.monotonic() > deadline:
+                    stack.say("llama-server did not come up; see its log above")
+                    return 1
+                time.sleep(0.1)
+        else:
+            stack.say(f"nothing answers at LLAMA_URL={llama_url}: set LLAMA_MODEL=path/to/model.gguf to start one, "
+                      "point LLAMA_URL at a running llama-server, or try `make demo`")
+            return 2
+
+        stack.start("proxy", [sys.executable, "-m", "proxy"], env)
+        stack.start("collector", [sys.executable, "-m", "collector"], env)
+        host = env.get("PROXY_HOST", "127.0.0.1")
+        port = env.get("PROXY_PORT", "9090")
+        deadline = time.monotonic() + 30
+        while not _answers(f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/"):
+            if stack.procs["proxy"].poll() is not None or stack.stopping.is_set() or time.monotonic() > deadline:
+                stack.say("the proxy did not come up; see its log above")
+                return 1
+            time.sleep(0.1)
+        stack.say(f"llamabridge is up: proxy http://{host}:{port} (dashboard http://{host}:{port}/dashboard), "
+                  f"collector http://{env.get('COLLECTOR_HOST', '127.0.0.1')}:{env.get('COLLECTOR_PORT', '9091')}, "
+                  f"llama-server {llama_url}. `make env` prints the client settings. Ctrl-C stops everything.")
+        died = stack.wait_any()
+        if died is not None:
+            stack.say(f"{died} exited with status {stack.procs[died].returncode}; stopping the rest")
+            return 1
+        stack.say("stopping")
+        return 0
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
