@@ -127,6 +127,14 @@ def _document_text(block: dict, path: str) -> str:
     raise InvalidRequest(f"{path}.source.type: only text documents can be sent to a local model")
 
 
+def _blocks(content: list, path: str) -> Iterator[tuple[str, Any, dict]]:
+    """(JSON path, type, block) for each content block, checking each is an object."""
+    for j, block in enumerate(content):
+        bpath = f"{path}.{j}"
+        _expect(block, dict, bpath, "a content block")
+        yield bpath, block.get("type"), block
+
+
 def _tool_result_text(content: Any, path: str, images: list[dict], vision: bool) -> str:
     """Flatten a tool_result's content to text; images go to `images` (or become a note)."""
     if content is None:
@@ -135,10 +143,7 @@ def _tool_result_text(content: Any, path: str, images: list[dict], vision: bool)
         return content
     _expect(content, list, path, "a string or an array of content blocks")
     parts = []
-    for j, block in enumerate(content):
-        bpath = f"{path}.{j}"
-        _expect(block, dict, bpath, "a content block")
-        kind = block.get("type")
+    for bpath, kind, block in _blocks(content, path):
         if kind == "text":
             parts.append(_expect(block.get("text"), str, f"{bpath}.text", "a string"))
         elif kind == "image":
@@ -170,10 +175,7 @@ def _user_blocks(content: Any, path: str, vision: bool) -> tuple[list[dict], lis
     tools: list[dict] = []
     parts: list[dict] = []
     hoisted: list[dict] = []
-    for j, block in enumerate(content):
-        bpath = f"{path}.{j}"
-        _expect(block, dict, bpath, "a content block")
-        kind = block.get("type")
+    for bpath, kind, block in _blocks(content, path):
         if kind == "text":
             parts.append({"type": "text", "text": _expect(block.get("text"), str, f"{bpath}.text", "a string")})
         elif kind == "image":
@@ -203,10 +205,7 @@ def _assistant_message(content: Any, path: str) -> dict:
     texts: list[str] = []
     reasoning: list[str] = []
     calls: list[dict] = []
-    for j, block in enumerate(content):
-        bpath = f"{path}.{j}"
-        _expect(block, dict, bpath, "a content block")
-        kind = block.get("type")
+    for bpath, kind, block in _blocks(content, path):
         if kind == "text":
             texts.append(_expect(block.get("text"), str, f"{bpath}.text", "a string"))
         elif kind == "thinking":
