@@ -100,8 +100,11 @@ def create_message(body: dict, digest: str, services: Services, watch: ClientWat
     request["sse_ping_interval"] = UPSTREAM_PING_SECONDS
     tokens = None
     render = translate.render_request(request)
-    if info.n_ctx > 0 and (call.klass in (classify.MAIN, classify.SUBAGENT) or upper_bound(render) + request["max_tokens"] > info.n_ctx):
-        # Exact tokens: to clamp max_tokens to the context, and to check the prompt cache afterwards.
+    tracked = call.session is not None and call.klass in (classify.MAIN, classify.SUBAGENT)
+    if info.n_ctx > 0 and (tracked or upper_bound(render) + request["max_tokens"] > info.n_ctx):
+        # Exact tokens: to clamp max_tokens to the context, and (for a Claude Code session's
+        # conversation turns) to check the prompt cache afterwards. A request that obviously
+        # fits and is not tracked skips the two extra calls.
         tokens = target.counter.tokens(render)
         if tokens is not None:
             request["max_tokens"] = fit_max_tokens(len(tokens), request["max_tokens"], info.n_ctx, services.settings.min_output_tokens)
