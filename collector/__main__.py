@@ -7,30 +7,11 @@ from __future__ import annotations
 import logging
 import sys
 
-from gunicorn.app.base import BaseApplication
-
 from proxy.config import ConfigError
+from proxy.serving import bind_address, serve
 
 from .app import create_app
-from .config import CollectorSettings, from_env
-
-
-class _Server(BaseApplication):
-    def __init__(self, settings: CollectorSettings):
-        self.settings = settings
-        super().__init__()
-
-    def load_config(self) -> None:
-        s = self.settings
-        for key, value in {
-            "bind": f"{s.host}:{s.port}", "workers": 1, "worker_class": "gthread", "threads": 8, "timeout": 60,
-            "loglevel": s.log_level, "accesslog": None, "errorlog": "-", "proc_name": "llamabridge-collector",
-            "control_socket_disable": True,
-        }.items():
-            self.cfg.set(key, value)
-
-    def load(self):
-        return create_app(self.settings)
+from .config import from_env
 
 
 def main() -> int:
@@ -41,7 +22,8 @@ def main() -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    _Server(settings).run()
+    serve(lambda: create_app(settings), bind=bind_address(settings.host, settings.port), threads=8, timeout=60,
+          loglevel=settings.log_level, accesslog=None, proc_name="llamabridge-collector")
     return 0
 
 

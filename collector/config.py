@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from proxy.config import ConfigError, _float, _int
+from proxy.config import ConfigError, env_float, env_int
 
 DEFAULT_DB_PATH = "data/llamabridge.db"
 
@@ -29,8 +29,8 @@ def from_env(env: Mapping[str, str] | None = None) -> CollectorSettings:
     return CollectorSettings(
         llama_url=llama_url,
         db_path=env.get("DB_PATH", "").strip() or DEFAULT_DB_PATH,
-        interval=_float(env, "COLLECT_INTERVAL", CollectorSettings.interval, 0.05, 3600),
+        interval=env_float(env, "COLLECT_INTERVAL", CollectorSettings.interval, 0.05, 3600),
         host=env.get("COLLECTOR_HOST", "").strip() or CollectorSettings.host,
-        port=_int(env, "COLLECTOR_PORT", CollectorSettings.port, 0, 65535),
+        port=env_int(env, "COLLECTOR_PORT", CollectorSettings.port, 0, 65535),
         log_level=(env.get("LOG_LEVEL", "").strip() or "info").lower(),
     )

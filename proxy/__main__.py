@@ -10,47 +10,14 @@ import argparse
 import logging
 import sys
 
-from gunicorn.app.base import BaseApplication
-
 from .app import create_app
 from .config import ConfigError, Settings, from_env
+from .serving import bind_address, serve
 from .upstream import Upstream
 
 # Claude Code 2.1.328 refuses CLAUDE_CODE_AUTO_COMPACT_WINDOW below this ("set it to a size of
 # at least 100k"), so a smaller local context cannot make it compact early.
 MIN_AUTO_COMPACT_WINDOW = 100_000
-
-
-class _Server(BaseApplication):
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        super().__init__()
-
-    def load_config(self) -> None:
-        s = self.settings
-        for key, value in {
-            "bind": f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}",
-            "workers": 1,
-            "worker_class": "gthread",
-            "threads": s.threads,
-            # gthread's timeout is the worker's heartbeat, not a request limit: streams may run long.
-            "timeout": 120,
-            "graceful_timeout": 10,
-            "keepalive": 75,
-            "loglevel": s.log_level,
-            "accesslog": "-",
-            # No headers in the access log: clients send API keys in them.
-            "access_log_format": '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"',
-            "errorlog": "-",
-            "proc_name": "llamabridge-proxy",
-            # gunicorn 23+'s control socket has one fixed path per user: two proxies (or a proxy
-            # and a test run) would fight over it, and we do not use it.
-            "control_socket_disable": True,
-        }.items():
-            self.cfg.set(key, value)
-
-    def load(self):
-        return create_app(self.settings)
 
 
 def print_env(settings: Settings) -> int:
@@ -97,7 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "env":
         return print_env(settings)
-    _Server(settings).run()
+    serve(
+        lambda: create_app(settings),
+        bind=bind_address(settings.host, settings.port),
+        threads=settings.threads,
+        # gthread's timeout is the worker's heartbeat, not a request limit: streams may run long.
+        timeout=120,
+        graceful_timeout=10,
+        keepalive=75,
+        loglevel=settings.log_level,
+        accesslog="-",
+        # No headers in the access log: clients send API keys in them.
+        access_log_format='%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"',
+        proc_name="llamabridge-proxy",
+    )
     return 0
 
 

@@ -62,7 +62,7 @@ class Settings:
         return self.llama_url.rstrip("/")
 
 
-def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -75,7 +75,7 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+def env_float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -118,19 +118,19 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         llama_url=llama_url,
         llama_api_key=env.get("LLAMA_API_KEY", "").strip(),
         host=env.get("PROXY_HOST", "").strip() or Settings.host,
-        port=_int(env, "PROXY_PORT", Settings.port, 0, 65535),
+        port=env_int(env, "PROXY_PORT", Settings.port, 0, 65535),
         upstream_api=upstream_api,
         upstream_model=env.get("UPSTREAM_MODEL", "").strip(),
-        threads=_int(env, "PROXY_THREADS", Settings.threads, 2, 1024),
-        max_request_bytes=_int(env, "MAX_REQUEST_BYTES", Settings.max_request_bytes, 1024, 1 << 31),
-        connect_timeout=_float(env, "UPSTREAM_CONNECT_TIMEOUT", Settings.connect_timeout, 0.1, 600),
-        read_timeout=_float(env, "UPSTREAM_READ_TIMEOUT", Settings.read_timeout, 1, 86400),
+        threads=env_int(env, "PROXY_THREADS", Settings.threads, 2, 1024),
+        max_request_bytes=env_int(env, "MAX_REQUEST_BYTES", Settings.max_request_bytes, 1024, 1 << 31),
+        connect_timeout=env_float(env, "UPSTREAM_CONNECT_TIMEOUT", Settings.connect_timeout, 0.1, 600),
+        read_timeout=env_float(env, "UPSTREAM_READ_TIMEOUT", Settings.read_timeout, 1, 86400),
         log_level=log_level,
-        upstream_slots=_int(env, "UPSTREAM_SLOTS", 0, 0, 1024),
-        queue_max=_int(env, "QUEUE_MAX", Settings.queue_max, 0, 100_000),
-        queue_timeout=_float(env, "QUEUE_TIMEOUT", Settings.queue_timeout, 0.1, 86400),
+        upstream_slots=env_int(env, "UPSTREAM_SLOTS", 0, 0, 1024),
+        queue_max=env_int(env, "QUEUE_MAX", Settings.queue_max, 0, 100_000),
+        queue_timeout=env_float(env, "QUEUE_TIMEOUT", Settings.queue_timeout, 0.1, 86400),
         background_url=background_url,
         policies=tuple(policies),
-        min_output_tokens=_int(env, "CONTEXT_MIN_OUTPUT", Settings.min_output_tokens, 1, 1_000_000),
+        min_output_tokens=env_int(env, "CONTEXT_MIN_OUTPUT", Settings.min_output_tokens, 1, 1_000_000),
         db_path="" if env.get("DB_PATH", "").strip() == "off" else (env.get("DB_PATH", "").strip() or Settings.db_path),
     )

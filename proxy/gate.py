@@ -87,20 +87,10 @@ class Gate:
         with self._cond:
             return len(self._busy)
 
-    def busy_slots(self) -> list[int]:
-        with self._cond:
-            return sorted(self._busy)
-
     def has_cold_free_slot(self) -> bool:
         """A free slot that holds no session's cache: running something there evicts nothing."""
         with self._cond:
             return any(s not in self._busy and s not in self._owner for s in range(self._slots))
-
-    def owner(self, slot: int) -> str | None:
-        with self._cond:
-            return self._owner.get(slot)
-
-    # -- admission ------------------------------------------------------------------------------
 
     def enqueue(self, klass: str, priority: int, session: str | None) -> Waiter:
         """Join the queue (granted at once if a slot is free). Raises QueueFull."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -56,14 +56,20 @@ class Call:
             self.generated_tokens = int(usage.get("output_tokens") or 0)
 
 
-class _GateCollector(Collector):
-    def __init__(self, gate: "Gate"):
-        self.gate = gate
+class _StateCollector(Collector):
+    """Read at scrape time: the gate's queue and slots, and request-log rows dropped."""
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def __init__(self, gate: "Gate", request_log):
+        self.gate = gate
+        self.request_log = request_log
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         yield GaugeMetricFamily("llamabridge_proxy_queue_depth", "Requests waiting for a llama-server slot.", value=self.gate.depth())
         yield GaugeMetricFamily("llamabridge_proxy_in_flight", "Requests holding a llama-server slot.", value=self.gate.in_flight())
         yield GaugeMetricFamily("llamabridge_proxy_slots", "llama-server slots the gate admits to.", value=self.gate.slots)
+        if self.request_log is not None:
+            yield CounterMetricFamily("llamabridge_proxy_request_log_dropped", "Request-log rows dropped because the "
+                                      "writer fell behind.", value=self.request_log.dropped)
 
 
 class ProxyMetrics:
@@ -89,7 +95,7 @@ class ProxyMetrics:
         self.token_counts = Counter("llamabridge_proxy_token_counts", "count_tokens answers by source.", ["source"], registry=r)
 
     def watch_gate(self, gate: "Gate") -> None:
-        self.registry.register(_GateCollector(gate))
+        self.registry.register(_StateCollector(gate, self.request_log))
 
     def record(self, call: Call) -> None:
         """Count and log a finished request, once."""

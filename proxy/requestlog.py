@@ -36,12 +36,6 @@ class RequestLog:
         except queue.Full:
             self.dropped += 1
 
-    def flush(self, timeout: float = 5.0) -> None:
-        """Wait until everything queued so far is written (for shutdown and tests)."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
-
     def _write_forever(self) -> None:
         while True:
             batch = [self._queue.get()]

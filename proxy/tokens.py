@@ -28,8 +28,6 @@ class TokenCounter:
         self._counts: OrderedDict[bytes, int] = OrderedDict()
         self._max = max_entries
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
     @staticmethod
     def _key(render: dict, model: str) -> bytes:
@@ -68,9 +66,7 @@ class TokenCounter:
         with self._lock:
             if key in self._counts:
                 self._counts.move_to_end(key)
-                self.hits += 1
                 return self._counts[key], True
-            self.misses += 1
         ids = self.tokens(render)
         if ids is None:
             return estimate(render), False
