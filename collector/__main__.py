@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from proxy.config import ConfigError
+from proxy.config import ConfigError, load_env_file
 from proxy.serving import bind_address, serve
 
 from .app import create_app
@@ -16,6 +16,7 @@ from .config import from_env
 
 def main() -> int:
     try:
+        load_env_file()
         settings = from_env()
     except ConfigError as exc:
         print(f"llamabridge collector: {exc}", file=sys.stderr)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from types import SimpleNamespace
+
+import requests
 
 from .app import create_app
-from .config import ConfigError, Settings, from_env
+from .config import ConfigError, Settings, from_env, load_env_file
 from .serving import bind_address, serve
 from .upstream import Upstream
 
@@ -20,15 +23,34 @@ from .upstream import Upstream
 MIN_AUTO_COMPACT_WINDOW = 100_000
 
 
+def context_from_proxy(base: str) -> SimpleNamespace | None:
+    """The model, context window and slots as the running proxy reports them (`/v1/models`).
+
+    Asked first because it is the one address that works for every way of running: in the compose
+    stack llama-server is only reachable from inside Docker's network."""
+    try:
+        answer = requests.get(f"{base}/v1/models", timeout=10)
+        model = (answer.json().get("data") or [None])[0] if answer.ok else None
+    except (requests.RequestException, ValueError, AttributeError):
+        return None
+    if not isinstance(model, dict) or not model.get("context_window"):
+        return None
+    return SimpleNamespace(model=model.get("id"), n_ctx=int(model["context_window"]), total_slots=model.get("slots"))
+
+
 def print_env(settings: Settings) -> int:
     """The environment that points Claude Code and OpenAI clients at this proxy."""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}"
-    try:
-        info = Upstream(settings).info(max_age=0)
-    except Exception as exc:  # noqa: BLE001 - any failure is reported the same way
-        print(f"# llama-server at {settings.upstream_base} did not answer /props ({exc}); context window unknown", file=sys.stderr)
-        info = None
+    info = context_from_proxy(base)
+    if info is None:
+        # No proxy running here yet (a native setup being prepared): ask llama-server itself.
+        try:
+            info = Upstream(settings).info(max_age=0)
+        except Exception as exc:  # noqa: BLE001 - any failure is reported the same way
+            print(f"# neither the proxy at {base} nor llama-server at {settings.upstream_base} answered ({exc}); "
+                  "context window unknown", file=sys.stderr)
+            info = None
     print("# Claude Code")
     print(f"export ANTHROPIC_BASE_URL={base}")
     print("export ANTHROPIC_API_KEY=llamabridge  # any value; the proxy does not check it")
@@ -44,7 +66,10 @@ def print_env(settings: Settings) -> int:
     # Not CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC: it also turns off session titles, which the
     # proxy answers at once without the model.
     print("export DISABLE_AUTOUPDATER=1 DISABLE_TELEMETRY=1 DISABLE_ERROR_REPORTING=1")
-    print("# Cline, Continue, Aider, OpenAI SDKs")
+    print("# Cline (settings, API Provider \"OpenAI Compatible\"); Continue and Cursor take the same values")
+    print(f"#   Base URL: {base}/v1   API Key: llamabridge   Model ID: {info.model if info else '<any>'}"
+          + (f"   Context Window Size: {info.n_ctx}" if info and info.n_ctx else ""))
+    print("# Aider, OpenAI SDKs")
     print(f"export OPENAI_BASE_URL={base}/v1")
     print("export OPENAI_API_KEY=llamabridge")
     if info:
@@ -57,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", nargs="?", choices=["serve", "env"], default="serve")
     args = parser.parse_args(argv)
     try:
+        load_env_file()
         settings = from_env()
     except ConfigError as exc:
         print(f"llamabridge proxy: {exc}", file=sys.stderr)

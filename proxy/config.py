@@ -62,6 +62,23 @@ class Settings:
         return self.llama_url.rstrip("/")
 
 
+def load_env_file(env: "os._Environ[str] | dict[str, str] | None" = None) -> str | None:
+    """Fill unset variables from `.env` in the working directory (or $LLAMABRIDGE_ENV_FILE).
+
+    Variables already in the environment win, as with Docker Compose, so `X=1 make run` overrides
+    the file. Called by the entry points, never on import: tests and containers stay in control."""
+    from dotenv import dotenv_values  # python-dotenv: the quoting, escapes and `export` lines of real .env files
+
+    env = os.environ if env is None else env
+    path = env.get("LLAMABRIDGE_ENV_FILE") or ".env"
+    if not os.path.isfile(path):
+        return None
+    for name, value in dotenv_values(path).items():
+        if value is not None and name not in env:
+            env[name] = value
+    return path
+
+
 def env_int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:

@@ -8,6 +8,8 @@ Tests build their own `CollectorRegistry`.
 from __future__ import annotations
 
 import logging
+import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
@@ -22,6 +24,39 @@ if TYPE_CHECKING:
 log = logging.getLogger("llamabridge.request")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+# Distinct `client` label values kept before the rest are counted as "other": a label value is a
+# time series in Prometheus, and User-Agent is whatever a client chooses to send.
+MAX_CLIENT_FAMILIES = 32
+_VERSION = re.compile(r"^v?\d")
+
+
+def client_family(user_agent: str) -> str:
+    """The agent behind a User-Agent, without versions: "claude-cli/2.1.328 (external, cli)" is
+    "claude-cli", "Anthropic/Python 0.49.0" is "anthropic/python", "OpenAI/JS 4.1" is "openai/js"."""
+    first = (user_agent or "").strip().split(" ", 1)[0]
+    parts = [part for part in first.lower().split("/") if part and not _VERSION.match(part)]
+    family = re.sub(r"[^a-z0-9._/-]", "", "/".join(parts))[:40].strip("-./_")
+    return family or "unknown"
+
+
+class ClientLabels:
+    """Bounded `client` label values: the first MAX_CLIENT_FAMILIES families seen, then "other"."""
+
+    def __init__(self, limit: int = MAX_CLIENT_FAMILIES):
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, user_agent: str) -> str:
+        family = client_family(user_agent)
+        with self._lock:
+            if family in self._seen:
+                return family
+            if len(self._seen) < self.limit:
+                self._seen.add(family)
+                return family
+        return "other"
 
 
 @dataclass
@@ -77,8 +112,10 @@ class ProxyMetrics:
         self.registry = registry or CollectorRegistry()
         self.request_log = request_log
         r = self.registry
-        self.requests = Counter("llamabridge_proxy_requests", "Requests by route, class, status and how they were answered.",
-                                ["route", "class", "status", "handled"], registry=r)
+        self.clients = ClientLabels()
+        self.requests = Counter("llamabridge_proxy_requests", "Requests by client (User-Agent without versions), route, "
+                                "class, status and how they were answered.",
+                                ["client", "route", "class", "status", "handled"], registry=r)
         self.queue_wait = Histogram("llamabridge_proxy_queue_wait_seconds", "Time spent waiting for a slot.", ["class"],
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("llamabridge_proxy_time_to_first_token_seconds", "Time to the first generated token.", ["class"],
@@ -93,6 +130,14 @@ class ProxyMetrics:
         self.slot_not_freed = Counter("llamabridge_proxy_slot_not_freed",
                                       "Disconnected requests whose llama-server slot stayed busy for seconds after we hung up.", registry=r)
         self.token_counts = Counter("llamabridge_proxy_token_counts", "count_tokens answers by source.", ["source"], registry=r)
+        # Series that exist from the start count their first request in rate() and increase():
+        # a labelled series born at 1 has no earlier sample to rise from.
+        from .classify import CLASSES
+        for klass in CLASSES:
+            for histogram in (self.queue_wait, self.ttft, self.duration):
+                histogram.labels(klass)
+        for kind in ("prompt", "cached", "generated"):
+            self.tokens.labels(kind)
 
     def watch_gate(self, gate: "Gate") -> None:
         self.registry.register(_StateCollector(gate, self.request_log))
@@ -103,7 +148,7 @@ class ProxyMetrics:
             return
         call.recorded = True
         total = time.monotonic() - call.started
-        self.requests.labels(call.route, call.klass, str(call.status), call.handled).inc()
+        self.requests.labels(self.clients(call.client), call.route, call.klass, str(call.status), call.handled).inc()
         if call.handled == "upstream" or call.handled == "background":
             self.queue_wait.labels(call.klass).observe(call.queue_wait)
             if call.ttft is not None:

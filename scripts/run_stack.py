@@ -24,6 +24,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from proxy.config import load_env_file  # noqa: E402 - after making the repository importable
 STOP_GRACE_SECONDS = 10
 
 
@@ -100,6 +102,8 @@ def main() -> int:
     parser.add_argument("--demo", action="store_true", help="serve the tiny generated test model")
     args = parser.parse_args()
     env = dict(os.environ)
+    if load_env_file(env):
+        print("[stack    ] settings from .env (the environment wins over it)", flush=True)
     stack = Stack()
     signal.signal(signal.SIGINT, lambda *_: stack.stopping.set())
     signal.signal(signal.SIGTERM, lambda *_: stack.stopping.set())

@@ -15,6 +15,10 @@ import pytest
 
 from tests.support import processes
 
+# A developer's own .env must not change what the services under test do; tests that read a
+# .env file point LLAMABRIDGE_ENV_FILE at their own.
+os.environ["LLAMABRIDGE_ENV_FILE"] = os.devnull
+
 ROOT = Path(__file__).resolve().parents[1]
 CAPTURE_CANDIDATES = [
     ROOT / "tests" / "fixtures" / "claude-code-2.1.328-session.jsonl",

@@ -204,3 +204,13 @@ def test_models_and_env_report_the_real_context_window(proxy, llama):
                          cwd=processes.ROOT).stdout
     assert f"export CLAUDE_CODE_MAX_CONTEXT_TOKENS={n_ctx}" in out
     assert "export ANTHROPIC_BASE_URL=http://127.0.0.1:9191" in out
+
+
+def test_env_asks_the_running_proxy_when_llama_server_is_out_of_reach(proxy, llama):
+    """As with the compose stack, where llama-server is only reachable inside Docker's network."""
+    n_ctx = requests.get(llama.url + "/props", timeout=5).json()["default_generation_settings"]["n_ctx"]
+    env = dict(os.environ, LLAMA_URL=f"http://127.0.0.1:{processes.free_port()}", PROXY_PORT=str(proxy.port))
+    out = subprocess.run([sys.executable, "-m", "proxy", "env"], env=env, capture_output=True, text=True, timeout=60,
+                         cwd=processes.ROOT).stdout
+    assert f"export CLAUDE_CODE_MAX_CONTEXT_TOKENS={n_ctx}" in out
+    assert f"Base URL: http://127.0.0.1:{proxy.port}/v1" in out and f"Context Window Size: {n_ctx}" in out
