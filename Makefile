@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # Everything slow (llama-server build, Claude Code CLI, tiny model) is cached here, by version.
 export LLAMABRIDGE_CACHE ?= $(HOME)/.cache/llamabridge
 
-.PHONY: help install install-test llama-server tiny-model claude-code run demo proxy collector env test test-unit up down clean
+.PHONY: help install install-test llama-server tiny-model claude-code run demo proxy collector env test test-unit up down logs ps clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/\$$\$$/$$/g' | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -48,7 +48,7 @@ proxy: $(VENV)/.installed ## only the proxy, against $$LLAMA_URL
 collector: $(VENV)/.installed ## run the lifetime-metrics collector natively against $$LLAMA_URL (serves :9091)
 	$(PY) -m collector
 
-env: $(VENV)/.installed ## print the Claude Code / OpenAI client settings for this proxy, with the real context window
+env: $(VENV)/.installed ## print the Claude Code / Cline settings for the running proxy (native or compose), with the real context window
 	@$(PY) -m proxy env
 
 # `make test` prepares everything it needs (tmux, venv, llama-server, tiny model, Claude Code CLI)
@@ -66,13 +66,17 @@ test: $(VENV)/.installed-test ## set everything up and run the whole test suite
 test-unit: $(VENV)/.installed-test ## only the tests that need no llama-server
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-up: ## the docker compose stack (not built yet: use `make run` or `make demo`)
-	@echo "The docker compose stack is not built yet; compose.yaml is a placeholder." >&2
-	@echo "Run natively instead: 'make demo' (tiny model), or LLAMA_MODEL=path.gguf make run (see README)." >&2
-	@exit 2
+up: ## the docker compose stack: llama-server (GPU; LLAMA_DEVICE=cpu for the CPU image; none with LLAMA_URL), proxy, collector, Prometheus, Grafana
+	@bash scripts/compose.sh up
 
-down: ## stop the compose stack
-	@echo "The docker compose stack is not built yet." >&2
+down: ## stop the compose stack (its volumes, with the lifetime store, stay)
+	@bash scripts/compose.sh down
+
+logs: ## follow the compose stack's logs
+	@bash scripts/compose.sh logs
+
+ps: ## the compose stack's services and their health
+	@bash scripts/compose.sh ps
 
 clean: ## remove the virtual environment (the cache in $$LLAMABRIDGE_CACHE stays)
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,378 @@
+"""The compose stack (`make up`) as far as this machine can check it without a Docker engine:
+compose.yaml against the Compose specification's JSON schema and the stack's conventions, the
+image's Dockerfile, Prometheus' config (with the real promtool), Grafana's provisioning and
+dashboards, the llama-server service's settings run for real on the native binary, and the
+checks `make up` makes before it calls Docker."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tests.support import processes
+
+ROOT = processes.ROOT
+COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())  # PyYAML resolves the `<<: *anchor` merges
+SERVICES = COMPOSE["services"]
+DATASOURCE_UID = "llamabridge-prometheus"
+DASHBOARDS = {  # file -> (uid, title): the uids are pinned so links and bookmarks survive re-provisioning
+    "llama-server.json": ("llamabridge-llama-server", "llama.cpp server"),
+    "proxy.json": ("llamabridge-proxy", "llamabridge proxy"),
+    "lifetime.json": ("llamabridge-lifetime", "Lifetime"),
+}
+LOCAL_DEFAULT = "${BIND_ADDR:-127.0.0.1}:"
+
+
+def check_jsonschema(path: Path) -> subprocess.CompletedProcess:
+    tool = Path(sys.executable).with_name("check-jsonschema")
+    return subprocess.run([str(tool), "--builtin-schema", "vendor.compose-spec", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+# ---------------------------------------------------------------- compose.yaml
+
+
+def test_compose_file_is_valid_against_the_compose_specification(tmp_path):
+    result = check_jsonschema(ROOT / "compose.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The validator does reject what Compose would: a misspelt depends_on condition.
+    broken = tmp_path / "compose.yaml"
+    broken.write_text((ROOT / "compose.yaml").read_text().replace("condition: service_healthy", "condition: healthy", 1))
+    result = check_jsonschema(broken)
+    assert result.returncode != 0 and "healthy" in result.stdout + result.stderr
+
+
+def test_services_and_profiles():
+    assert set(SERVICES) == {"llama", "llama-cpu", "proxy", "collector", "prometheus", "grafana"}
+    assert COMPOSE["name"] == "llamabridge"
+    assert SERVICES["llama"]["profiles"] == ["gpu"]
+    assert SERVICES["llama-cpu"]["profiles"] == ["cpu"]
+    # The CPU variant answers at the same address, so the rest of the stack does not change.
+    assert SERVICES["llama-cpu"]["networks"]["default"]["aliases"] == ["llama"]
+    for name in ("proxy", "collector", "prometheus", "grafana"):
+        assert "profiles" not in SERVICES[name], name  # always on, whichever llama-server (or none)
+
+
+def test_images_are_pinned():
+    gpu, cpu = SERVICES["llama"]["image"], SERVICES["llama-cpu"]["image"]
+    gpu_build = re.fullmatch(r"ghcr\.io/ggml-org/llama\.cpp:server-cuda12-b(\d+)", gpu)
+    cpu_build = re.fullmatch(r"ghcr\.io/ggml-org/llama\.cpp:server-b(\d+)", cpu)
+    assert gpu_build and cpu_build and gpu_build[1] == cpu_build[1], (gpu, cpu)
+    for name in ("prometheus", "grafana"):
+        image = SERVICES[name]["image"]
+        assert re.fullmatch(r"[a-z/]+:v?\d+\.\d+\.\d+@sha256:[0-9a-f]{64}", image), image
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", dockerfile, re.M)[1]
+    assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), base
+
+
+def test_llama_service_gpu_reservation_settings_and_healthcheck():
+    gpu = SERVICES["llama"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert "deploy" not in SERVICES["llama-cpu"]
+    for name in ("llama", "llama-cpu"):
+        service = SERVICES[name]
+        env = dict(item.partition("=")[::2] for item in service["environment"])
+        assert env["LLAMA_ARG_ENDPOINT_METRICS"] == "1" and env["LLAMA_ARG_JINJA"] == "1"
+        for passthrough in ("LLAMA_ARG_MODEL", "LLAMA_ARG_HF_REPO"):
+            assert passthrough in env and env[passthrough] == "", passthrough  # from .env, unset if unset
+        assert env["LLAMA_ARG_CTX_SIZE"].startswith("${LLAMA_ARG_CTX_SIZE:-")
+        assert env["LLAMA_ARG_N_PARALLEL"].startswith("${LLAMA_ARG_N_PARALLEL:-")
+        assert env["LLAMA_CACHE"] == "/cache" and "llama-cache:/cache" in service["volumes"]
+        assert "./models:/models:ro" in service["volumes"]
+        check = service["healthcheck"]
+        assert "http://127.0.0.1:8080/health" in check["test"]
+        assert duration_seconds(check["start_period"]) >= 30 * 60  # a first model download
+        assert "ports" not in service
+
+
+def test_proxy_and_collector_share_one_image_a_volume_and_wait_for_llama():
+    proxy, collector = SERVICES["proxy"], SERVICES["collector"]
+    assert proxy["build"] == collector["build"] == "."
+    assert proxy["image"] == collector["image"]
+    assert proxy["command"] == ["python", "-m", "proxy"] and collector["command"] == ["python", "-m", "collector"]
+    for service in (proxy, collector):
+        assert "data:/data" in service["volumes"]
+        assert service["environment"]["DB_PATH"] == "/data/llamabridge.db"
+        assert service["environment"]["LLAMA_URL"] == "${LLAMA_URL:-http://llama:8080}"
+        assert service["depends_on"] == {
+            "llama": {"condition": "service_healthy", "required": False},
+            "llama-cpu": {"condition": "service_healthy", "required": False},
+        }
+        assert "/healthz" in " ".join(service["healthcheck"]["test"])
+    assert proxy["environment"]["PROXY_PORT"] == "9090" and collector["environment"]["COLLECTOR_PORT"] == "9091"
+    assert set(COMPOSE["volumes"]) == {"data", "llama-cache", "prometheus-data", "grafana-data"}
+
+
+def test_only_the_proxy_and_grafana_are_published_on_loopback_by_default():
+    published = {name: service["ports"] for name, service in SERVICES.items() if "ports" in service}
+    assert published == {"proxy": [LOCAL_DEFAULT + "${PROXY_PORT:-9090}:9090"],
+                         "grafana": [LOCAL_DEFAULT + "${GRAFANA_PORT:-3000}:3000"]}
+
+
+def test_every_service_has_a_healthcheck():
+    for name, service in SERVICES.items():
+        assert service.get("healthcheck", {}).get("test"), name
+
+
+def test_grafana_is_provisioned_read_only_for_anonymous_viewers():
+    grafana = SERVICES["grafana"]
+    env = grafana["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    mounts = dict(volume.split(":")[:2] for volume in grafana["volumes"])
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    dashboards_dir = mounts["./grafana/dashboards"]
+    home = env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(dashboards_dir + "/") and (ROOT / "grafana/dashboards" / Path(home).name).is_file()
+    provider = yaml.safe_load((ROOT / "grafana/provisioning/dashboards/llamabridge.yaml").read_text())["providers"]
+    assert len(provider) == 1 and provider[0]["options"]["path"] == dashboards_dir
+    assert provider[0]["editable"] is False and provider[0]["allowUiUpdates"] is False
+    prometheus = SERVICES["prometheus"]
+    assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+
+
+def test_every_file_the_stack_mounts_or_builds_from_exists():
+    for name, service in SERVICES.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./") and source != "./models":  # make up creates ./models
+                assert (ROOT / source).exists(), (name, source)
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), line
+                assert f"!{source.rstrip('/')}" in (ROOT / ".dockerignore").read_text().replace("/\n", "\n"), source
+
+
+def test_dockerfile_runs_as_a_non_root_user_with_a_healthcheck():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*\n?.*CMD", dockerfile, re.M)
+    assert 'CMD ["python", "-m", "proxy"]' in dockerfile
+
+
+def duration_seconds(text: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text))
+
+
+# ---------------------------------------------------------------- Prometheus and Grafana files
+
+
+def test_prometheus_config_is_valid_and_scrapes_the_three_services():
+    result = subprocess.run(["promtool", "check", "config", str(ROOT / "prometheus/prometheus.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = yaml.safe_load((ROOT / "prometheus/prometheus.yml").read_text())
+    targets = {job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]] for job in config["scrape_configs"]}
+    assert targets == {"llama-server": ["llama:8080"], "llamabridge-proxy": ["proxy:9090"],
+                       "llamabridge-collector": ["collector:9091"]}
+
+
+def test_datasource_has_the_pinned_uid():
+    sources = yaml.safe_load((ROOT / "grafana/provisioning/datasources/prometheus.yaml").read_text())["datasources"]
+    assert len(sources) == 1
+    source = sources[0]
+    assert source["uid"] == DATASOURCE_UID and source["type"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090" and source["editable"] is False
+
+
+def dashboards() -> dict[str, dict]:
+    return {path.name: json.loads(path.read_text()) for path in sorted((ROOT / "grafana/dashboards").glob("*.json"))}
+
+
+def test_dashboards_have_pinned_uids_and_reference_the_datasource_by_uid():
+    boards = dashboards()
+    assert set(boards) == set(DASHBOARDS)
+    for name, board in boards.items():
+        text = (ROOT / "grafana/dashboards" / name).read_text()
+        assert (board["uid"], board["title"]) == DASHBOARDS[name]
+        assert "__inputs" not in board and "__requires" not in board and "${DS_" not in text, name
+        assert board.get("id") is None and board["editable"] is False
+        ids = [panel["id"] for panel in board["panels"]]
+        assert len(ids) == len(set(ids)) and len(ids) >= 6, name
+        for panel in board["panels"]:
+            assert panel["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}, (name, panel["title"])
+            assert panel["targets"], (name, panel["title"])
+            for target in panel["targets"]:
+                assert target["datasource"]["uid"] == DATASOURCE_UID and target["expr"].strip()
+            grid = panel["gridPos"]
+            assert grid["x"] + grid["w"] <= 24, (name, panel["title"])
+
+
+def test_dashboards_cover_what_users_look_for():
+    def exprs(name: str) -> str:
+        return " ".join(t["expr"] for p in dashboards()[name]["panels"] for t in p["targets"])
+
+    llama = exprs("llama-server.json")
+    for metric in ("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total", "llamacpp:requests_processing",
+                   "llamacpp:requests_deferred", "llamabridge_context_used_tokens", "llamabridge_lifetime_cached_prompt_tokens_total",
+                   "llamacpp:n_decode_total", "llamabridge_lifetime_upstream_restarts_total"):
+        assert metric in llama, metric
+    proxy = exprs("proxy.json")
+    for needle in ("sum by (client)", "sum by (class)", "sum by (status)", "llamabridge_proxy_queue_depth",
+                   "llamabridge_proxy_queue_wait_seconds_bucket", "llamabridge_proxy_time_to_first_token_seconds_bucket",
+                   "llamabridge_proxy_request_duration_seconds_bucket", 'handled!="upstream"', 'status=~"[45].."'):
+        assert needle in proxy, needle
+    lifetime = exprs("lifetime.json")
+    for needle in ("llamabridge_lifetime_generated_tokens_total", "llamabridge_lifetime_requests_total", "[1d]"):
+        assert needle in lifetime, needle
+
+
+# ---------------------------------------------------------------- llama-server as the compose service runs it
+
+
+def compose_llama_environment(overrides: dict[str, str]) -> dict[str, str]:
+    """The llama service's environment as Compose would resolve it from an .env that sets only
+    `overrides`: `${X:-default}` gives the default, a bare name the .env value or "" (set, empty)."""
+    env = {}
+    for item in SERVICES["llama-cpu"]["environment"]:
+        name, has_value, value = item.partition("=")
+        if not has_value:
+            value = overrides.get(name, "")
+        else:
+            value = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: overrides.get(m[1], m[2]), value)
+        env[name] = value
+    return env
+
+
+def test_llama_service_settings_start_a_real_llama_server(llama_server_bin, tiny_model, tmp_path):
+    """The service's LLAMA_ARG_* settings and entry point, run on the native llama-server: the
+    empty variables an .env leaves are dropped, and metrics, jinja and the context size hold."""
+    port = processes.free_port()
+    env = compose_llama_environment({"LLAMA_ARG_MODEL": tiny_model, "LLAMA_ARG_CTX_SIZE": "8192",
+                                     "LLAMA_ARG_THREADS": "1"})
+    assert env["LLAMA_ARG_HF_REPO"] == "" and env["LLAMA_ARG_CACHE_RAM"] == ""  # the case the entry point exists for
+    env.update(LLAMA_ARG_HOST="127.0.0.1", LLAMA_ARG_PORT=str(port), LLAMA_CACHE=str(tmp_path),  # loopback, not the container's
+               LLAMA_SERVER=llama_server_bin, PATH=os.environ["PATH"])
+    entry = SERVICES["llama-cpu"]["entrypoint"]
+    script = next(v.split(":")[0] for v in SERVICES["llama-cpu"]["volumes"] if v.split(":")[1] == entry[-1])
+    server = processes.Service("llama-server", ["sh", str(ROOT / script)], r"listening on http://127\.0\.0\.1:(?P<port>\d+)",
+                               env=env, health_path="/health", timeout=120)
+    with server:
+        props = requests.get(server.url + "/props", timeout=10).json()
+        assert props["default_generation_settings"]["n_ctx"] == 8192 and props["total_slots"] == 1
+        assert props["endpoint_metrics"] is True
+        assert props["chat_template_caps"].get("supports_tools") is True  # --jinja: the model's own template
+        metrics = requests.get(server.url + "/metrics", timeout=10)
+        assert metrics.status_code == 200 and "llamacpp:prompt_tokens_total" in metrics.text
+
+
+# ---------------------------------------------------------------- make up's checks (no Docker engine here)
+
+FAKE_DOCKER = r'''#!/usr/bin/env bash
+# A stand-in for the docker CLI: this machine has no Docker engine (and the tests need each kind
+# of missing piece on demand). It answers like the real client for what scripts/compose.sh asks.
+echo "docker $* COMPOSE_PROFILES=${COMPOSE_PROFILES-unset}" >> "$FAKE_DOCKER_LOG"
+case "$1 $2" in
+  "compose version")
+    [[ -n "$FAKE_COMPOSE" ]] || { echo "docker: unknown command: docker compose" >&2; exit 1; }
+    echo "$FAKE_COMPOSE" ;;
+  "info --format") echo "$FAKE_RUNTIMES" ;;
+  "info ") [[ -z "$FAKE_NO_ENGINE" ]] || { echo "Cannot connect to the Docker daemon" >&2; exit 1; } ;;
+  *) exit 0 ;;
+esac
+'''
+
+
+@pytest.fixture
+def stack_copy(tmp_path):
+    """scripts/compose.sh in a throwaway copy of the repository's top level (it writes .env there)."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    for name in ("compose.yaml", ".env.example"):
+        shutil.copy(ROOT / name, root / name)
+    shutil.copy(ROOT / "scripts/compose.sh", root / "scripts/compose.sh")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "sh", "sed", "sort", "head", "tail", "grep", "cp", "mkdir", "dirname", "cat", "env",
+                 "base64", "tr"):
+        found = shutil.which(tool)
+        assert found, tool
+        (bin_dir / tool).symlink_to(found)
+    return root, bin_dir, tmp_path / "docker.log"
+
+
+def make_up(stack_copy, *, docker: bool = True, command: str = "up", **env: str) -> subprocess.CompletedProcess:
+    root, bin_dir, log = stack_copy
+    if docker:
+        fake = bin_dir / "docker"
+        fake.write_text(FAKE_DOCKER)
+        fake.chmod(0o755)
+    full = {"PATH": str(bin_dir), "HOME": str(root), "FAKE_DOCKER_LOG": str(log),
+            "FAKE_COMPOSE": "2.30.3", "FAKE_RUNTIMES": '{"nvidia":{"path":"nvidia-container-runtime"},"runc":{"path":"runc"}}'}
+    full.update(env)
+    return subprocess.run(["bash", str(root / "scripts/compose.sh"), command], env=full, capture_output=True, text=True, timeout=60)
+
+
+def test_make_up_without_docker_suggests_the_native_run(stack_copy):
+    result = make_up(stack_copy, docker=False)
+    assert result.returncode == 2
+    assert "Docker is not installed" in result.stderr and "make demo" in result.stderr and "make run" in result.stderr
+
+
+def test_make_up_without_the_compose_plugin_or_with_an_old_one(stack_copy):
+    result = make_up(stack_copy, FAKE_COMPOSE="")
+    assert result.returncode == 2 and "Compose plugin is missing" in result.stderr and "make demo" in result.stderr
+    result = make_up(stack_copy, FAKE_COMPOSE="2.20.2")
+    assert result.returncode == 2 and "2.20.2 is too old" in result.stderr
+
+
+def test_make_up_without_a_running_engine(stack_copy):
+    result = make_up(stack_copy, FAKE_NO_ENGINE="1")
+    assert result.returncode == 2 and "engine does not answer" in result.stderr
+
+
+def test_make_up_without_the_nvidia_toolkit_suggests_the_cpu_variant(stack_copy):
+    result = make_up(stack_copy, FAKE_RUNTIMES='{"runc":{"path":"runc"}}', LLAMA_ARG_HF_REPO="org/model:Q4_K_M")
+    assert result.returncode == 2
+    assert "NVIDIA container toolkit" in result.stderr and "LLAMA_DEVICE=cpu make up" in result.stderr
+    assert "make demo" in result.stderr
+
+
+def test_make_up_needs_a_model(stack_copy):
+    result = make_up(stack_copy)
+    assert result.returncode == 2 and "no model" in result.stderr and "LLAMA_ARG_HF_REPO" in result.stderr
+    result = make_up(stack_copy, LLAMA_ARG_MODEL="/models/missing.gguf")
+    assert result.returncode == 2 and "no models/missing.gguf here" in result.stderr
+
+
+def test_make_up_gpu_cpu_and_external_llama_server(stack_copy):
+    root, _, log = stack_copy
+    result = make_up(stack_copy, LLAMA_ARG_HF_REPO="org/model:Q4_K_M")
+    assert result.returncode == 0, result.stderr
+    assert "docker compose up --detach --build --remove-orphans COMPOSE_PROFILES=gpu" in log.read_text()
+    # First run: .env made from the example, with a generated Grafana password.
+    password = re.search(r"^GRAFANA_ADMIN_PASSWORD=(\S{20,})$", (root / ".env").read_text(), re.M)
+    assert password and password[1] not in result.stdout
+    (root / "models").mkdir(exist_ok=True)
+    (root / "models/m.gguf").write_bytes(b"GGUF")
+    result = make_up(stack_copy, LLAMA_DEVICE="cpu", LLAMA_ARG_MODEL="/models/m.gguf")
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().splitlines()[-1].endswith("COMPOSE_PROFILES=cpu")
+    assert (root / ".env").read_text().count("GRAFANA_ADMIN_PASSWORD=") == 1  # filled in once, then kept
+    result = make_up(stack_copy, LLAMA_URL="http://gpu-box.lan:8080")
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().splitlines()[-1].endswith("COMPOSE_PROFILES=")  # no llama-server service
+    result = make_up(stack_copy, LLAMA_URL="http://127.0.0.1:8080")
+    assert result.returncode == 2 and "host.docker.internal:8080" in result.stderr
+
+
+def test_make_down_ps_and_logs_cover_every_profile(stack_copy):
+    _, _, log = stack_copy
+    for command in ("down", "ps", "logs"):
+        assert make_up(stack_copy, command=command).returncode == 0
+        assert log.read_text().splitlines()[-1].startswith(f"docker compose --profile gpu --profile cpu {command}")
