@@ -73,9 +73,10 @@ class ScrapeJob:
         if self.down_since is None:
             self.down_since = now
             log.warning("llama-server cannot be read: %s (logged once; retrying every %.0fs)", reason, self.interval)
-            self.store.record_scrape(now, {}, {}, {"up": 0}, [("outage", reason)])
+            self.store.record_scrape(now, {}, {}, {"up": 0}, [("outage", reason)], meta={"last_scrape": repr(now)})
         else:
-            self.store.record_scrape(now, {}, {}, {"up": 0})
+            # last_scrape moves on: readers of the store see "llama-server down", not "no collector".
+            self.store.record_scrape(now, {}, {}, {"up": 0}, meta={"last_scrape": repr(now)})
 
     @staticmethod
     def _sample(advanced: dict[str, float], reading: scrape.Reading) -> dict[str, Any]:

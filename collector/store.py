@@ -20,6 +20,18 @@ from typing import Any, Callable, Iterable
 
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = []
 
+# A bucket of samples as one: counts summed, speeds and the cache ratio from those sums (not an
+# average of per-scrape ratios), gauges averaged, `up` only if up throughout.
+BUCKET_COLUMNS = """MIN(up), SUM(prompt_tokens), SUM(cached_tokens), SUM(generated_tokens), SUM(prompt_seconds),
+    SUM(generation_seconds),
+    CASE WHEN SUM(prompt_seconds) > 0 THEN SUM(prompt_tokens) / SUM(prompt_seconds) END,
+    CASE WHEN SUM(generation_seconds) > 0 THEN SUM(generated_tokens) / SUM(generation_seconds) END,
+    AVG(busy_slots), AVG(processing), AVG(deferred),
+    CASE WHEN SUM(prompt_tokens) + SUM(cached_tokens) > 0
+         THEN 1.0 * SUM(cached_tokens) / (SUM(prompt_tokens) + SUM(cached_tokens)) END"""
+SERIES_COLUMNS = ("up", "prompt_tokens", "cached_tokens", "generated_tokens", "prompt_seconds", "generation_seconds",
+                  "prompt_tps", "generation_tps", "busy_slots", "processing", "deferred", "cache_ratio")
+
 
 def migration(fn: Callable[[sqlite3.Connection], None]) -> Callable[[sqlite3.Connection], None]:
     MIGRATIONS.append((fn.__name__, fn))
@@ -104,6 +116,9 @@ def connect(path: str | Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes, cheap commits
     db.execute("PRAGMA busy_timeout=30000")
+    # A WAL file otherwise stays at its largest size (4 MB after an hourly roll-up): cut it back to
+    # 1 MB whenever SQLite restarts it.
+    db.execute("PRAGMA journal_size_limit=1048576")
     migrate(db)
     return db
 
@@ -126,6 +141,12 @@ def migrate(db: sqlite3.Connection) -> list[str]:
             db.execute("ROLLBACK")
             raise
     return applied
+
+
+@migration
+def m002_samples_by_ts(db: sqlite3.Connection) -> None:
+    """History reads ask for a time range across resolutions: samples_by_time (resolution, ts) cannot serve them."""
+    db.execute("CREATE INDEX samples_by_ts ON samples (ts)")
 
 
 class Store:
@@ -190,14 +211,17 @@ class Store:
 
     # -- reads for the API ------------------------------------------------------------------------
 
-    def samples(self, since: float, resolution: int | None = None, limit: int = 5000) -> list[dict[str, Any]]:
+    def samples(self, since: float, bucket: int = 0, limit: int = 5000) -> list[dict[str, Any]]:
+        """History from `since` on, oldest first: the stored rows, or with `bucket` seconds one
+        point per bucket (rows of every resolution summed alike). At most the newest `limit`."""
         with self.lock:
-            if resolution is None:
-                rows = self.db.execute("SELECT * FROM samples WHERE ts >= ? ORDER BY ts LIMIT ?", (since, limit))
-            else:
-                rows = self.db.execute("SELECT * FROM samples WHERE ts >= ? AND resolution = ? ORDER BY ts LIMIT ?",
-                                       (since, resolution, limit))
-            return [dict(r) for r in rows]
+            if bucket <= 0:
+                rows = self.db.execute("SELECT * FROM samples WHERE ts >= ? ORDER BY ts DESC LIMIT ?", (since, limit))
+                return [dict(r) for r in rows][::-1]
+            rows = self.db.execute(
+                f"""SELECT CAST(ts / {int(bucket)} AS INTEGER) * {int(bucket)}, {BUCKET_COLUMNS} FROM samples WHERE ts >= ?
+                    GROUP BY 1 ORDER BY 1 DESC LIMIT ?""", (since, limit))
+            return [dict(zip(("ts", *SERIES_COLUMNS), r), resolution=bucket) for r in rows][::-1]
 
     def latest_sample(self) -> dict[str, Any] | None:
         with self.lock:
@@ -266,15 +290,18 @@ class Store:
 
     def _roll_up(self, source: int, target: int, before: float) -> None:
         """Replace `source`-resolution rows older than `before` with one row per `target` seconds:
-        token and second counts summed, rates and gauges averaged, `up` the minimum."""
+        token and second counts summed, speeds and the cache ratio recomputed from those sums,
+        gauges averaged, `up` the minimum, the bucket's last context reading kept."""
         before = (before // target) * target  # whole buckets only: none is split across two runs
         self.db.execute(
             f"""INSERT INTO samples (ts, resolution, up, prompt_tokens, cached_tokens, generated_tokens, prompt_seconds,
                     generation_seconds, prompt_tps, generation_tps, busy_slots, processing, deferred, cache_ratio, context_used)
-                SELECT CAST(ts / {target} AS INTEGER) * {target}, {target}, MIN(up), SUM(prompt_tokens), SUM(cached_tokens),
-                    SUM(generated_tokens), SUM(prompt_seconds), SUM(generation_seconds), AVG(prompt_tps), AVG(generation_tps),
-                    AVG(busy_slots), AVG(processing), AVG(deferred), AVG(cache_ratio), MAX(context_used)
+                SELECT CAST(ts / {target} AS INTEGER) * {target}, {target}, {BUCKET_COLUMNS},
+                    (SELECT last.context_used FROM samples AS last WHERE last.resolution = ?
+                        AND last.ts >= CAST(samples.ts / {target} AS INTEGER) * {target}
+                        AND last.ts < CAST(samples.ts / {target} AS INTEGER) * {target} + {target}
+                        ORDER BY last.ts DESC LIMIT 1)
                 FROM samples WHERE resolution = ? AND ts < ? GROUP BY CAST(ts / {target} AS INTEGER)""",
-            (source, before),
+            (source, source, before),
         )
         self.db.execute("DELETE FROM samples WHERE resolution = ? AND ts < ?", (source, before))

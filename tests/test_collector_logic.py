@@ -80,10 +80,15 @@ def test_migrations_create_the_exact_schema(tmp_path):
     assert columns["lifetime"] == ["name", "total", "last_raw", "updated_at"]
     assert columns["samples"][:3] == ["ts", "resolution", "up"] and "context_used" in columns["samples"]
     assert columns["requests"] == ["id"] + list(Store.REQUEST_COLUMNS)
-    assert [r[0] for r in db.execute("SELECT name FROM _migrations")] == ["m001_initial"]
+    assert [r[0] for r in db.execute("SELECT name FROM _migrations")] == ["m001_initial", "m002_samples_by_ts"]
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    # A store from before m002 gets only m002 when it is opened again.
+    db.execute("DROP INDEX samples_by_ts")
+    db.execute("DELETE FROM _migrations WHERE name = 'm002_samples_by_ts'")
     db.close()
-    assert connect(tmp_path / "s.db").execute("SELECT COUNT(*) FROM _migrations").fetchone()[0] == 1  # not re-run
+    db = connect(tmp_path / "s.db")
+    assert db.execute("SELECT COUNT(*) FROM _migrations").fetchone()[0] == 2
+    assert db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'samples_by_ts'").fetchone()
 
 
 def test_a_failed_scrape_write_changes_nothing(tmp_path):
@@ -107,17 +112,58 @@ def test_retention_keeps_a_month_of_10s_samples_small(tmp_path):
     for hour in range(30 * 24):
         rows = [(start + hour * 3600 + i * 10, 1, 120.0, 900.0, 40.0, 0.05, 0.4, 1500.0, 60.0, 1.0, 1.0, 0.0, 0.88, sample[0])
                 for i in range(360)]
-        with store.lock:
+        with store.lock:  # an hour per transaction: the same rows as 360 scrapes, written faster
+            store.db.execute("BEGIN")
             store.db.executemany(
                 "INSERT INTO samples (ts, up, prompt_tokens, cached_tokens, generated_tokens, prompt_seconds, generation_seconds,"
                 " prompt_tps, generation_tps, busy_slots, processing, deferred, cache_ratio, context_used)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            store.db.execute("COMMIT")
         store.compact(start + (hour + 1) * 3600)
     with store.lock:
-        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         by_resolution = dict(store.db.execute("SELECT resolution, COUNT(*) FROM samples GROUP BY resolution").fetchall())
         tokens = store.db.execute("SELECT SUM(generated_tokens) FROM samples").fetchone()[0]
     assert tokens == 30 * 24 * 360 * 40.0  # rolled up, not lost
     assert by_resolution[0] <= 48 * 360 + 360 and by_resolution[60] > 0
     size = os.path.getsize(path) + (os.path.getsize(f"{path}-wal") if os.path.exists(f"{path}-wal") else 0)
     assert size < MONTH_LIMIT_BYTES, size
+    # The dashboard's ranges read the newest points, one per bucket, whatever resolution they are stored at.
+    now = start + 30 * 24 * 3600
+    hour = store.samples(now - 3600)
+    assert len(hour) == 360 and hour[-1]["ts"] > now - 11 and hour[0]["ts"] < hour[-1]["ts"]
+    day = store.samples(now - 86400, 60)
+    assert 1439 <= len(day) <= 1441 and day[-1]["ts"] > now - 120
+    assert all(point["generated_tokens"] == 6 * 40.0 for point in day[1:-1])  # six 10 s scrapes a minute
+    month = store.samples(now - 30 * 86400, 3600)
+    assert 719 <= len(month) <= 721 and month[-1]["ts"] > now - 7200
+    assert sum(point["generated_tokens"] for point in month) == pytest.approx(tokens, rel=0.01)
+    assert month[len(month) // 2]["generation_tps"] == pytest.approx(40.0 / 0.4)  # from the sums
+
+
+def test_roll_ups_compute_speeds_from_sums_and_keep_the_last_context(tmp_path):
+    store = Store(tmp_path / "s.db")
+    rows = [  # a fast scrape with few tokens and a slow one with many: the minute's speed is tokens / seconds
+        (600.0, 10.0, 0.01, 1000.0, 0.0, '[{"slot": 0, "used": 1200, "n_ctx": 4096}]'),
+        (610.0, 1000.0, 10.0, 100.0, 0.5, '[{"slot": 0, "used": 999, "n_ctx": 4096}]'),
+    ]
+    with store.lock:
+        store.db.executemany("INSERT INTO samples (ts, up, generated_tokens, generation_seconds, generation_tps, cache_ratio,"
+                             " prompt_tokens, cached_tokens, context_used) VALUES (?, 1, ?, ?, ?, ?, 100, 0, ?)", rows)
+    store.compact(now=1000.0 + 48 * 3600)
+    (minute,) = store.samples(0)
+    assert minute["resolution"] == 60 and minute["generated_tokens"] == 1010.0
+    assert minute["generation_tps"] == pytest.approx(1010.0 / 10.01)  # not the average of 1000 and 100
+    assert minute["context_used"] == rows[-1][-1]  # the latest reading, not the largest string
+
+
+def test_an_outage_reads_as_llama_server_down_not_as_a_missing_collector(tmp_path):
+    from collector.api import stored_status
+    from collector.job import ScrapeJob
+    from tests.support.processes import free_port
+
+    store = Store(tmp_path / "s.db")
+    job = ScrapeJob(store, f"http://127.0.0.1:{free_port()}", interval=10)
+    job.run()
+    job.run()  # still down: no new event, but the store hears from the collector
+    assert stored_status(store) == {"up": False, "collector": True}
+    assert [e["kind"] for e in store.events(0)] == ["outage"]
