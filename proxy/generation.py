@@ -8,7 +8,6 @@ cache against the session's previous turn.
 
 from __future__ import annotations
 
-import json
 import logging
 from array import array
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from typing import Callable, Iterator
 
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from . import classify, sse, translate
+from . import classify, fastjson, sse, translate
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import ApiError, from_upstream
 from .gate import Ticket, Waiter
@@ -78,7 +77,7 @@ class Generation:
         assert self.ticket is not None
         if self.target.gate.slots > 1:
             self.payload["id_slot"] = self.ticket.slot
-        body = json.dumps(self.payload, ensure_ascii=False).encode()
+        body = fastjson.dumps(self.payload)
         answer = self.target.upstream.open("POST", self.path, body, self.watch)
         if answer.status >= 400:
             try:

@@ -52,7 +52,13 @@ def relay(method: str, path: str, parsed: dict | None, raw_body: bytes | None, c
         return iter(())
 
     chunks = _noting_usage(stream_chunks(answer, watch), call)
-    return Response(gen.relay(chunks, broken), status=answer.status, headers=relay_headers(answer))
+    headers = relay_headers(answer)
+    length = answer.headers.get("Content-Length")
+    if length is not None:
+        # The bytes are relayed untouched, so llama-server's length holds: the client gets a plain
+        # body instead of chunked framing (fewer writes on every non-streamed answer).
+        headers.append(("Content-Length", length))
+    return Response(gen.relay(chunks, broken), status=answer.status, headers=headers)
 
 
 def _noting_usage(chunks: Iterator[bytes], call: Call, keep: int = 16384) -> Iterator[bytes]:

@@ -1,17 +1,17 @@
 """The proxy's request log: one row per request in the shared SQLite store, written off the
 request thread.
 
-Request threads only put a row on a bounded queue; one writer thread drains it in batches
-(a transaction every half second at most), so a slow disk never slows a request. If the queue
-is ever full, rows are dropped and counted rather than blocking.
+Request threads append a row to a list under a lock and return: no thread is woken per
+request (waking the writer for every row cost a measurable share of the proxy's added
+latency). One writer thread takes the whole list every half second and writes it in one
+transaction, so a slow disk never slows a request. If rows pile up past QUEUE_SIZE (the disk
+has stalled), new rows are dropped and counted rather than blocking.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-import time
 from typing import Any
 
 from collector.store import Store
@@ -20,35 +20,32 @@ log = logging.getLogger("llamabridge.requestlog")
 
 FLUSH_SECONDS = 0.5
 QUEUE_SIZE = 10_000
+BATCH = 500
 
 
 class RequestLog:
     def __init__(self, db_path: str):
         self.store = Store(db_path)
-        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(QUEUE_SIZE)
+        self._rows: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
         self.dropped = 0
         self._thread = threading.Thread(target=self._write_forever, name="request-log", daemon=True)
         self._thread.start()
 
     def add(self, row: dict[str, Any]) -> None:
-        try:
-            self._queue.put_nowait(row)
-        except queue.Full:
-            self.dropped += 1
+        with self._lock:
+            if len(self._rows) >= QUEUE_SIZE:
+                self.dropped += 1
+                return
+            self._rows.append(row)
 
     def _write_forever(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            deadline = time.monotonic() + FLUSH_SECONDS
-            while len(batch) < 500:
+        stop = threading.Event()  # never set: the thread is a daemon and ends with the process
+        while not stop.wait(FLUSH_SECONDS):
+            with self._lock:
+                rows, self._rows = self._rows, []
+            for i in range(0, len(rows), BATCH):
                 try:
-                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            try:
-                self.store.add_requests(batch)
-            except Exception:  # noqa: BLE001 - the log must never take the proxy down
-                log.exception("could not write %d request-log rows", len(batch))
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+                    self.store.add_requests(rows[i:i + BATCH])
+                except Exception:  # noqa: BLE001 - the log must never take the proxy down
+                    log.exception("could not write %d request-log rows", len(rows[i:i + BATCH]))

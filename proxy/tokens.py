@@ -16,6 +16,7 @@ import threading
 from array import array
 from collections import OrderedDict
 
+from . import fastjson
 from .errors import ApiError
 from .upstream import Upstream
 
@@ -31,7 +32,7 @@ class TokenCounter:
 
     @staticmethod
     def _key(render: dict, model: str) -> bytes:
-        data = json.dumps(render, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+        data = fastjson.dumps(render, sort_keys=True)
         return hashlib.sha256(model.encode() + b"\0" + data).digest()
 
     def render(self, render: dict) -> str | None:

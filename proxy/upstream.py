@@ -25,6 +25,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.response import HTTPResponse
 
+from . import fastjson
 from .config import Settings
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import UPSTREAM_DOWN, ApiError, from_upstream
@@ -74,9 +75,10 @@ class Upstream:
         Raises ApiError(529) when llama-server cannot be reached at all.
         """
         url = f"{self.base}{path}"
+        data, headers = (None, None) if json_body is None else (fastjson.dumps(json_body), {"Content-Type": "application/json"})
         try:
             return self._session().request(
-                method, url, json=json_body, timeout=(self.settings.connect_timeout, timeout or self.settings.read_timeout),
+                method, url, data=data, headers=headers, timeout=(self.settings.connect_timeout, timeout or self.settings.read_timeout),
             )
         except requests.ConnectionError as exc:
             raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
@@ -89,7 +91,7 @@ class Upstream:
         if resp.status_code >= 400:
             raise from_upstream(resp.status_code, resp.content)
         try:
-            return resp.json()
+            return fastjson.loads(resp.content)
         except ValueError:
             raise ApiError(502, f"llama-server answered {path} with something that is not JSON") from None
 

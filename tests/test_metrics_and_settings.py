@@ -30,3 +30,44 @@ def test_env_file_fills_only_unset_variables(tmp_path):
     assert env["PROXY_PORT"] == "9999" and env["QUEUE_MAX"] == "12"
     assert env["LLAMA_URL"] == "http://from-environment:8080"  # the environment wins, as with Compose
     assert load_env_file({"LLAMABRIDGE_ENV_FILE": str(tmp_path / "absent.env")}) is None
+
+
+def test_request_log_writes_in_the_background_and_drops_rather_than_blocks(tmp_path, monkeypatch):
+    import time
+
+    from proxy import requestlog
+
+    log = requestlog.RequestLog(str(tmp_path / "log.db"))
+    for i in range(3):
+        log.add({"ts": float(i), "route": "/v1/messages", "status": 200})
+    deadline = time.monotonic() + 10
+    while len(log.store.requests()) < 3:
+        assert time.monotonic() < deadline, "rows never written"
+        time.sleep(0.05)
+    assert log.dropped == 0
+
+    monkeypatch.setattr(requestlog, "FLUSH_SECONDS", 3600)  # a writer that has stalled
+    monkeypatch.setattr(requestlog, "QUEUE_SIZE", 2)
+    stalled = requestlog.RequestLog(str(tmp_path / "stalled.db"))
+    for i in range(5):
+        stalled.add({"ts": float(i), "route": "/v1/messages", "status": 200})
+    assert stalled.dropped == 3
+
+
+def test_fastjson_matches_the_standard_library_and_falls_back_where_orjson_refuses():
+    import json
+
+    import pytest
+
+    from proxy import fastjson
+
+    body = {"b": [1, 2.5, None, True], "a": "héllo \u2028 \"quoted\" \n", "nested": {"z": 1, "y": [{}]}}
+    assert fastjson.dumps(body) == json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    assert fastjson.dumps(body, sort_keys=True) == json.dumps(body, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
+    assert fastjson.loads(fastjson.dumps(body)) == body
+    huge = {"max_tokens": 10**30}  # beyond 64 bits: orjson refuses to write it, the standard library does
+    assert json.loads(fastjson.dumps(huge)) == huge
+    assert fastjson.loads('{"t": NaN}')["t"] != fastjson.loads('{"t": NaN}')["t"]  # NaN, as json.loads reads it
+    with pytest.raises(json.JSONDecodeError) as error:
+        fastjson.loads('{"a": 1,\n "b": }')
+    assert (error.value.lineno, error.value.colno) == (2, 7)
