@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # Everything slow (llama-server build, Claude Code CLI, tiny model) is cached here, by version.
 export LLAMABRIDGE_CACHE ?= $(HOME)/.cache/llamabridge
 
-.PHONY: help install install-test llama-server tiny-model claude-code run demo proxy collector env test test-unit up down logs ps clean
+.PHONY: help install install-test llama-server tiny-model claude-code run demo proxy collector env test test-unit bench up down logs ps clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/\$$\$$/$$/g' | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -62,6 +62,16 @@ test: $(VENV)/.installed-test ## set everything up and run the whole test suite
 	export LLAMA_SERVER_BIN TINY_MODEL CLAUDE_BIN; \
 	echo "llama-server: $$LLAMA_SERVER_BIN"; echo "model: $$TINY_MODEL"; echo "claude: $$CLAUDE_BIN"; \
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Not part of `make test`: timings belong in a benchmark, measured against direct llama-server in
+# the same run. LLAMA_MODEL=path.gguf benchmarks your model instead of the tiny one.
+bench: $(VENV)/.installed-bench ## measure overhead, load, prompt-cache savings and the collector; writes bench/results/
+	@bash scripts/system-deps.sh
+	@LLAMA_SERVER_BIN="$$(bash llama/build.sh | tail -n 1)" $(PY) bench/run.py
+
+$(VENV)/.installed-bench: $(VENV)/.installed-test pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
 
 test-unit: $(VENV)/.installed-test ## only the tests that need no llama-server
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)

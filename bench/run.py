@@ -1,0 +1,516 @@
+"""`make bench`: what the proxy costs, what it saves, and how it holds under load.
+
+Everything is measured side by side in one run, against a real llama-server (the tiny generated
+model unless LLAMA_MODEL names a GGUF) started here with one slot:
+
+  overhead     the same requests, interleaved, straight to llama-server and through the proxy:
+               1-token completions (added latency p50/p90/p99) and streamed ~256-token
+               completions (added time to first token, throughput as a ratio of direct), for the
+               OpenAI relay and the Anthropic translation; proxy and collector memory under load.
+  concurrency  50 Claude Code-shaped clients (main turns, session titles, count_tokens bursts)
+               for BENCH_SECONDS (120): failures, llama-server's concurrency, queue wait per class,
+               how fast background requests are answered.
+  cache        a two-session Claude Code conversation from the recorded session (its ~23k-token
+               system prompt and tools), replayed straight to llama-server's native /v1/messages
+               and through the proxy, each on a fresh llama-server: prompt tokens evaluated per turn.
+  collector    time and CPU per scrape, SQLite growth per simulated day, dashboard API latency
+               with a month of data (bench/collector_bench.py).
+
+It prints a table, writes bench/results/latest.json, latest.md and latest.png, and exits 1 if a
+target is missed (saying which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import random
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support import processes  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+CAPTURE = ROOT / "tests" / "fixtures" / "claude-code-2.1.328-session.jsonl"
+TOOLS = [{"name": "Agent", "description": "Spawn a subagent", "input_schema": {"type": "object", "properties": {"task": {"type": "string"}}}},
+         {"name": "Bash", "description": "Run a command", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}]
+# llama-server's grammar makes every streamed reply the same length: 128 digits in a JSON array.
+LONG_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 128, "maxItems": 128}
+TARGETS = {
+    "relay_added_p50_ms": ("<=", 1.0),
+    "relay_added_p99_ms": ("<=", 3.0),
+    "anthropic_added_p50_ms": ("<=", 2.0),
+    "relay_stream_throughput_ratio": (">=", 0.98),
+    "anthropic_stream_throughput_ratio": (">=", 0.98),
+    "concurrency_failed": ("<=", 0),
+    "concurrency_max_upstream_processing": ("<=", 1),
+    "concurrency_max_upstream_deferred": ("<=", 0),
+    "background_p99_ms": ("<", 20.0),
+    "cache_second_session_saving": (">=", 0.90),
+    "cache_turns_worse_than_direct": ("<=", 0),
+}
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def capture_messages() -> list[dict]:
+    rows = [json.loads(line) for line in CAPTURE.read_text().splitlines() if line.strip()]
+    return [r["body"] for r in rows if r["method"] == "POST" and r["path"].split("?")[0] == "/v1/messages"]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (gunicorn: master and worker)."""
+    total = 0
+    pids = [pid]
+    try:
+        pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+class Sampler(threading.Thread):
+    """Polls llama-server's /metrics (requests processing and deferred) and the services' memory."""
+
+    def __init__(self, llama_url: str, pids: dict[str, int]):
+        super().__init__(daemon=True)
+        self.llama_url, self.pids = llama_url, pids
+        self.stop = threading.Event()
+        self.max_processing = self.max_deferred = 0.0
+        self.peak_rss = {name: 0.0 for name in pids}
+
+    def run(self) -> None:
+        session = requests.Session()
+        while not self.stop.is_set():
+            try:
+                for line in session.get(self.llama_url + "/metrics", timeout=5).text.splitlines():
+                    if line.startswith("llamacpp:requests_processing "):
+                        self.max_processing = max(self.max_processing, float(line.split()[1]))
+                    elif line.startswith("llamacpp:requests_deferred "):
+                        self.max_deferred = max(self.max_deferred, float(line.split()[1]))
+            except requests.RequestException:
+                pass
+            for name, pid in self.pids.items():
+                self.peak_rss[name] = max(self.peak_rss[name], rss_mb(pid))
+            self.stop.wait(0.02)
+
+
+# ---------------------------------------------------------------- overhead
+
+
+def overhead(llama_url: str, proxy_url: str, rounds: int, stream_rounds: int) -> dict:
+    session = requests.Session()
+    short_openai = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    short_anthropic = {"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    calls = {
+        "direct": lambda: session.post(llama_url + "/v1/chat/completions", json=short_openai, timeout=30),
+        "relay": lambda: session.post(proxy_url + "/v1/chat/completions", json=short_openai, timeout=30),
+        "anthropic": lambda: session.post(proxy_url + "/v1/messages", json=short_anthropic, timeout=30),
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls)
+    for i in range(rounds + 20):
+        random.shuffle(order)  # interleaved, in a different order each round
+        for name in order:
+            start = time.perf_counter()
+            resp = calls[name]()
+            took = time.perf_counter() - start
+            assert resp.status_code == 200, (name, resp.status_code, resp.text[:300])
+            if i >= 20:  # warm-up discarded
+                times[name].append(took * 1000)
+
+    def added(name: str) -> dict:
+        return {f"p{q}": pct(times[name], q) - pct(times["direct"], q) for q in (50, 90, 99)}
+
+    result = {"latency_ms": {name: {f"p{q}": pct(v, q) for q in (50, 90, 99)} for name, v in times.items()},
+              "relay_added_ms": added("relay"), "anthropic_added_ms": added("anthropic"), "samples": times}
+
+    long_openai = {"model": "m", "max_tokens": 400, "stream": True, "stream_options": {"include_usage": True},
+                   "messages": [{"role": "user", "content": "digits"}],
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "digits", "schema": LONG_SCHEMA}}}
+    long_anthropic = {"model": "claude-sonnet-4-5", "max_tokens": 400, "stream": True, "messages": [{"role": "user", "content": "digits"}],
+                      "output_config": {"format": {"type": "json_schema", "schema": LONG_SCHEMA}}}
+
+    def stream(url: str, body: dict, anthropic: bool) -> tuple[float, float, int]:
+        start = time.perf_counter()
+        first = None
+        tokens = 0
+        with session.post(url, json=body, stream=True, timeout=120) as resp:
+            assert resp.status_code == 200, resp.text[:300]
+            for line in resp.iter_lines():
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if anthropic:
+                    if event.get("type") == "content_block_delta" and first is None:
+                        first = time.perf_counter()
+                    if event.get("type") == "message_delta":
+                        tokens = event["usage"]["output_tokens"]
+                else:
+                    choices = event.get("choices") or []
+                    if choices and (choices[0].get("delta") or {}).get("content") and first is None:
+                        first = time.perf_counter()
+                    if event.get("usage"):
+                        tokens = event["usage"]["completion_tokens"]
+        end = time.perf_counter()
+        return (first - start) * 1000, tokens / (end - first), tokens
+
+    streams = {"direct": [], "relay": [], "anthropic": []}
+    targets = {"direct": (llama_url + "/v1/chat/completions", long_openai, False),
+               "relay": (proxy_url + "/v1/chat/completions", long_openai, False),
+               "anthropic": (proxy_url + "/v1/messages", long_anthropic, True)}
+    order = list(targets)
+    for i in range(stream_rounds + 2):
+        random.shuffle(order)
+        for name in order:
+            measured = stream(*targets[name])
+            if i >= 2:
+                streams[name].append(measured)
+    median = {name: {"ttft_ms": statistics.median(m[0] for m in v), "tokens_per_s": statistics.median(m[1] for m in v),
+                     "tokens": statistics.median(m[2] for m in v)} for name, v in streams.items()}
+    result["stream"] = median
+    for name in ("relay", "anthropic"):
+        result[f"{name}_stream_added_ttft_ms"] = median[name]["ttft_ms"] - median["direct"]["ttft_ms"]
+        result[f"{name}_stream_throughput_ratio"] = median[name]["tokens_per_s"] / median["direct"]["tokens_per_s"]
+    return result
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def concurrency(llama_url: str, proxy_url: str, db_path: str, clients: int, seconds: float, title: dict, turn: dict,
+                sampler: Sampler) -> dict:
+    """Each client is one Claude Code session from the recorded one: a streamed main turn with its
+    ~23k-token system prompt and 13 tools (its own last message), and around every third turn a
+    session title and a burst of count_tokens requests (one per tool, as /context sends them)."""
+    deadline = time.monotonic() + seconds
+    outcomes: list[tuple[str, int, float]] = []  # (kind, status, client-side ms)
+    lock = threading.Lock()
+    pool = futures.ThreadPoolExecutor(max_workers=clients * (len(turn["tools"]) + 3))
+    headers = {"User-Agent": "claude-cli/2.1.328 (external, cli)", "anthropic-version": "2023-06-01"}
+
+    def call(kind: str, path: str, body: dict, session_id: str) -> None:
+        start = time.perf_counter()
+        try:
+            with requests.post(proxy_url + path, json=body, timeout=900, stream=bool(body.get("stream")),
+                               headers=dict(headers, **{"X-Claude-Code-Session-Id": session_id})) as resp:
+                data = resp.content  # the whole answer, streamed or not
+                status = resp.status_code
+                if status == 200 and body.get("stream") and b"event: message_stop" not in data:
+                    status = -2  # a stream that did not finish
+        except requests.RequestException:
+            status = -1
+        with lock:
+            outcomes.append((kind, status, (time.perf_counter() - start) * 1000))
+
+    def client(i: int) -> None:
+        session_id = f"bench-{i}"
+        n = 0
+        while time.monotonic() < deadline:
+            if n % 3 == 0:
+                call("title", "/v1/messages?beta=true", title, session_id)
+                burst = [pool.submit(call, "count_tokens", "/v1/messages/count_tokens?beta=true",
+                                     {"model": turn["model"], "messages": [{"role": "user", "content": "foo"}], "tools": [tool]},
+                                     session_id) for tool in turn["tools"]]
+                futures.wait(burst)
+            body = copy.deepcopy(turn)
+            body["messages"][-1]["content"][-1]["text"] = f"client {i}, turn {n}: list the files here"
+            call("main", "/v1/messages?beta=true", body, session_id)
+            n += 1
+
+    started = time.monotonic()
+    workers = [pool.submit(client, i) for i in range(clients)]
+    futures.wait(workers)
+    for worker in workers:
+        worker.result()  # a bug in the client loop must not pass for a quiet run
+    elapsed = time.monotonic() - started
+    pool.shutdown()
+    failed = [o for o in outcomes if o[1] != 200]
+
+    # Server-side timings from the proxy's request log (written by a background thread: wait for it).
+    rows: list[tuple] = []
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        with sqlite3.connect(db_path) as db:
+            rows = db.execute("SELECT class, handled, queue_wait, total_time FROM requests WHERE session LIKE 'bench-%'").fetchall()
+        if len(rows) >= len(outcomes):
+            break
+        time.sleep(0.2)
+    by_class: dict[str, list[float]] = {}
+    for klass, handled, wait, _ in rows:
+        by_class.setdefault(klass, []).append((wait or 0) * 1000)
+    # Claude Code's background requests the proxy answers itself: session titles and token-count probes.
+    local = [total * 1000 for klass, handled, _, total in rows if handled == "local" and klass in ("title", "probe")]
+    titles_client = [ms for kind, status, ms in outcomes if kind == "title"]
+    return {
+        "clients": clients, "seconds": round(elapsed, 1), "requests": len(outcomes),
+        "by_kind": {kind: sum(1 for o in outcomes if o[0] == kind) for kind in ("main", "title", "count_tokens")},
+        "failed": len(failed), "failures": [f"{k} {s}" for k, s, _ in failed[:10]],
+        "max_upstream_processing": sampler.max_processing, "max_upstream_deferred": sampler.max_deferred,
+        "queue_wait_ms": {k: {"p50": pct(v, 50), "p90": pct(v, 90), "p99": pct(v, 99), "n": len(v)} for k, v in sorted(by_class.items())},
+        "background_local_ms": {"p50": pct(local, 50), "p99": pct(local, 99), "n": len(local)},
+        "title_client_ms": {"p50": pct(titles_client, 50), "p99": pct(titles_client, 99)},
+    }
+
+
+# ---------------------------------------------------------------- prompt cache
+
+
+def conversation(body: dict, replies: list[str]) -> list[dict]:
+    """A session's turns: the recorded first turn, then the assistant's reply and a new user line each."""
+    turns = [dict(copy.deepcopy(body), max_tokens=8, stream=False)]
+    for i, reply in enumerate(replies):
+        nxt = copy.deepcopy(turns[-1])
+        nxt["messages"] += [{"role": "assistant", "content": reply}, {"role": "user", "content": f"Now step {i + 2}, please."}]
+        turns.append(nxt)
+    return turns
+
+
+def other_session(body: dict) -> dict:
+    """The same project in a new Claude Code session: a new billing hash, another first request."""
+    other = copy.deepcopy(body)
+    other["system"][0]["text"] = "x-anthropic-billing-header: cc_version=2.1.328.9e1; cc_entrypoint=cli;"
+    other["messages"][0]["content"][-1]["text"] = "explain what this repository does"
+    return other
+
+
+def prompt_tokens(llama_url: str) -> float:
+    for line in requests.get(llama_url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("llamacpp:prompt_tokens_total "):
+            return float(line.split()[1])
+    raise RuntimeError("llama-server has no llamacpp:prompt_tokens_total (started without --metrics?)")
+
+
+def cache(binary: str, model: str, body: dict) -> dict:
+    replies = ["I read the files.", "Done: the tests pass."]
+    sessions = {"one": conversation(body, replies), "two": conversation(other_session(body), replies)}
+    result: dict[str, list[float]] = {}
+    for mode in ("direct", "proxy"):
+        with processes.llama_server(binary, model, ctx=32768) as llama:
+            proxy = processes.proxy(llama.url).start() if mode == "proxy" else None
+            try:
+                per_turn = []
+                for name, turns in sessions.items():
+                    for body_ in turns:
+                        before = prompt_tokens(llama.url)
+                        if proxy:
+                            resp = requests.post(proxy.url + "/v1/messages?beta=true", json=body_, timeout=600,
+                                                 headers={"X-Claude-Code-Session-Id": f"cache-{name}"})
+                        else:
+                            resp = requests.post(llama.url + "/v1/messages", json=body_, timeout=600)
+                        assert resp.status_code == 200, resp.text[:300]
+                        per_turn.append(prompt_tokens(llama.url) - before)
+                result[mode] = per_turn
+            finally:
+                if proxy:
+                    proxy.stop()
+    first_two = len(sessions["one"])  # index of the second session's first turn
+    direct, proxied = result["direct"], result["proxy"]
+    return {"turns": [f"session {s} turn {t + 1}" for s in ("1", "2") for t in range(len(sessions["one"]))],
+            "direct": direct, "proxy": proxied, "direct_total": sum(direct), "proxy_total": sum(proxied),
+            "second_session_saving": 1 - proxied[first_two] / direct[first_two] if direct[first_two] else 0.0,
+            "turns_worse_than_direct": sum(1 for d, p in zip(direct, proxied) if p > d)}
+
+
+# ---------------------------------------------------------------- output
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))) / 2**20
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem, 1), "python": platform.python_version(),
+            "kernel": platform.release()}
+
+
+def checks(results: dict) -> list[tuple[str, float, str, float, bool]]:
+    values = {
+        "relay_added_p50_ms": results["overhead"]["relay_added_ms"]["p50"],
+        "relay_added_p99_ms": results["overhead"]["relay_added_ms"]["p99"],
+        "anthropic_added_p50_ms": results["overhead"]["anthropic_added_ms"]["p50"],
+        "relay_stream_throughput_ratio": results["overhead"]["relay_stream_throughput_ratio"],
+        "anthropic_stream_throughput_ratio": results["overhead"]["anthropic_stream_throughput_ratio"],
+        "concurrency_failed": results["concurrency"]["failed"],
+        "concurrency_max_upstream_processing": results["concurrency"]["max_upstream_processing"],
+        "concurrency_max_upstream_deferred": results["concurrency"]["max_upstream_deferred"],
+        "background_p99_ms": results["concurrency"]["background_local_ms"]["p99"],
+        "cache_second_session_saving": results["cache"]["second_session_saving"],
+        "cache_turns_worse_than_direct": results["cache"]["turns_worse_than_direct"],
+    }
+    out = []
+    for name, (op, target) in TARGETS.items():
+        value = values[name]
+        ok = {"<=": value <= target, ">=": value >= target, "<": value < target}[op]
+        out.append((name, value, op, target, ok))
+    return out
+
+
+def table(results: dict) -> str:
+    o, c, k, col = results["overhead"], results["concurrency"], results["cache"], results["collector"]
+    m = results["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; model: {results['model']}; "
+        f"llama-server 1 slot, -t 1; {results['date']}",
+        "",
+        "| measure | direct | OpenAI relay | Anthropic translation |",
+        "|---|---|---|---|",
+        f"| 1-token completion p50 / p90 / p99 (ms) | {o['latency_ms']['direct']['p50']:.2f} / {o['latency_ms']['direct']['p90']:.2f} / {o['latency_ms']['direct']['p99']:.2f} "
+        f"| {o['latency_ms']['relay']['p50']:.2f} / {o['latency_ms']['relay']['p90']:.2f} / {o['latency_ms']['relay']['p99']:.2f} "
+        f"| {o['latency_ms']['anthropic']['p50']:.2f} / {o['latency_ms']['anthropic']['p90']:.2f} / {o['latency_ms']['anthropic']['p99']:.2f} |",
+        f"| added latency p50 / p90 / p99 (ms) | | {o['relay_added_ms']['p50']:+.2f} / {o['relay_added_ms']['p90']:+.2f} / {o['relay_added_ms']['p99']:+.2f} "
+        f"| {o['anthropic_added_ms']['p50']:+.2f} / {o['anthropic_added_ms']['p90']:+.2f} / {o['anthropic_added_ms']['p99']:+.2f} |",
+        f"| streamed {o['stream']['direct']['tokens']:.0f} tokens: time to first token (ms) | {o['stream']['direct']['ttft_ms']:.1f} "
+        f"| {o['stream']['relay']['ttft_ms']:.1f} ({o['relay_stream_added_ttft_ms']:+.1f}) | {o['stream']['anthropic']['ttft_ms']:.1f} ({o['anthropic_stream_added_ttft_ms']:+.1f}) |",
+        f"| streamed: tokens/s (ratio of direct) | {o['stream']['direct']['tokens_per_s']:.0f} "
+        f"| {o['stream']['relay']['tokens_per_s']:.0f} ({o['relay_stream_throughput_ratio']:.3f}) "
+        f"| {o['stream']['anthropic']['tokens_per_s']:.0f} ({o['anthropic_stream_throughput_ratio']:.3f}) |",
+        "",
+        f"Under load ({c['clients']} Claude Code-shaped clients, {c['seconds']:.0f} s, {c['requests']} requests: "
+        f"{c['by_kind']['main']} main turns, {c['by_kind']['title']} titles, {c['by_kind']['count_tokens']} token counts): "
+        f"{c['failed']} failed; llama-server processing at most {c['max_upstream_processing']:.0f}, deferred at most "
+        f"{c['max_upstream_deferred']:.0f}; peak memory: proxy {results['rss_mb']['proxy']:.0f} MB, collector {results['rss_mb']['collector']:.0f} MB.",
+        "",
+        "| class | requests | queue wait p50 / p90 / p99 (ms) |",
+        "|---|---|---|",
+    ]
+    for klass, q in c["queue_wait_ms"].items():
+        lines.append(f"| {klass} | {q['n']} | {q['p50']:.1f} / {q['p90']:.1f} / {q['p99']:.1f} |")
+    lines += [
+        "",
+        f"Background requests answered without the model (session titles, token-count probes): p50 {c['background_local_ms']['p50']:.1f} ms, "
+        f"p99 {c['background_local_ms']['p99']:.1f} ms in the proxy (client-side, titles: p99 {c['title_client_ms']['p99']:.1f} ms).",
+        "",
+        "| prompt tokens evaluated | " + " | ".join(k["turns"]) + " | total |",
+        "|---|" + "---|" * (len(k["turns"]) + 1),
+        "| direct (llama-server /v1/messages) | " + " | ".join(f"{v:.0f}" for v in k["direct"]) + f" | {k['direct_total']:.0f} |",
+        "| through llamabridge | " + " | ".join(f"{v:.0f}" for v in k["proxy"]) + f" | {k['proxy_total']:.0f} |",
+        "",
+        f"Second session's first turn: {k['second_session_saving']:.1%} fewer prompt tokens through the proxy.",
+        "",
+        f"Collector: a scrape takes {col['scrape_wall_ms_p50']:.1f} ms p50 ({col['scrape_wall_ms_p99']:.1f} ms p99) and "
+        f"{col['scrape_cpu_ms_mean']:.1f} ms of CPU; SQLite grows {col['sqlite_bytes_per_day'] / 1e6:.2f} MB per day of 10 s scrapes "
+        f"({col['sqlite_bytes_month'] / 1e6:.1f} MB after 30 days); dashboard API with a month of data, p50 / p99 ms: "
+        + ", ".join(f"`{path}` {v['p50']:.1f} / {v['p99']:.1f}" for path, v in col["api_ms"].items()) + ".",
+        "",
+        "| target | value | |",
+        "|---|---|---|",
+    ]
+    for name, value, op, target, ok in results["checks"]:
+        lines.append(f"| {name} {op} {target} | {value:.3f} | {'met' if ok else '**MISSED**'} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    samples = results["overhead"]["samples"]
+    for name, color in (("direct", "#555555"), ("relay", "#1f77b4"), ("anthropic", "#d62728")):
+        values = sorted(samples[name])
+        left.plot(values, [i / len(values) for i in range(len(values))], label=name, color=color)
+    left.set_xlabel("1-token completion latency (ms)")
+    left.set_ylabel("share of requests at or below")
+    left.set_xlim(0, pct(samples["anthropic"], 99.5) * 1.1)
+    left.set_title("Latency: direct vs through llamabridge")
+    left.legend()
+    left.grid(alpha=0.3)
+    k = results["cache"]
+    xs = range(len(k["turns"]))
+    right.bar([x - 0.2 for x in xs], k["direct"], width=0.4, label="direct", color="#555555")
+    right.bar([x + 0.2 for x in xs], k["proxy"], width=0.4, label="llamabridge", color="#1f77b4")
+    right.set_xticks(list(xs), [t.replace("session ", "s").replace(" turn ", " t") for t in k["turns"]])
+    right.set_ylabel("prompt tokens evaluated")
+    right.set_title("Prefill per turn, two Claude Code sessions")
+    right.legend()
+    right.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"llamabridge bench, {results['date']}: {results['machine']['cpu']}, {results['machine']['cores']} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 300)))
+    parser.add_argument("--stream-rounds", type=int, default=int(os.environ.get("BENCH_STREAM_ROUNDS", 20)))
+    parser.add_argument("--clients", type=int, default=int(os.environ.get("BENCH_CLIENTS", 50)))
+    parser.add_argument("--seconds", type=float, default=float(os.environ.get("BENCH_SECONDS", 120)))
+    args = parser.parse_args()
+    binary = os.environ.get("LLAMA_SERVER_BIN") or subprocess.run(["bash", "llama/build.sh"], cwd=ROOT, capture_output=True,
+                                                                  text=True, check=True).stdout.strip().splitlines()[-1]
+    model = os.environ.get("LLAMA_MODEL") or subprocess.run([sys.executable, "llama/tiny_model.py"], cwd=ROOT, capture_output=True,
+                                                            text=True, check=True).stdout.strip().splitlines()[-1]
+    os.environ["LLAMABRIDGE_ENV_FILE"] = os.devnull  # measure the defaults, not someone's .env
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    messages = capture_messages()
+    results: dict = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+                     "model": Path(model).name, "llama_server": binary}
+    work = Path(tempfile.mkdtemp(prefix="llamabridge-bench-"))
+    db = str(work / "bench.db")
+    print(f"llama-server {binary}\nmodel {model}\nwork dir {work}", flush=True)
+    with processes.llama_server(binary, model, ctx=32768) as llama, \
+            processes.proxy(llama.url, DB_PATH=db, PROXY_THREADS="64") as proxy, \
+            processes.collector(llama.url, db, interval=10) as collector:
+        # The product's defaults (64 proxy threads, a scrape every 10 s), not the test suite's.
+        print(f"overhead: {args.rounds} interleaved rounds, {args.stream_rounds} streamed", flush=True)
+        results["overhead"] = overhead(llama.url, proxy.url, args.rounds, args.stream_rounds)
+        print(f"concurrency: {args.clients} clients for {args.seconds:.0f} s", flush=True)
+        sampler = Sampler(llama.url, {"proxy": proxy.proc.pid, "collector": collector.proc.pid})
+        sampler.start()
+        results["concurrency"] = concurrency(llama.url, proxy.url, db, args.clients, args.seconds, messages[0], messages[1], sampler)
+        sampler.stop.set()
+        results["rss_mb"] = sampler.peak_rss
+        print("collector", flush=True)
+        from bench import collector_bench
+
+        results["collector"] = collector_bench.run(llama.url, work / "collector")
+    print("prompt cache: two sessions, direct then through the proxy, each on a fresh llama-server", flush=True)
+    results["cache"] = cache(binary, model, messages[1])
+    results["checks"] = checks(results)
+    text = table(results)
+    print("\n" + text)
+    (RESULTS / "latest.md").write_text(text + "\n")
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    plot(results, RESULTS / "latest.png")
+    missed = [name for name, _, _, _, ok in results["checks"] if not ok]
+    print(f"\nwrote {RESULTS / 'latest.json'}, latest.md and latest.png")
+    if missed:
+        print("TARGETS MISSED: " + ", ".join(missed))
+        return 1
+    print("all targets met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
