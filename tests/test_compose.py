@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -376,3 +377,39 @@ def test_make_down_ps_and_logs_cover_every_profile(stack_copy):
     for command in ("down", "ps", "logs"):
         assert make_up(stack_copy, command=command).returncode == 0
         assert log.read_text().splitlines()[-1].startswith(f"docker compose --profile gpu --profile cpu {command}")
+
+
+@pytest.mark.integration
+def test_the_image_build_context_is_enough_to_run_both_services(llama, tmp_path):
+    """What `docker build` would copy (the .dockerignore allow-list), run the way the image runs
+    it: the proxy serves its API and dashboard, the collector scrapes, and the Dockerfile's
+    healthcheck command passes. (No Docker engine here to build the image itself.)"""
+    context = tmp_path / "app"
+    context.mkdir()
+    allowed = [line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    for name in allowed:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, context / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy(source, context / name)
+    env = dict(os.environ, PYTHONPATH=str(context), LLAMA_URL=llama.url, DB_PATH=str(tmp_path / "data" / "llamabridge.db"),
+               PROXY_HOST="127.0.0.1", PROXY_PORT="0", COLLECTOR_HOST="127.0.0.1", COLLECTOR_PORT="0", COLLECT_INTERVAL="0.5")
+    ready = r"Listening at: http://127\.0\.0\.1:(?P<port>\d+)"
+    proxy = processes.Service("proxy", [sys.executable, "-m", "proxy"], ready, env=env, health_path="/healthz", cwd=context)
+    collector = processes.Service("collector", [sys.executable, "-m", "collector"], ready, env=env, health_path="/healthz", cwd=context)
+    with proxy, collector:
+        assert str(context) in subprocess.run([sys.executable, "-c", "import proxy; print(proxy.__file__)"], env=env, cwd=context,
+                                              capture_output=True, text=True, timeout=30).stdout  # not the checkout's copy
+        page = requests.get(proxy.url + "/dashboard", timeout=10)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        reply = requests.post(proxy.url + "/v1/chat/completions", timeout=60,
+                              json={"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 200
+        healthcheck = re.search(r'CMD \["python", "-c", "(.*)"\]', (ROOT / "Dockerfile").read_text())[1]
+        check = subprocess.run([sys.executable, "-c", healthcheck.replace("9090", str(proxy.port))], capture_output=True, timeout=30)
+        assert check.returncode == 0, check.stderr
+        deadline = time.monotonic() + 30
+        while not requests.get(collector.url + "/healthz", timeout=10).json()["upstream_up"]:
+            assert time.monotonic() < deadline, collector.log_text()[-2000:]
+            time.sleep(0.1)
