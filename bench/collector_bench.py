@@ -38,10 +38,7 @@ import json
 import logging
 import os
 import random
-import re
-import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +55,7 @@ if str(ROOT) not in sys.path:  # runnable as a script, a module, or imported by 
 from collector import job as job_module  # noqa: E402
 from collector import scrape  # noqa: E402
 from collector.job import ScrapeJob  # noqa: E402
+from tests.support import processes  # noqa: E402
 from collector.store import Store  # noqa: E402
 
 INTERVAL = 10.0  # COLLECT_INTERVAL's default
@@ -377,62 +375,20 @@ def _quiet(fn: Callable[[], Any]) -> Any:
 # ---------------------------------------------------------------------------------------- 3. API
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the collector's process group (it was started in its own session), never anything else."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-
-
-def _bench_api(llama_url: str, db_path: Path, workdir: Path, notes: list[str]) -> dict[str, dict[str, float]]:
-    log_path = workdir / "collector-api.log"
-    env = dict(os.environ)
-    env.update({"LLAMA_URL": llama_url, "DB_PATH": str(db_path), "COLLECTOR_HOST": "127.0.0.1", "COLLECTOR_PORT": "0",
-                "COLLECT_INTERVAL": str(int(INTERVAL)), "LOG_LEVEL": "info",
-                "LLAMABRIDGE_ENV_FILE": os.devnull})  # the product's defaults, not someone's .env
-
-    def log_tail() -> str:
-        return log_path.read_text(errors="replace")[-3000:]
-
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "collector"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+def _bench_api(llama_url: str, db_path: Path, notes: list[str]) -> dict[str, dict[str, float]]:
+    # The collector as the test suite starts it (tests/support/processes.py): gunicorn, its own
+    # process group, stopped by its own PID. The product's scrape interval, not someone's .env.
+    os.environ.setdefault("LLAMABRIDGE_ENV_FILE", os.devnull)
     session = requests.Session()
     session.trust_env = False
-    try:
+    with processes.collector(llama_url, str(db_path), interval=INTERVAL) as collector:
+        base = collector.url
+        # Timed once the first scheduled scrape has run (it starts at once, with the start-up
+        # compaction), so the timings below are not of a collector still starting.
         deadline = time.monotonic() + 60
-        port = None
-        while port is None:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the collector exited with {proc.returncode}:\n{log_tail()}")
-            found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", log_path.read_text(errors="replace"))
-            if found:
-                port = int(found.group(1))
-            elif time.monotonic() > deadline:
-                raise RuntimeError(f"the collector did not report its port within 60 s:\n{log_tail()}")
-            else:
-                time.sleep(0.05)  # polling interval while waiting for the log line, not a synchronisation
-        base = f"http://127.0.0.1:{port}"
-        # Ready once /healthz answers and the first scheduled scrape has run (it starts at once,
-        # with the start-up compaction), so the timings below are not of a collector still starting.
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the collector exited with {proc.returncode}:\n{log_tail()}")
-            try:
-                health = session.get(base + "/healthz", timeout=2)
-                if health.status_code == 200 and health.json().get("upstream_up"):
-                    break
-            except requests.RequestException:
-                pass
+        while not session.get(base + "/healthz", timeout=2).json().get("upstream_up"):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the collector never became healthy with llama-server up:\n{log_tail()}")
+                raise RuntimeError(f"the collector never read llama-server:\n{collector.log_text()[-3000:]}")
             time.sleep(0.05)
 
         results: dict[str, dict[str, float]] = {}
@@ -449,7 +405,7 @@ def _bench_api(llama_url: str, db_path: Path, workdir: Path, notes: list[str]) -
                     times.append(elapsed)
             results[path] = {"p50": _pct(times, 50), "p99": _pct(times, 99)}
 
-        # What the charts get: the API returns at most 5,000 rows, oldest first.
+        # What the charts get: the newest points of each range, one per bucket (collector/api.py RANGES).
         newest = session.get(base + "/api/totals", timeout=30).json()["now"]["ts"]
         for name in ("1h", "24h", "30d"):
             resp = session.get(f"{base}/api/samples?range={name}", timeout=30)
@@ -461,9 +417,7 @@ def _bench_api(llama_url: str, db_path: Path, workdir: Path, notes: list[str]) -
                              f"{(newest - rows[-1]['ts']) / 3600:.1f} h before the newest sample")
         notes.append("/api/requests and /api/sessions read the proxy's request log, which a collector-only month "
                      "leaves empty: their timings are the app's fixed cost")
-    finally:
-        session.close()
-        _stop(proc)
+    session.close()
     return results
 
 
@@ -530,7 +484,7 @@ def run(llama_url: str, workdir: Path, scrapes: int = 200) -> dict:
 
     # 3. The dashboard API on the month's database (before the post-month simulation, so its data ends now).
     try:
-        result["api_ms"] = _bench_api(llama_url, month_path, workdir, notes)
+        result["api_ms"] = _bench_api(llama_url, month_path, notes)
     except BaseException:
         if after is not None:
             after.close()

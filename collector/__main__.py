@@ -7,21 +7,14 @@ from __future__ import annotations
 import logging
 import sys
 
-from proxy.config import ConfigError, load_env_file
-from proxy.serving import bind_address, serve
+from proxy.serving import bind_address, serve, settings_or_exit
 
 from .app import create_app
 from .config import from_env
 
 
 def main() -> int:
-    try:
-        load_env_file()
-        settings = from_env()
-    except ConfigError as exc:
-        print(f"llamabridge collector: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_or_exit("collector", from_env)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     serve(lambda: create_app(settings), bind=bind_address(settings.host, settings.port), threads=8, timeout=60,
           loglevel=settings.log_level, accesslog=None, proc_name="llamabridge-collector")

@@ -7,15 +7,14 @@ One gunicorn process with threads (gthread), never several processes: per-sessio
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from types import SimpleNamespace
 
 import requests
 
 from .app import create_app
-from .config import ConfigError, Settings, from_env, load_env_file
-from .serving import bind_address, serve
+from .config import Settings, from_env
+from .serving import bind_address, serve, settings_or_exit
 from .upstream import Upstream
 
 # Claude Code 2.1.328 refuses CLAUDE_CODE_AUTO_COMPACT_WINDOW below this ("set it to a size of
@@ -81,13 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proxy", description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", choices=["serve", "env"], default="serve")
     args = parser.parse_args(argv)
-    try:
-        load_env_file()
-        settings = from_env()
-    except ConfigError as exc:
-        print(f"llamabridge proxy: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_or_exit("proxy", from_env)
     if args.command == "env":
         return print_env(settings)
     serve(

@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .classify import CLASSES
+
 if TYPE_CHECKING:
     from .gate import Gate
 
@@ -132,7 +134,6 @@ class ProxyMetrics:
         self.token_counts = Counter("llamabridge_proxy_token_counts", "count_tokens answers by source.", ["source"], registry=r)
         # Series that exist from the start count their first request in rate() and increase():
         # a labelled series born at 1 has no earlier sample to rise from.
-        from .classify import CLASSES
         for klass in CLASSES:
             for histogram in (self.queue_wait, self.ttft, self.duration):
                 histogram.labels(klass)

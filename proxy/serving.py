@@ -6,9 +6,28 @@ scheduler, must each exist exactly once.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import logging
+import sys
+from typing import Any, Callable, TypeVar
 
 from gunicorn.app.base import BaseApplication
+
+from .config import ConfigError, load_env_file
+
+S = TypeVar("S")
+
+
+def settings_or_exit(service: str, from_env: Callable[[], S]) -> S:
+    """A service's settings from .env and the environment, with logging set to their level; a bad
+    value is printed in one line and ends the process with status 2."""
+    try:
+        load_env_file()
+        settings = from_env()
+    except ConfigError as exc:
+        print(f"llamabridge {service}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return settings
 
 
 def bind_address(host: str, port: int) -> str:

@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import requests
 import yaml
 
 from tests.support import processes
+from tests.test_traffic import wait_until
 
 ROOT = processes.ROOT
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())  # PyYAML resolves the `<<: *anchor` merges
@@ -409,7 +409,5 @@ def test_the_image_build_context_is_enough_to_run_both_services(llama, tmp_path)
         healthcheck = re.search(r'CMD \["python", "-c", "(.*)"\]', (ROOT / "Dockerfile").read_text())[1]
         check = subprocess.run([sys.executable, "-c", healthcheck.replace("9090", str(proxy.port))], capture_output=True, timeout=30)
         assert check.returncode == 0, check.stderr
-        deadline = time.monotonic() + 30
-        while not requests.get(collector.url + "/healthz", timeout=10).json()["upstream_up"]:
-            assert time.monotonic() < deadline, collector.log_text()[-2000:]
-            time.sleep(0.1)
+        wait_until(lambda: requests.get(collector.url + "/healthz", timeout=10).json()["upstream_up"], timeout=30,
+                   what="the collector to read llama-server")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 
 import anthropic
 import openai
@@ -16,7 +15,7 @@ import requests
 import yaml
 
 from tests.support import processes
-from tests.test_traffic import main_body
+from tests.test_traffic import main_body, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -40,13 +39,6 @@ def query(server: processes.Service, expr: str) -> list[dict]:
     answer = requests.get(server.url + "/api/v1/query", params={"query": expr}, timeout=30).json()
     assert answer["status"] == "success", (expr, answer)
     return answer["data"]["result"]
-
-
-def wait_for(predicate, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def scalar(server, expr: str) -> float:
@@ -79,7 +71,7 @@ def test_every_dashboard_query_returns_data(stack, capture_messages):
     def all_up() -> bool:
         targets = requests.get(prom.url + "/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
         return len(targets) == 3 and all(t["health"] == "up" for t in targets)
-    wait_for(all_up, "Prometheus to scrape llama-server, the proxy and the collector")
+    wait_until(all_up, timeout=60, what="Prometheus to scrape llama-server, the proxy and the collector")
 
     # Real traffic of every kind the dashboards break down, in two rounds: the first creates the
     # labelled series, the second (once Prometheus has seen the first) makes them rise.
@@ -104,11 +96,11 @@ def test_every_dashboard_query_returns_data(stack, capture_messages):
                 and scalar(prom, "sum(llamacpp:tokens_predicted_total)") > 0)
 
     sent = traffic(1)
-    wait_for(lambda: ingested(sent), "the first round to reach Prometheus")
+    wait_until(lambda: ingested(sent), timeout=60, what="the first round to reach Prometheus")
     sent += traffic(2)
     counted = requests.get(proxy.url + "/metrics", timeout=5).text
     assert 'handled="local"' in counted and 'status="400"' in counted
-    wait_for(lambda: ingested(sent), "the second round to reach Prometheus")
+    wait_until(lambda: ingested(sent), timeout=60, what="the second round to reach Prometheus")
 
     failures, checked = [], 0
     for path in sorted((ROOT / "grafana/dashboards").glob("*.json")):

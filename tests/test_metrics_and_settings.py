@@ -33,17 +33,13 @@ def test_env_file_fills_only_unset_variables(tmp_path):
 
 
 def test_request_log_writes_in_the_background_and_drops_rather_than_blocks(tmp_path, monkeypatch):
-    import time
-
     from proxy import requestlog
+    from tests.test_traffic import wait_until
 
     log = requestlog.RequestLog(str(tmp_path / "log.db"))
     for i in range(3):
         log.add({"ts": float(i), "route": "/v1/messages", "status": 200})
-    deadline = time.monotonic() + 10
-    while len(log.store.requests()) < 3:
-        assert time.monotonic() < deadline, "rows never written"
-        time.sleep(0.05)
+    wait_until(lambda: len(log.store.requests()) == 3, timeout=10, what="the rows to be written")
     assert log.dropped == 0
 
     monkeypatch.setattr(requestlog, "FLUSH_SECONDS", 3600)  # a writer that has stalled
