@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         graceful_timeout=10,
         keepalive=75,
         loglevel=settings.log_level,
-        accesslog="-",
+        # Every API call already gets one line from the proxy itself (llamabridge.request: route,
+        # class, status, queue wait, tokens); gunicorn's line per HTTP request, which also covers
+        # /metrics scrapes and dashboard polls, is for those who want it (ACCESS_LOG=true).
+        accesslog="-" if settings.access_log else None,
         # No headers in the access log: clients send API keys in them.
         access_log_format='%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"',
         proc_name="llamabridge-proxy",

@@ -46,6 +46,7 @@ class Settings:
     connect_timeout: float = 5.0
     read_timeout: float = 600.0
     log_level: str = "info"
+    access_log: bool = False  # gunicorn's line per HTTP request, beside our own line per API call
     upstream_slots: int = 0  # 0: read total_slots from llama-server's /props
     queue_max: int = 64
     queue_timeout: float = 600.0
@@ -105,6 +106,17 @@ def env_float(env: Mapping[str, str], name: str, default: float, low: float, hig
     return value
 
 
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected true or false")
+
+
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     llama_url = env.get("LLAMA_URL", "").strip() or Settings.llama_url
@@ -143,6 +155,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         connect_timeout=env_float(env, "UPSTREAM_CONNECT_TIMEOUT", Settings.connect_timeout, 0.1, 600),
         read_timeout=env_float(env, "UPSTREAM_READ_TIMEOUT", Settings.read_timeout, 1, 86400),
         log_level=log_level,
+        access_log=env_bool(env, "ACCESS_LOG", Settings.access_log),
         upstream_slots=env_int(env, "UPSTREAM_SLOTS", 0, 0, 1024),
         queue_max=env_int(env, "QUEUE_MAX", Settings.queue_max, 0, 100_000),
         queue_timeout=env_float(env, "QUEUE_TIMEOUT", Settings.queue_timeout, 0.1, 86400),

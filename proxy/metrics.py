@@ -94,16 +94,22 @@ class Call:
 
 
 class _StateCollector(Collector):
-    """Read at scrape time: the gate's queue and slots, and request-log rows dropped."""
+    """Read at scrape time: the gate's queue and slots, connections opened to llama-server, and
+    request-log rows dropped."""
 
-    def __init__(self, gate: "Gate", request_log):
+    def __init__(self, gate: "Gate", request_log, connections=None):
         self.gate = gate
         self.request_log = request_log
+        self.connections = connections
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         yield GaugeMetricFamily("llamabridge_proxy_queue_depth", "Requests waiting for a llama-server slot.", value=self.gate.depth())
         yield GaugeMetricFamily("llamabridge_proxy_in_flight", "Requests holding a llama-server slot.", value=self.gate.in_flight())
         yield GaugeMetricFamily("llamabridge_proxy_slots", "llama-server slots the gate admits to.", value=self.gate.slots)
+        if self.connections is not None:
+            yield CounterMetricFamily("llamabridge_proxy_upstream_connections", "TCP connections opened to llama-server for "
+                                      "generations (an answer read to the end leaves its connection for the next request).",
+                                      value=self.connections.opened)
         if self.request_log is not None:
             yield CounterMetricFamily("llamabridge_proxy_request_log_dropped", "Request-log rows dropped because the "
                                       "writer fell behind.", value=self.request_log.dropped)
@@ -140,8 +146,8 @@ class ProxyMetrics:
         for kind in ("prompt", "cached", "generated"):
             self.tokens.labels(kind)
 
-    def watch_gate(self, gate: "Gate") -> None:
-        self.registry.register(_StateCollector(gate, self.request_log))
+    def watch_gate(self, gate: "Gate", connections=None) -> None:
+        self.registry.register(_StateCollector(gate, self.request_log, connections))
 
     def record(self, call: Call) -> None:
         """Count and log a finished request, once."""

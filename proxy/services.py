@@ -86,7 +86,7 @@ class Services:
         self.flights = Flights()
         self.request_log = RequestLog(settings.db_path) if settings.db_path else None
         self.metrics = ProxyMetrics(registry, self.request_log)
-        self.metrics.watch_gate(self.main.gate)
+        self.metrics.watch_gate(self.main.gate, self.main.upstream.connections)
 
     def _target(self, name: str, settings: Settings) -> Target:
         upstream = Upstream(settings)

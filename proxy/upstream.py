@@ -3,10 +3,12 @@
 Two ways, for two jobs:
 - `json()` / `request()`: small calls (`/props`, `/tokenize`, `/apply-template`, `/health`)
   through `requests`, one Session per thread (a Session is not documented as thread-safe).
-- `open()`: generation requests, on a connection of their own whose socket we can watch. A
-  non-streamed completion sends nothing until it is done, so while waiting for the answer we
-  `select()` on llama-server's socket and look at the client's: if the client has gone, closing
-  this connection is what makes llama-server stop generating and free the slot.
+- `open()`: generation requests, on a connection whose socket we can watch. A non-streamed
+  completion sends nothing until it is done, so while waiting for the answer we `select()` on
+  llama-server's socket and look at the client's: if the client has gone, closing this
+  connection is what makes llama-server stop generating and free the slot. A connection whose
+  answer was read to the end goes back to a small idle pool (`_Connections`) for the next request:
+  a new TCP connection per request is a measurable part of what the proxy adds to a short one.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import os
 import select
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 import requests
+from http.client import RemoteDisconnected
+
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.response import HTTPResponse
@@ -34,6 +39,12 @@ log = logging.getLogger("llamabridge.upstream")
 
 # Hop-by-hop headers and those `requests` sets itself are never relayed.
 _SKIP_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
+
+# llama-server (cpp-httplib) closes a connection after 5 s idle; one idle for less than this is
+# reused, an older one is closed rather than raced against the server's timer.
+IDLE_REUSE_SECONDS = 2.0
+# Errors that mean a kept-alive connection was closed by the server before it read our request.
+_STALE = (ConnectionResetError, BrokenPipeError, RemoteDisconnected)
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,10 @@ class Upstream:
         self._info: ServerInfo | None = None
         self._info_at = 0.0
         self._info_lock = threading.Lock()
+        parsed = urlparse(self.base)
+        self._prefix = parsed.path.rstrip("/")
+        cls = HTTPSConnection if parsed.scheme == "https" else HTTPConnection
+        self.connections = _Connections(lambda: cls(parsed.hostname or "127.0.0.1", parsed.port, timeout=settings.connect_timeout))
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -103,29 +118,42 @@ class Upstream:
         left while we waited (the upstream connection is closed by then). The caller reads the
         body (`stream_chunks`, `stream_lines`) and must `close()` the response.
         """
-        parsed = urlparse(self.base)
-        cls = HTTPSConnection if parsed.scheme == "https" else HTTPConnection
-        conn = cls(parsed.hostname or "127.0.0.1", parsed.port, timeout=self.settings.connect_timeout)
         headers = {"Accept-Encoding": "identity"}
         if content_type:
             headers["Content-Type"] = content_type
         if self.settings.llama_api_key:
             headers["Authorization"] = f"Bearer {self.settings.llama_api_key}"
+        conn, reused = self.connections.get()
         try:
-            conn.request(method, parsed.path.rstrip("/") + path, body=body, headers=headers, preload_content=False)
-            deadline = time.monotonic() + self.settings.read_timeout
-            while not select.select([conn.sock], [], [], 0.2)[0]:
-                if watch.gone():
-                    conn.close()
-                    raise ClientDisconnected()
-                if time.monotonic() > deadline:
-                    conn.close()
-                    raise ApiError(504, f"llama-server sent nothing for {self.settings.read_timeout:.0f}s (UPSTREAM_READ_TIMEOUT)")
-            conn.sock.settimeout(self.settings.read_timeout)
-            return Answer(conn, conn.getresponse())
+            try:
+                conn.request(method, self._prefix + path, body=body, headers=headers, preload_content=False)
+                resp = self._response(conn, watch)
+            except _STALE:
+                if not reused:
+                    raise
+                # The server closed the idle connection as we sent: it never saw the request.
+                conn.close()
+                conn = self.connections.new()
+                conn.request(method, self._prefix + path, body=body, headers=headers, preload_content=False)
+                resp = self._response(conn, watch)
+            return Answer(conn, resp, self.connections)
         except (OSError, Urllib3Error) as exc:
             conn.close()
             raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
+
+    def _response(self, conn: HTTPConnection, watch: ClientWatch) -> HTTPResponse:
+        """Wait for the answer's headers, watching the client while llama-server works."""
+        deadline = time.monotonic() + self.settings.read_timeout
+        while not select.select([conn.sock], [], [], 0.2)[0]:
+            if watch.gone():
+                conn.close()
+                raise ClientDisconnected()
+            if time.monotonic() > deadline:
+                conn.close()
+                raise ApiError(504, f"llama-server sent nothing for {self.settings.read_timeout:.0f}s (UPSTREAM_READ_TIMEOUT)")
+        # urllib3 applies `conn.timeout` to the socket in getresponse(): from here on it is a read timeout.
+        conn.timeout = self.settings.read_timeout
+        return conn.getresponse()
 
     # -- facts about the server ---------------------------------------------------------------
 
@@ -163,18 +191,69 @@ class Upstream:
         return False, f"llama-server /health answered HTTP {resp.status_code}: {resp.text[:200]}"
 
 
-class Answer:
-    """A response from `Upstream.open`, owning its connection: `close()` hangs up on llama-server."""
+class _Connections:
+    """Connections to llama-server: new ones, and those whose last answer was read to the end,
+    kept idle (newest first) for the next request."""
 
-    def __init__(self, conn: HTTPConnection, resp: HTTPResponse):
+    def __init__(self, factory: Callable[[], HTTPConnection], limit: int = 8):
+        self._factory = factory
+        self.limit = limit
+        self.opened = 0  # for /metrics
+        self._idle: deque[tuple[float, HTTPConnection]] = deque()
+        self._lock = threading.Lock()
+
+    def new(self) -> HTTPConnection:
+        with self._lock:
+            self.opened += 1
+        return self._factory()
+
+    def get(self) -> tuple[HTTPConnection, bool]:
+        """(connection, reused): a recently used one still open, else a new one."""
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                since, conn = self._idle.pop()
+            # is_connected: the socket is not readable, i.e. the server has not closed it.
+            if now - since < IDLE_REUSE_SECONDS and conn.is_connected:
+                return conn, True
+            conn.close()
+        return self.new(), False
+
+    def give(self, conn: HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self.limit:
+                self._idle.append((time.monotonic(), conn))
+                return
+        conn.close()
+
+
+class Answer:
+    """A response from `Upstream.open`, owning its connection until `close()`, which keeps the
+    connection for the next request if the answer was read to the end, else hangs up (which is
+    what stops llama-server generating for a client that left)."""
+
+    def __init__(self, conn: HTTPConnection, resp: HTTPResponse, pool: _Connections | None = None):
         self._conn = conn
+        self._pool = pool
         self.resp = resp
         self.status: int = resp.status
         self.headers = resp.headers
+        self.finished = False  # set by stream_chunks once the body was read to its end
 
     def close(self) -> None:
+        conn, self._conn = self._conn, None
         self.resp.close()
-        self._conn.close()
+        if conn is None:
+            return
+        # Only an answer read to its end leaves the connection clean for the next request (an
+        # interrupted read also marks the response closed, so that cannot tell). getresponse()
+        # already dropped the socket if llama-server said "Connection: close".
+        if self.finished and self._pool is not None and conn.sock is not None:
+            self._pool.give(conn)
+        else:
+            conn.close()
 
 
 def relay_headers(resp: Answer) -> list[tuple[str, str]]:
@@ -187,6 +266,7 @@ def stream_chunks(answer: Answer, watch: ClientWatch) -> Iterator[bytes]:
         watch.check()
         if chunk:
             yield chunk
+    answer.finished = True
 
 
 def stream_lines(resp: Answer, watch: ClientWatch) -> Iterator[bytes]:

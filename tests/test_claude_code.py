@@ -37,12 +37,12 @@ def test_claude_code_print_mode_through_the_proxy_to_llama_server(claude_bin, pr
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()
     work.mkdir()
-    before = proxy.log_text().count('"POST /v1/messages')
+    before = proxy.log_text().count('llamabridge.request: /v1/messages ')
     result = run_claude(claude_bin, proxy.url, home, work, "Say hello in one word.")
     assert result.returncode == 0, f"stdout={result.stdout!r}\nstderr={result.stderr!r}\nproxy log:\n{proxy.log_text()[-3000:]}"
     assert result.stdout.strip(), "Claude Code printed nothing"
     assert "API Error" not in result.stdout
-    assert proxy.log_text().count('"POST /v1/messages') > before
+    assert proxy.log_text().count('llamabridge.request: /v1/messages ') > before
     assert "sk-test-not-a-real-key" not in proxy.log_text()
 
 

@@ -34,8 +34,8 @@ SECOND_PROMPT = "Now say goodbye in one short sentence."
 TURN_TIMEOUT = 150
 STARTUP_TIMEOUT = 60
 
-# gunicorn's access log line, as configured in proxy/__main__.py: '... "POST /v1/messages?beta=true HTTP/1.1" 200 ...'
-ACCESS = re.compile(r'"POST (?P<path>/v1/messages(?:/count_tokens)?)(?:\?[^" ]*)? HTTP/[0-9.]+" (?P<status>\d{3})')
+# The proxy's own line per API call (proxy/metrics.py): '... llamabridge.request: /v1/messages class=main status=200 ...'
+ACCESS = re.compile(r'llamabridge\.request: (?P<path>/v1/messages(?:/count_tokens)?) class=\S+ status=(?P<status>\d{3})')
 
 # Claude Code's screens (2.1.328). The status line under the input box says "esc to interrupt"
 # while a turn runs and "? for shortcuts" when idle; the selected item of a menu is marked "❯".
@@ -134,7 +134,7 @@ def run_prompt(tui: TmuxSession, proxy, log_start: int, prompt: str) -> str:
     tui.send_keys("Enter")
 
     def replied(screen: str) -> bool:
-        # The access log line is written once the response has been sent; the screen then shows
+        # The request line is written once the response has been sent; the screen then shows
         # the echoed prompt, a "●" reply below it, and the idle status line.
         below = after_last(screen, f"❯ {prompt}")
         return (len(access(proxy.log_text()[log_start:], "/v1/messages")) > posts_before

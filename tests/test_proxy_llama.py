@@ -5,6 +5,7 @@ overflow, client disconnects, token counts, and the OpenAI relay."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 
@@ -259,10 +260,23 @@ def test_disconnect_during_a_non_streamed_openai_request_closes_the_upstream_req
     body = {"model": "x", "max_tokens": 3000, "ignore_eos": True, "messages": [{"role": "user", "content": "go"}]}
     post_then_hang_up_when_busy(proxy, llama, "/v1/chat/completions", body)
     deadline = time.monotonic() + 10
-    while '"POST /v1/chat/completions HTTP/1.1" 499' not in proxy.log_text():
+    while not re.search(r"llamabridge\.request: /v1/chat/completions class=\S+ status=499", proxy.log_text()):
         assert time.monotonic() < deadline, proxy.log_text()[-2000:]
         time.sleep(0.05)
     wait_slots_idle(llama, timeout=60)
+
+
+def test_short_requests_share_one_upstream_connection(proxy, llama):
+    """A non-streamed answer read to the end leaves its connection to llama-server for the next
+    request: a new TCP connection per request is a measurable part of what the proxy adds."""
+    body = {"model": "x", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    assert requests.post(proxy.url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+    before = metric(proxy.url, "llamabridge_proxy_upstream_connections_total")
+    for _ in range(6):
+        answer = requests.post(proxy.url + "/v1/chat/completions", json=body, timeout=30)
+        assert answer.status_code == 200 and answer.json()["choices"]
+    # At most one new connection (llama-server may end a kept-alive one after its request limit).
+    assert metric(proxy.url, "llamabridge_proxy_upstream_connections_total") - before <= 1
 
 
 def test_openai_context_overflow_keeps_llama_server_error(oai, llama):
