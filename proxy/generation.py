@@ -13,15 +13,13 @@ from array import array
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from urllib3.exceptions import HTTPError as Urllib3Error
-
 from . import classify, fastjson, sse, translate
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import ApiError, from_upstream
 from .gate import Ticket, Waiter
 from .metrics import Call
 from .services import Services, Target
-from .upstream import Answer, read_all, stream_lines
+from .upstream import BROKEN_CONNECTION, Answer, read_all, stream_lines
 
 log = logging.getLogger("llamabridge.proxy")
 
@@ -30,7 +28,7 @@ log = logging.getLogger("llamabridge.proxy")
 UPSTREAM_PING_SECONDS = 1
 
 # What a broken upstream connection looks like while reading it.
-BROKEN = (OSError, Urllib3Error, sse.StreamProtocolError)
+BROKEN = (*BROKEN_CONNECTION, sse.StreamProtocolError)
 
 
 class Generation:

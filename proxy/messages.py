@@ -24,7 +24,7 @@ from typing import Iterator
 
 from flask import Response
 
-from . import classify, local, sse, translate
+from . import classify, fastjson, local, sse, translate
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import ApiError, from_upstream, sse_error
 from .generation import BROKEN, UPSTREAM_PING_SECONDS, Generation
@@ -71,7 +71,7 @@ def _sse(events: EventStream) -> Iterator[bytes]:
 def _respond(body: dict, events: EventStream) -> Response:
     if body.get("stream") is True:
         return Response(_sse(events), mimetype="text/event-stream", headers=SSE_HEADERS)
-    return Response(json.dumps(translate.collect_message(events), ensure_ascii=False), mimetype="application/json")
+    return Response(fastjson.dumps(translate.collect_message(events)), mimetype="application/json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def _follow(body: dict, flight: Flight, watch: ClientWatch, call: Call, services
             services.metrics.record(call)
 
     if body.get("stream") is not True:
-        return Response(json.dumps(translate.collect_message(events()), ensure_ascii=False), mimetype="application/json")
+        return Response(fastjson.dumps(translate.collect_message(events())), mimetype="application/json")
     return Response(_sse(events()), mimetype="text/event-stream", headers=SSE_HEADERS)
 
 

@@ -49,9 +49,15 @@ class ClientLabels:
         self.limit = limit
         self._seen: set[str] = set()
         self._lock = threading.Lock()
+        # Each request's User-Agent, mapped once: an agent sends the same string every time.
+        self._families: dict[str, str] = {}
 
     def __call__(self, user_agent: str) -> str:
-        family = client_family(user_agent)
+        family = self._families.get(user_agent)
+        if family is None:
+            family = client_family(user_agent)
+            if len(self._families) < 4 * self.limit:
+                self._families[user_agent] = family
         with self._lock:
             if family in self._seen:
                 return family

@@ -9,19 +9,17 @@ more than one slot, `id_slot` names the slot the gate admitted it to.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Iterator
 
 from flask import Response
-from urllib3.exceptions import HTTPError as Urllib3Error
 
-from . import classify
+from . import classify, fastjson
 from .disconnect import ClientDisconnected, ClientWatch
 from .generation import Generation
 from .metrics import Call
 from .services import Services
-from .upstream import relay_headers, stream_chunks
+from .upstream import BROKEN_CONNECTION, relay_headers, stream_chunks
 
 log = logging.getLogger("llamabridge.relay")
 
@@ -73,7 +71,7 @@ def _noting_usage(chunks: Iterator[bytes], call: Call, keep: int = 16384) -> Ite
         if b'"timings"' not in payload:
             continue
         try:
-            timings = json.loads(payload).get("timings") or {}
+            timings = fastjson.loads(payload).get("timings") or {}
         except ValueError:
             continue
         call.usage({"input_tokens": timings.get("prompt_n"), "cache_read_input_tokens": timings.get("cache_n"),
@@ -86,7 +84,7 @@ def _open(gen: Generation, raw_body: bytes | None):
     assert gen.ticket is not None
     if gen.payload is not None:
         gen.payload["id_slot"] = gen.ticket.slot
-        raw_body = json.dumps(gen.payload, ensure_ascii=False).encode()
+        raw_body = fastjson.dumps(gen.payload)
     answer = gen.target.upstream.open("POST", gen.path, raw_body, gen.watch)
     gen.answer = answer
     return answer
@@ -102,7 +100,7 @@ def _plain(method: str, path: str, raw_body: bytes | None, content_type: str | N
             yield from stream_chunks(resp, watch)
         except ClientDisconnected:
             pass
-        except (OSError, Urllib3Error) as exc:
+        except BROKEN_CONNECTION as exc:
             log.warning("upstream connection broke while relaying %s: %s", path, exc)
         finally:
             resp.close()

@@ -6,6 +6,7 @@ scheduler, must each exist exactly once.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from typing import Any, Callable, TypeVar
@@ -54,7 +55,14 @@ class _Server(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        return self._load()
+        app = self._load()
+        # What start-up built (modules, the app, its routes and metrics) lives as long as the
+        # process. Frozen, it is out of the garbage collector's sight: a full collection then
+        # walks only what requests made, instead of pausing every thread for milliseconds
+        # (~7 ms for the proxy's ~38k start-up objects on a 2-core VM) at unpredictable times.
+        gc.collect()
+        gc.freeze()
+        return app
 
 
 def serve(load: Callable[[], Any], **options: Any) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Iterable, Iterator
+
+from . import fastjson
 
 
 def encode(event: str, data: dict[str, Any]) -> bytes:
     """One Anthropic SSE frame. Claude Code ignores frames without an `event:` line."""
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+    return b"event: " + event.encode() + b"\ndata: " + fastjson.dumps(data) + b"\n\n"
 
 
 # Yielded by decode_openai(keepalive=True) for each comment line (llama-server's `: ping`).
@@ -53,7 +54,7 @@ def decode_openai(lines: Iterable[bytes], keepalive: bool = False) -> Iterator[d
 
 def _parse(payload: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(payload)
+        obj = fastjson.loads(payload)
     except ValueError as exc:
         raise StreamProtocolError(f"upstream sent a stream frame that is not JSON: {payload[:200]!r}") from exc
     if not isinstance(obj, dict):

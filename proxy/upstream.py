@@ -3,12 +3,15 @@
 Two ways, for two jobs:
 - `json()` / `request()`: small calls (`/props`, `/tokenize`, `/apply-template`, `/health`)
   through `requests`, one Session per thread (a Session is not documented as thread-safe).
-- `open()`: generation requests, on a connection whose socket we can watch. A non-streamed
+- `open()`: generation requests, on an `http.client` connection whose socket we can watch
+  (the standard library's client is the thinnest layer over that socket). A non-streamed
   completion sends nothing until it is done, so while waiting for the answer we `select()` on
   llama-server's socket and look at the client's: if the client has gone, closing this
   connection is what makes llama-server stop generating and free the slot. A connection whose
   answer was read to the end goes back to a small idle pool (`_Connections`) for the next request:
   a new TCP connection per request is a measurable part of what the proxy adds to a short one.
+  (llama-server closes the connection after a streamed answer, so in practice the non-streamed
+  ones reuse it: the OpenAI relay's, embeddings, the native passthrough's.)
 """
 
 from __future__ import annotations
@@ -24,11 +27,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 import requests
-from http.client import RemoteDisconnected
-
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.response import HTTPResponse
+from http.client import HTTPConnection, HTTPException, HTTPMessage, HTTPResponse, HTTPSConnection, RemoteDisconnected
 
 from . import fastjson
 from .config import Settings
@@ -45,6 +44,8 @@ _SKIP_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "cont
 IDLE_REUSE_SECONDS = 2.0
 # Errors that mean a kept-alive connection was closed by the server before it read our request.
 _STALE = (ConnectionResetError, BrokenPipeError, RemoteDisconnected)
+# What a broken connection to llama-server raises while a request is sent or its answer read.
+BROKEN_CONNECTION = (OSError, HTTPException)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class Upstream:
         conn, reused = self.connections.get()
         try:
             try:
-                conn.request(method, self._prefix + path, body=body, headers=headers, preload_content=False)
+                conn.request(method, self._prefix + path, body=body, headers=headers)
                 resp = self._response(conn, watch)
             except _STALE:
                 if not reused:
@@ -134,10 +135,10 @@ class Upstream:
                 # The server closed the idle connection as we sent: it never saw the request.
                 conn.close()
                 conn = self.connections.new()
-                conn.request(method, self._prefix + path, body=body, headers=headers, preload_content=False)
+                conn.request(method, self._prefix + path, body=body, headers=headers)
                 resp = self._response(conn, watch)
             return Answer(conn, resp, self.connections)
-        except (OSError, Urllib3Error) as exc:
+        except BROKEN_CONNECTION as exc:
             conn.close()
             raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
 
@@ -151,8 +152,7 @@ class Upstream:
             if time.monotonic() > deadline:
                 conn.close()
                 raise ApiError(504, f"llama-server sent nothing for {self.settings.read_timeout:.0f}s (UPSTREAM_READ_TIMEOUT)")
-        # urllib3 applies `conn.timeout` to the socket in getresponse(): from here on it is a read timeout.
-        conn.timeout = self.settings.read_timeout
+        conn.sock.settimeout(self.settings.read_timeout)  # was the connect timeout
         return conn.getresponse()
 
     # -- facts about the server ---------------------------------------------------------------
@@ -215,8 +215,8 @@ class _Connections:
                 if not self._idle:
                     break
                 since, conn = self._idle.pop()
-            # is_connected: the socket is not readable, i.e. the server has not closed it.
-            if now - since < IDLE_REUSE_SECONDS and conn.is_connected:
+            # An idle connection's socket is readable only if the server closed it.
+            if now - since < IDLE_REUSE_SECONDS and conn.sock is not None and not select.select([conn.sock], [], [], 0)[0]:
                 return conn, True
             conn.close()
         return self.new(), False
@@ -239,7 +239,7 @@ class Answer:
         self._pool = pool
         self.resp = resp
         self.status: int = resp.status
-        self.headers = resp.headers
+        self.headers: HTTPMessage = resp.msg
         self.finished = False  # set by stream_chunks once the body was read to its end
 
     def close(self) -> None:
@@ -262,10 +262,10 @@ def relay_headers(resp: Answer) -> list[tuple[str, str]]:
 
 def stream_chunks(answer: Answer, watch: ClientWatch) -> Iterator[bytes]:
     """The body as it arrives (each HTTP chunk of a streamed answer), checking the client each time."""
-    for chunk in answer.resp.stream(65536):
+    read = answer.resp.read1
+    while chunk := read(65536):  # what has arrived (for a chunked body, within one chunk)
         watch.check()
-        if chunk:
-            yield chunk
+        yield chunk
     answer.finished = True
 
 

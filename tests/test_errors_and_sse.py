@@ -52,12 +52,18 @@ def test_settings_defaults_bind_loopback():
     assert (s.host, s.port, s.llama_url, s.upstream_api) == ("127.0.0.1", 9090, "http://127.0.0.1:8080", "openai")
 
 
+def test_gunicorn_access_log_is_opt_in():
+    assert from_env({}).access_log is False
+    assert from_env({"ACCESS_LOG": "true"}).access_log is True and from_env({"ACCESS_LOG": "0"}).access_log is False
+
+
 @pytest.mark.parametrize("env, name", [
     ({"PROXY_PORT": "http"}, "PROXY_PORT"),
     ({"PROXY_PORT": "70000"}, "PROXY_PORT"),
     ({"UPSTREAM_API": "grpc"}, "UPSTREAM_API"),
     ({"LLAMA_URL": "localhost:8080"}, "LLAMA_URL"),
     ({"MAX_REQUEST_BYTES": "-1"}, "MAX_REQUEST_BYTES"),
+    ({"ACCESS_LOG": "maybe"}, "ACCESS_LOG"),
 ])
 def test_bad_settings_name_the_variable(env, name):
     with pytest.raises(ConfigError, match=name):

@@ -114,3 +114,19 @@ def test_health_reports_the_missing_upstream(orphan_proxy):
     resp = requests.get(orphan_proxy.url + "/healthz", timeout=30)
     assert resp.status_code == 503 and resp.json()["status"] == "unavailable"
     assert requests.head(orphan_proxy.url + "/api/hello", timeout=5).status_code == 200
+
+
+def test_logs_name_each_request_but_never_its_keys(llama):
+    """The proxy's own line per API call by default; gunicorn's access line per HTTP request with
+    ACCESS_LOG=true. Neither writes headers, where clients put their API keys."""
+    secret = "sk-ant-never-log-this-0123456789"
+    headers = {"x-api-key": secret, "Authorization": f"Bearer {secret}"}
+    for access_log in ("false", "true"):
+        with processes.proxy(llama.url, ACCESS_LOG=access_log) as server:
+            assert requests.post(server.url + "/v1/messages", json=GOOD, headers=headers, timeout=60).status_code == 200
+            assert requests.get(server.url + "/metrics", headers=headers, timeout=10).status_code == 200
+            server.stop()  # flushes the log
+            log = server.log_text()
+        assert re.search(r"llamabridge\.request: /v1/messages class=\S+ status=200", log), log
+        assert ('"GET /metrics HTTP/1.1" 200' in log) is (access_log == "true"), log
+        assert secret not in log
