@@ -7,6 +7,8 @@ model unless LLAMA_MODEL names a GGUF) started here with one slot:
                1-token completions (added latency p50/p90/p99) and streamed ~256-token
                completions (added time to first token, throughput as a ratio of direct), for the
                OpenAI relay and the Anthropic translation; proxy and collector memory under load.
+               The 1-token requests also go through bench/floor.py, a bare relay under the same
+               gunicorn settings: what the server model adds by itself on this machine.
   concurrency  50 Claude Code-shaped clients (main turns, session titles, count_tokens bursts)
                for BENCH_SECONDS (120): failures, llama-server's concurrency, queue wait per class,
                how fast background requests are answered.
@@ -127,12 +129,20 @@ class Sampler(threading.Thread):
 # ---------------------------------------------------------------- overhead
 
 
-def overhead(llama_url: str, proxy_url: str, rounds: int, stream_rounds: int) -> dict:
+def floor(llama_url: str) -> processes.Service:
+    """bench/floor.py: a bare WSGI relay under the proxy's gunicorn settings."""
+    env = {**os.environ, "LLAMA_URL": llama_url, "FLOOR_PORT": "0"}
+    return processes.Service("floor", [sys.executable, "-m", "bench.floor"], r"Listening at: http://127\.0\.0\.1:(?P<port>\d+)",
+                             env=env, health_path="/", cwd=ROOT)
+
+
+def overhead(llama_url: str, proxy_url: str, floor_url: str, rounds: int, stream_rounds: int) -> dict:
     session = requests.Session()
     short_openai = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
     short_anthropic = {"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
     calls = {
         "direct": lambda: session.post(llama_url + "/v1/chat/completions", json=short_openai, timeout=30),
+        "floor": lambda: session.post(floor_url + "/v1/chat/completions", json=short_openai, timeout=30),
         "relay": lambda: session.post(proxy_url + "/v1/chat/completions", json=short_openai, timeout=30),
         "anthropic": lambda: session.post(proxy_url + "/v1/messages", json=short_anthropic, timeout=30),
     }
@@ -152,7 +162,8 @@ def overhead(llama_url: str, proxy_url: str, rounds: int, stream_rounds: int) ->
         return {f"p{q}": pct(times[name], q) - pct(times["direct"], q) for q in (50, 90, 99)}
 
     result = {"latency_ms": {name: {f"p{q}": pct(v, q) for q in (50, 90, 99)} for name, v in times.items()},
-              "relay_added_ms": added("relay"), "anthropic_added_ms": added("anthropic"), "samples": times}
+              "relay_added_ms": added("relay"), "anthropic_added_ms": added("anthropic"), "floor_added_ms": added("floor"),
+              "samples": times}
 
     long_openai = {"model": "m", "max_tokens": 400, "stream": True, "stream_options": {"include_usage": True},
                    "messages": [{"role": "user", "content": "digits"}],
@@ -388,11 +399,17 @@ def table(results: dict) -> str:
         f"| {o['latency_ms']['anthropic']['p50']:.2f} / {o['latency_ms']['anthropic']['p90']:.2f} / {o['latency_ms']['anthropic']['p99']:.2f} |",
         f"| added latency p50 / p90 / p99 (ms) | | {o['relay_added_ms']['p50']:+.2f} / {o['relay_added_ms']['p90']:+.2f} / {o['relay_added_ms']['p99']:+.2f} "
         f"| {o['anthropic_added_ms']['p50']:+.2f} / {o['anthropic_added_ms']['p90']:+.2f} / {o['anthropic_added_ms']['p99']:+.2f} |",
+        f"| added by a bare relay under the same gunicorn (bench/floor.py) | | {o['floor_added_ms']['p50']:+.2f} / "
+        f"{o['floor_added_ms']['p90']:+.2f} / {o['floor_added_ms']['p99']:+.2f} | |",
         f"| streamed {o['stream']['direct']['tokens']:.0f} tokens: time to first token (ms) | {o['stream']['direct']['ttft_ms']:.1f} "
         f"| {o['stream']['relay']['ttft_ms']:.1f} ({o['relay_stream_added_ttft_ms']:+.1f}) | {o['stream']['anthropic']['ttft_ms']:.1f} ({o['anthropic_stream_added_ttft_ms']:+.1f}) |",
         f"| streamed: tokens/s (ratio of direct) | {o['stream']['direct']['tokens_per_s']:.0f} "
         f"| {o['stream']['relay']['tokens_per_s']:.0f} ({o['relay_stream_throughput_ratio']:.3f}) "
         f"| {o['stream']['anthropic']['tokens_per_s']:.0f} ({o['anthropic_stream_throughput_ratio']:.3f}) |",
+        "",
+        f"Of the relay's added p50, {o['floor_added_ms']['p50']:.2f} ms is what a bare relay under the same gunicorn settings adds "
+        f"(the server model by itself, on this machine) and {o['relay_added_ms']['p50'] - o['floor_added_ms']['p50']:.2f} ms is "
+        "llamabridge's own work (admission gate, request parsing, metrics, request log, disconnect watch).",
         "",
         f"Under load ({c['clients']} Claude Code-shaped clients, {c['seconds']:.0f} s, {c['requests']} requests: "
         f"{c['by_kind']['main']} main turns, {c['by_kind']['title']} titles, {c['by_kind']['count_tokens']} token counts): "
@@ -437,7 +454,7 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     samples = results["overhead"]["samples"]
-    for name, color in (("direct", "#555555"), ("relay", "#1f77b4"), ("anthropic", "#d62728")):
+    for name, color in (("direct", "#555555"), ("floor", "#9e9e9e"), ("relay", "#1f77b4"), ("anthropic", "#d62728")):
         values = sorted(samples[name])
         left.plot(values, [i / len(values) for i in range(len(values))], label=name, color=color)
     left.set_xlabel("1-token completion latency (ms)")
@@ -484,7 +501,8 @@ def main() -> int:
             processes.collector(llama.url, db, interval=10) as collector:
         # The product's defaults (64 proxy threads, a scrape every 10 s), not the test suite's.
         print(f"overhead: {args.rounds} interleaved rounds, {args.stream_rounds} streamed", flush=True)
-        results["overhead"] = overhead(llama.url, proxy.url, args.rounds, args.stream_rounds)
+        with floor(llama.url) as bare:
+            results["overhead"] = overhead(llama.url, proxy.url, bare.url, args.rounds, args.stream_rounds)
         print(f"concurrency: {args.clients} clients for {args.seconds:.0f} s", flush=True)
         sampler = Sampler(llama.url, {"proxy": proxy.proc.pid, "collector": collector.proc.pid})
         sampler.start()
