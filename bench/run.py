@@ -454,9 +454,10 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     samples = results["overhead"]["samples"]
-    for name, color in (("direct", "#555555"), ("floor", "#9e9e9e"), ("relay", "#1f77b4"), ("anthropic", "#d62728")):
+    for name, label, color in (("direct", "direct", "#555555"), ("floor", "bare relay, same gunicorn", "#9e9e9e"),
+                               ("relay", "OpenAI relay", "#1f77b4"), ("anthropic", "Anthropic translation", "#d62728")):
         values = sorted(samples[name])
-        left.plot(values, [i / len(values) for i in range(len(values))], label=name, color=color)
+        left.plot(values, [i / len(values) for i in range(len(values))], label=label, color=color)
     left.set_xlabel("1-token completion latency (ms)")
     left.set_ylabel("share of requests at or below")
     left.set_xlim(0, pct(samples["anthropic"], 99.5) * 1.1)
