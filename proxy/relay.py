@@ -10,6 +10,7 @@ more than one slot, `id_slot` names the slot the gate admitted it to.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Iterator
 
 from flask import Response
@@ -62,11 +63,15 @@ def relay(method: str, path: str, parsed: dict | None, raw_body: bytes | None, c
 def _noting_usage(chunks: Iterator[bytes], call: Call, keep: int = 16384) -> Iterator[bytes]:
     """Relay bytes untouched, then read the usage for the request log from the tail of the
     answer: llama-server puts `timings` in the JSON body, or in the last chunks of a stream."""
-    tail = b""
+    tail: deque[bytes] = deque()  # the last chunks, at least `keep` bytes of them
+    size = 0
     for chunk in chunks:
-        tail = (tail + chunk)[-keep:]
+        tail.append(chunk)
+        size += len(chunk)
+        while size - len(tail[0]) >= keep:
+            size -= len(tail.popleft())
         yield chunk
-    for line in reversed(tail.split(b"\n")):
+    for line in reversed(b"".join(tail).split(b"\n")):
         payload = line[5:].strip() if line.startswith(b"data:") else line.strip()
         if b'"timings"' not in payload:
             continue
