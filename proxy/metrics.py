@@ -144,6 +144,9 @@ class ProxyMetrics:
         self.slot_not_freed = Counter("llamabridge_proxy_slot_not_freed",
                                       "Disconnected requests whose llama-server slot stayed busy for seconds after we hung up.", registry=r)
         self.token_counts = Counter("llamabridge_proxy_token_counts", "count_tokens answers by source.", ["source"], registry=r)
+        # Labelled children by (metric, label values): labels() validates and locks on every call.
+        # Every label here has a bounded set of values (clients are capped by ClientLabels).
+        self._children: dict[tuple, object] = {}
         # Series that exist from the start count their first request in rate() and increase():
         # a labelled series born at 1 has no earlier sample to rise from.
         for klass in CLASSES:
@@ -151,6 +154,13 @@ class ProxyMetrics:
                 histogram.labels(klass)
         for kind in ("prompt", "cached", "generated"):
             self.tokens.labels(kind)
+
+    def _child(self, metric, *values: str):
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def watch_gate(self, gate: "Gate", connections=None) -> None:
         self.registry.register(_StateCollector(gate, self.request_log, connections))
@@ -161,15 +171,15 @@ class ProxyMetrics:
             return
         call.recorded = True
         total = time.monotonic() - call.started
-        self.requests.labels(self.clients(call.client), call.route, call.klass, str(call.status), call.handled).inc()
+        self._child(self.requests, self.clients(call.client), call.route, call.klass, str(call.status), call.handled).inc()
         if call.handled == "upstream" or call.handled == "background":
-            self.queue_wait.labels(call.klass).observe(call.queue_wait)
+            self._child(self.queue_wait, call.klass).observe(call.queue_wait)
             if call.ttft is not None:
-                self.ttft.labels(call.klass).observe(call.ttft)
-            self.tokens.labels("prompt").inc(call.prompt_tokens)
-            self.tokens.labels("cached").inc(call.cached_tokens)
-            self.tokens.labels("generated").inc(call.generated_tokens)
-        self.duration.labels(call.klass).observe(total)
+                self._child(self.ttft, call.klass).observe(call.ttft)
+            self._child(self.tokens, "prompt").inc(call.prompt_tokens)
+            self._child(self.tokens, "cached").inc(call.cached_tokens)
+            self._child(self.tokens, "generated").inc(call.generated_tokens)
+        self._child(self.duration, call.klass).observe(total)
         if self.request_log is not None:
             generating = total - (call.ttft or total) if call.ttft is not None else 0.0
             self.request_log.add({
