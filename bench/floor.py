@@ -20,6 +20,8 @@ import threading
 from typing import Callable, Iterable
 from urllib.parse import urlparse
 
+from proxy.__main__ import SERVER_OPTIONS
+from proxy.config import Settings
 from proxy.serving import serve
 
 _UPSTREAM = urlparse(os.environ.get("LLAMA_URL", "http://127.0.0.1:8080"))
@@ -53,9 +55,9 @@ def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
 
 
 def main() -> None:
-    # The same gunicorn settings as proxy/__main__.py (threads: the proxy's default).
-    serve(lambda: app, bind=f"127.0.0.1:{os.environ.get('FLOOR_PORT', '0')}", threads=64, timeout=120,
-          graceful_timeout=10, keepalive=75, loglevel="info", accesslog=None, proc_name="llamabridge-floor")
+    # The same gunicorn settings as `python -m proxy` with its default thread count.
+    serve(lambda: app, bind=f"127.0.0.1:{os.environ.get('FLOOR_PORT', '0')}", threads=Settings.threads,
+          loglevel="info", accesslog=None, proc_name="llamabridge-floor", **SERVER_OPTIONS)
 
 
 if __name__ == "__main__":

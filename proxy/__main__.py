@@ -17,6 +17,10 @@ from .config import Settings, from_env
 from .serving import bind_address, serve, settings_or_exit
 from .upstream import Upstream
 
+# gunicorn settings beyond serving.py's defaults (bench/floor.py measures a bare app under the same).
+# gthread's timeout is the worker's heartbeat, not a request limit: streams may run long.
+SERVER_OPTIONS = {"timeout": 120, "graceful_timeout": 10, "keepalive": 75}
+
 # Claude Code 2.1.328 refuses CLAUDE_CODE_AUTO_COMPACT_WINDOW below this ("set it to a size of
 # at least 100k"), so a smaller local context cannot make it compact early.
 MIN_AUTO_COMPACT_WINDOW = 100_000
@@ -87,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: create_app(settings),
         bind=bind_address(settings.host, settings.port),
         threads=settings.threads,
-        # gthread's timeout is the worker's heartbeat, not a request limit: streams may run long.
-        timeout=120,
-        graceful_timeout=10,
-        keepalive=75,
+        **SERVER_OPTIONS,
         loglevel=settings.log_level,
         # Every API call already gets one line from the proxy itself (llamabridge.request: route,
         # class, status, queue wait, tokens); gunicorn's line per HTTP request, which also covers

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
-import requests
 from http.client import HTTPConnection, HTTPException, HTTPMessage, HTTPResponse, HTTPSConnection, RemoteDisconnected
+
+import requests
 
 from . import fastjson
 from .config import Settings
@@ -124,19 +125,22 @@ class Upstream:
             headers["Content-Type"] = content_type
         if self.settings.llama_api_key:
             headers["Authorization"] = f"Bearer {self.settings.llama_api_key}"
+
+        def send(conn: HTTPConnection) -> HTTPResponse:
+            conn.request(method, self._prefix + path, body=body, headers=headers)
+            return self._response(conn, watch)
+
         conn, reused = self.connections.get()
         try:
             try:
-                conn.request(method, self._prefix + path, body=body, headers=headers)
-                resp = self._response(conn, watch)
+                resp = send(conn)
             except _STALE:
                 if not reused:
                     raise
                 # The server closed the idle connection as we sent: it never saw the request.
                 conn.close()
                 conn = self.connections.new()
-                conn.request(method, self._prefix + path, body=body, headers=headers)
-                resp = self._response(conn, watch)
+                resp = send(conn)
             return Answer(conn, resp, self.connections)
         except BROKEN_CONNECTION as exc:
             conn.close()
@@ -234,7 +238,7 @@ class Answer:
     connection for the next request if the answer was read to the end, else hangs up (which is
     what stops llama-server generating for a client that left)."""
 
-    def __init__(self, conn: HTTPConnection, resp: HTTPResponse, pool: _Connections | None = None):
+    def __init__(self, conn: HTTPConnection, resp: HTTPResponse, pool: _Connections):
         self._conn = conn
         self._pool = pool
         self.resp = resp
@@ -250,7 +254,7 @@ class Answer:
         # Only an answer read to its end leaves the connection clean for the next request (an
         # interrupted read also marks the response closed, so that cannot tell). getresponse()
         # already dropped the socket if llama-server said "Connection: close".
-        if self.finished and self._pool is not None and conn.sock is not None:
+        if self.finished and conn.sock is not None:
             self._pool.give(conn)
         else:
             conn.close()

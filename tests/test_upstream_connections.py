@@ -18,20 +18,24 @@ from proxy.upstream import Upstream, read_all, stream_chunks
 ANSWER = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
 
 
-class ClosingServer:
-    """Answers the first request on each connection, then closes the connection without answering
-    the second request sent on it (a keep-alive connection the server timed out as we sent)."""
+class FakeServer:
+    """A listener on a free loopback port; each accepted connection is served by `_connection`
+    on a thread of its own."""
 
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.accepted = 0
-        self.requests = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._serve, daemon=True).start()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.listener.close()
 
     def _serve(self) -> None:
         while True:
@@ -41,6 +45,18 @@ class ClosingServer:
                 return
             self.accepted += 1
             threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class ClosingServer(FakeServer):
+    """Answers the first request on each connection, then closes the connection without answering
+    the second request sent on it (a keep-alive connection the server timed out as we sent)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        super().__init__()
 
     def _connection(self, conn: socket.socket) -> None:
         with conn:
@@ -55,8 +71,22 @@ class ClosingServer:
                 if answered:
                     conn.sendall(ANSWER)
 
-    def close(self) -> None:
-        self.listener.close()
+
+class EndlessStream(FakeServer):
+    """Streams one chunk of an answer that never ends, and notes when the client hangs up."""
+
+    def __init__(self) -> None:
+        self.hung_up = threading.Event()
+        super().__init__()
+
+    def _connection(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"c\r\ndata: token\n\r\n")
+            while conn.recv(65536):
+                pass
+            self.hung_up.set()
 
 
 def call(upstream: Upstream) -> bytes:
@@ -69,8 +99,7 @@ def call(upstream: Upstream) -> bytes:
 
 
 def test_a_connection_closed_as_we_send_is_replaced_once():
-    server = ClosingServer()
-    try:
+    with ClosingServer() as server:
         upstream = Upstream(Settings(llama_url=server.url))
         assert call(upstream) == b'{"ok":true}'
         assert upstream.connections.opened == 1
@@ -79,50 +108,21 @@ def test_a_connection_closed_as_we_send_is_replaced_once():
         assert call(upstream) == b'{"ok":true}'
         assert upstream.connections.opened == 2
         assert server.accepted == 2 and server.requests == 3
-    finally:
-        server.close()
 
 
 def test_an_unfinished_answer_never_leaves_its_connection_for_reuse():
-    server = ClosingServer()
-    try:
+    with ClosingServer() as server:
         upstream = Upstream(Settings(llama_url=server.url))
         answer = upstream.open("POST", "/v1/chat/completions", b'{"prompt":"x"}', ClientWatch({}))
         answer.close()  # closed without reading the body, as when a client leaves mid-answer
         assert call(upstream) == b'{"ok":true}'
         assert upstream.connections.opened == 2 and server.accepted == 2
-    finally:
-        server.close()
-
-
-class EndlessStream:
-    """Streams one chunk of an answer that never ends, and notes when the client hangs up."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.hung_up = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-
-    def _serve(self) -> None:
-        conn, _ = self.listener.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-                         b"c\r\ndata: token\n\r\n")
-            while conn.recv(65536):
-                pass
-            self.hung_up.set()
 
 
 def test_a_stream_abandoned_midway_hangs_up_on_the_server():
     """What makes llama-server stop generating for a client that left: the connection closes,
     even though the interrupted read has already marked the response itself closed."""
-    server = EndlessStream()
-    try:
+    with EndlessStream() as server:
         upstream = Upstream(Settings(llama_url=server.url))
         answer = upstream.open("POST", "/v1/chat/completions", b"{}", ClientWatch({}))
         chunks = stream_chunks(answer, ClientWatch({}))
@@ -130,5 +130,3 @@ def test_a_stream_abandoned_midway_hangs_up_on_the_server():
         chunks.close()  # the client went away: the relay's generator is closed mid-read
         answer.close()
         assert server.hung_up.wait(10), "the upstream connection was kept open"
-    finally:
-        server.listener.close()
