@@ -1,15 +1,17 @@
 """`python -m bench.floor`: the least a Python relay under the proxy's own server can add.
 
-A reference point for the overhead benchmark, not a product: a bare WSGI app (no Flask, no
-admission gate, no metrics, no request log, no disconnect watch) that relays the request body
-to llama-server on a kept-alive `http.client` connection per thread and returns the answer,
-served by gunicorn with exactly the settings `python -m proxy` uses (one process, gthread,
-same keep-alive). Measured in the same interleaved run, the latency it adds over direct
-llama-server is what the server model costs by itself on that machine; the proxy's added
-latency minus this is what llamabridge's own work costs.
+Reference points for the overhead benchmark, not a product. FLOOR_APP=wsgi (the default) is a
+bare WSGI app (no Flask, no admission gate, no metrics, no request log, no disconnect watch)
+that relays the request body to llama-server on a kept-alive `http.client` connection per
+thread and returns the answer; FLOOR_APP=flask is the same relay as a one-route Flask app.
+Either is served by gunicorn with exactly the settings `python -m proxy` uses (one process,
+gthread, same keep-alive). Measured in the same interleaved run, the latency the bare one adds
+over direct llama-server is what the server model costs by itself on that machine, the Flask
+one's excess over it is Flask's share, and the proxy's excess over the Flask one is what
+llamabridge's own work costs.
 
-Environment: LLAMA_URL (llama-server) and FLOOR_PORT (0 picks a free port; the address is in
-gunicorn's "Listening at" line).
+Environment: LLAMA_URL (llama-server), FLOOR_APP, and FLOOR_PORT (0 picks a free port; the
+address is in gunicorn's "Listening at" line).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import http.client
 import os
 import threading
+from http import HTTPStatus
 from typing import Callable, Iterable
 from urllib.parse import urlparse
 
@@ -35,28 +38,50 @@ def _connection() -> http.client.HTTPConnection:
     return conn
 
 
-def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
-    if environ["REQUEST_METHOD"] != "POST":
-        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
-        return [b"ok"]
-    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+def _relay(path: str, body: bytes) -> tuple[int, str, bytes]:
+    """llama-server's status line, content type and body for this request (502 if it broke)."""
     conn = _connection()
     try:
-        conn.request("POST", environ["PATH_INFO"], body, {"Content-Type": "application/json"})
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
         answer = conn.getresponse()
         data = answer.read()
     except (OSError, http.client.HTTPException):
         conn.close()  # llama-server closed the kept-alive connection: reconnect on the next request
-        start_response("502 Bad Gateway", [("Content-Type", "text/plain"), ("Content-Length", "0")])
-        return [b""]
-    start_response(f"{answer.status} {answer.reason}", [("Content-Type", answer.getheader("Content-Type", "application/json")),
-                                                         ("Content-Length", str(len(data)))])
+        return 502, "text/plain", b""
+    return answer.status, answer.getheader("Content-Type", "application/json"), data
+
+
+def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+    if environ["REQUEST_METHOD"] != "POST":
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+    status, content_type, data = _relay(environ["PATH_INFO"], environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0)))
+    start_response(f"{status} {HTTPStatus(status).phrase}", [("Content-Type", content_type), ("Content-Length", str(len(data)))])
     return [data]
 
 
+def flask_app():
+    """The same relay as one Flask route: what Flask's request handling adds on top."""
+    from flask import Flask, Response, request
+
+    flask = Flask("llamabridge-floor")
+
+    @flask.route("/", methods=["GET"])
+    def root() -> str:
+        return "ok"
+
+    @flask.route("/v1/chat/completions", methods=["POST"])
+    def chat() -> Response:
+        status, content_type, data = _relay(request.path, request.get_data())
+        return Response(data, status=status, content_type=content_type)
+
+    return flask
+
+
 def main() -> None:
+    load = flask_app if os.environ.get("FLOOR_APP", "wsgi") == "flask" else (lambda: app)
     # The same gunicorn settings as `python -m proxy` with its default thread count.
-    serve(lambda: app, bind=f"127.0.0.1:{os.environ.get('FLOOR_PORT', '0')}", threads=Settings.threads,
+    serve(load, bind=f"127.0.0.1:{os.environ.get('FLOOR_PORT', '0')}", threads=Settings.threads,
           loglevel="info", accesslog=None, proc_name="llamabridge-floor", **SERVER_OPTIONS)
 
 

@@ -8,7 +8,9 @@ model unless LLAMA_MODEL names a GGUF) started here with one slot:
                completions (added time to first token, throughput as a ratio of direct), for the
                OpenAI relay and the Anthropic translation; proxy and collector memory under load.
                The 1-token requests also go through bench/floor.py, a bare relay under the same
-               gunicorn settings: what the server model adds by itself on this machine.
+               gunicorn settings, as plain WSGI and as a one-route Flask app: what the server
+               model and Flask add by themselves on this machine. And how much slower Flask's
+               request handling runs after the CPU idled a few milliseconds than back to back.
   concurrency  50 Claude Code-shaped clients (main turns, session titles, count_tokens bursts)
                for BENCH_SECONDS (120): failures, llama-server's concurrency, queue wait per class,
                how fast background requests are answered.
@@ -129,20 +131,21 @@ class Sampler(threading.Thread):
 # ---------------------------------------------------------------- overhead
 
 
-def floor(llama_url: str) -> processes.Service:
-    """bench/floor.py: a bare WSGI relay under the proxy's gunicorn settings."""
-    env = {**os.environ, "LLAMA_URL": llama_url, "FLOOR_PORT": "0"}
-    return processes.Service("floor", [sys.executable, "-m", "bench.floor"], r"Listening at: http://127\.0\.0\.1:(?P<port>\d+)",
+def floor(llama_url: str, app: str) -> processes.Service:
+    """bench/floor.py: a bare relay (app "wsgi", or "flask") under the proxy's gunicorn settings."""
+    env = {**os.environ, "LLAMA_URL": llama_url, "FLOOR_APP": app, "FLOOR_PORT": "0"}
+    return processes.Service(f"floor-{app}", [sys.executable, "-m", "bench.floor"], r"Listening at: http://127\.0\.0\.1:(?P<port>\d+)",
                              env=env, health_path="/", cwd=ROOT)
 
 
-def overhead(llama_url: str, proxy_url: str, floor_url: str, rounds: int, stream_rounds: int) -> dict:
+def overhead(llama_url: str, proxy_url: str, floor_urls: dict[str, str], rounds: int, stream_rounds: int) -> dict:
     session = requests.Session()
     short_openai = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
     short_anthropic = {"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
     calls = {
         "direct": lambda: session.post(llama_url + "/v1/chat/completions", json=short_openai, timeout=30),
-        "floor": lambda: session.post(floor_url + "/v1/chat/completions", json=short_openai, timeout=30),
+        "floor": lambda: session.post(floor_urls["wsgi"] + "/v1/chat/completions", json=short_openai, timeout=30),
+        "flask": lambda: session.post(floor_urls["flask"] + "/v1/chat/completions", json=short_openai, timeout=30),
         "relay": lambda: session.post(proxy_url + "/v1/chat/completions", json=short_openai, timeout=30),
         "anthropic": lambda: session.post(proxy_url + "/v1/messages", json=short_anthropic, timeout=30),
     }
@@ -163,7 +166,7 @@ def overhead(llama_url: str, proxy_url: str, floor_url: str, rounds: int, stream
 
     result = {"latency_ms": {name: {f"p{q}": pct(v, q) for q in (50, 90, 99)} for name, v in times.items()},
               "relay_added_ms": added("relay"), "anthropic_added_ms": added("anthropic"), "floor_added_ms": added("floor"),
-              "samples": times}
+              "flask_added_ms": added("flask"), "samples": times}
 
     long_openai = {"model": "m", "max_tokens": 400, "stream": True, "stream_options": {"include_usage": True},
                    "messages": [{"role": "user", "content": "digits"}],
@@ -369,6 +372,39 @@ def machine() -> dict:
             "kernel": platform.release()}
 
 
+def idle_penalty(rounds: int = 400, idle_s: float = 0.006) -> dict:
+    """How much slower the same Python code runs right after the CPU idled than back to back.
+
+    One request through bench/floor.py's Flask app (in-process, its GET route: Flask's own
+    request handling and nothing else), timed back to back and after `idle_s` of sleep, about
+    what a 1-token completion takes here. Between one proxied request and the next the proxy
+    always idles like that; if its code and data have left the CPU caches meanwhile (other
+    processes, or other tenants of a shared VM), every layer costs several times its hot CPU
+    time. This number says how strongly that holds on the machine the bench ran on.
+    """
+    from werkzeug.test import EnvironBuilder
+
+    from bench.floor import flask_app
+
+    app = flask_app().wsgi_app
+
+    def one() -> float:
+        environ = EnvironBuilder(path="/", headers={"User-Agent": "python-requests", "Accept": "*/*"}).get_environ()
+        start = time.perf_counter()
+        for _ in app(environ, lambda status, headers, exc_info=None: None):
+            pass
+        return (time.perf_counter() - start) * 1e6
+
+    for _ in range(50):
+        one()
+    hot = statistics.median(one() for _ in range(rounds))
+    after_idle = []
+    for _ in range(rounds):
+        time.sleep(idle_s)
+        after_idle.append(one())
+    return {"idle_ms": idle_s * 1000, "flask_request_hot_us": hot, "flask_request_after_idle_us": statistics.median(after_idle)}
+
+
 def checks(results: dict) -> list[tuple[str, float, str, float, bool]]:
     values = {
         "relay_added_p50_ms": results["overhead"]["relay_added_ms"]["p50"],
@@ -405,17 +441,25 @@ def table(results: dict) -> str:
         f"| {o['latency_ms']['anthropic']['p50']:.2f} / {o['latency_ms']['anthropic']['p90']:.2f} / {o['latency_ms']['anthropic']['p99']:.2f} |",
         f"| added latency p50 / p90 / p99 (ms) | | {o['relay_added_ms']['p50']:+.2f} / {o['relay_added_ms']['p90']:+.2f} / {o['relay_added_ms']['p99']:+.2f} "
         f"| {o['anthropic_added_ms']['p50']:+.2f} / {o['anthropic_added_ms']['p90']:+.2f} / {o['anthropic_added_ms']['p99']:+.2f} |",
-        f"| added by a bare relay under the same gunicorn (bench/floor.py) | | {o['floor_added_ms']['p50']:+.2f} / "
+        f"| added by a bare WSGI relay under the same gunicorn (bench/floor.py) | | {o['floor_added_ms']['p50']:+.2f} / "
         f"{o['floor_added_ms']['p90']:+.2f} / {o['floor_added_ms']['p99']:+.2f} | |",
+        f"| added by the same relay as a one-route Flask app (bench/floor.py) | | {o['flask_added_ms']['p50']:+.2f} / "
+        f"{o['flask_added_ms']['p90']:+.2f} / {o['flask_added_ms']['p99']:+.2f} | |",
         f"| streamed {o['stream']['direct']['tokens']:.0f} tokens: time to first token, median (added, paired by round) (ms) | {o['stream']['direct']['ttft_ms']:.1f} "
         f"| {o['stream']['relay']['ttft_ms']:.1f} ({o['relay_stream_added_ttft_ms']:+.1f}) | {o['stream']['anthropic']['ttft_ms']:.1f} ({o['anthropic_stream_added_ttft_ms']:+.1f}) |",
         f"| streamed: tokens/s, median (ratio to direct, paired by round) | {o['stream']['direct']['tokens_per_s']:.0f} "
         f"| {o['stream']['relay']['tokens_per_s']:.0f} ({o['relay_stream_throughput_ratio']:.3f}) "
         f"| {o['stream']['anthropic']['tokens_per_s']:.0f} ({o['anthropic_stream_throughput_ratio']:.3f}) |",
         "",
-        f"Of the relay's added p50, {o['floor_added_ms']['p50']:.2f} ms is what a bare relay under the same gunicorn settings adds "
-        f"(the server model by itself, on this machine) and {o['relay_added_ms']['p50'] - o['floor_added_ms']['p50']:.2f} ms is "
-        "llamabridge's own work (admission gate, request parsing, metrics, request log, disconnect watch).",
+        f"Of the relay's added p50, {o['floor_added_ms']['p50']:.2f} ms is what a bare WSGI relay under the same gunicorn settings adds "
+        f"(the server model by itself, on this machine), {o['flask_added_ms']['p50'] - o['floor_added_ms']['p50']:.2f} ms is Flask's "
+        f"request handling and {o['relay_added_ms']['p50'] - o['flask_added_ms']['p50']:.2f} ms is llamabridge's own work (admission gate, "
+        "request parsing, metrics, request log, disconnect watch).",
+        "",
+        f"How much the CPU's caches go cold between requests on this machine: Flask's handling of one request takes "
+        f"{m['idle']['flask_request_hot_us']:.0f} µs back to back and {m['idle']['flask_request_after_idle_us']:.0f} µs after "
+        f"{m['idle']['idle_ms']:.0f} ms idle ({m['idle']['flask_request_after_idle_us'] / m['idle']['flask_request_hot_us']:.1f}x). "
+        "Every proxied request runs after such a pause, so the added milliseconds above scale with this factor.",
         "",
         f"Under load ({c['clients']} Claude Code-shaped clients, {c['seconds']:.0f} s, {c['requests']} requests: "
         f"{c['by_kind']['main']} main turns, {c['by_kind']['title']} titles, {c['by_kind']['count_tokens']} token counts): "
@@ -460,7 +504,8 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     samples = results["overhead"]["samples"]
-    for name, label, color in (("direct", "direct", "#555555"), ("floor", "bare relay, same gunicorn", "#9e9e9e"),
+    for name, label, color in (("direct", "direct", "#555555"), ("floor", "bare WSGI relay, same gunicorn", "#bdbdbd"),
+                               ("flask", "one-route Flask relay, same gunicorn", "#8c8c8c"),
                                ("relay", "OpenAI relay", "#1f77b4"), ("anthropic", "Anthropic translation", "#d62728")):
         values = sorted(samples[name])
         left.plot(values, [i / len(values) for i in range(len(values))], label=label, color=color)
@@ -508,8 +553,9 @@ def main() -> int:
             processes.collector(llama.url, db, interval=10) as collector:
         # The product's defaults (64 proxy threads, a scrape every 10 s), not the test suite's.
         print(f"overhead: {args.rounds} interleaved rounds, {args.stream_rounds} streamed", flush=True)
-        with floor(llama.url) as bare:
-            results["overhead"] = overhead(llama.url, proxy.url, bare.url, args.rounds, args.stream_rounds)
+        with floor(llama.url, "wsgi") as bare, floor(llama.url, "flask") as flask:
+            results["overhead"] = overhead(llama.url, proxy.url, {"wsgi": bare.url, "flask": flask.url}, args.rounds, args.stream_rounds)
+        results["machine"]["idle"] = idle_penalty()  # right after, in the same phase of a shared machine
         print(f"concurrency: {args.clients} clients for {args.seconds:.0f} s", flush=True)
         sampler = Sampler(llama.url, {"proxy": proxy.proc.pid, "collector": collector.proc.pid})
         sampler.start()
