@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a script, a module, or imported by bench/run.py
     sys.path.insert(0, str(ROOT))
 
+from bench.stats import percentile  # noqa: E402
 from collector import job as job_module  # noqa: E402
 from collector import scrape  # noqa: E402
 from collector.job import ScrapeJob  # noqa: E402
@@ -75,7 +76,7 @@ SEED = 20240601
 
 
 def _pct(values: list[float], q: float) -> float:
-    return round(float(np.percentile(values, q)), 3)
+    return round(percentile(values, q), 3)
 
 
 def _remove_db(path: Path) -> None:

@@ -48,6 +48,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.stats import percentile as pct  # noqa: E402
 from tests.support import processes  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -69,14 +70,6 @@ TARGETS = {
     "cache_second_session_saving": (">=", 0.90),
     "cache_turns_worse_than_direct": ("<=", 0),
 }
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def capture_messages() -> list[dict]:
