@@ -169,9 +169,17 @@ def overhead(llama_url: str, proxy_url: str, floor_urls: dict[str, str], rounds:
 
     def stream(url: str, body: dict, anthropic: bool) -> tuple[float, float, int]:
         start = time.perf_counter()
+        try:
+            resp = session.post(url, json=body, stream=True, timeout=120)
+        except requests.ConnectionError:
+            # llama-server closes its connection after every streamed answer. When the close lands
+            # just after requests checked the kept-alive connection, the next request on it fails
+            # before any server saw it: send it again, on a new connection, and time that one.
+            start = time.perf_counter()
+            resp = session.post(url, json=body, stream=True, timeout=120)
         first = None
         tokens = 0
-        with session.post(url, json=body, stream=True, timeout=120) as resp:
+        with resp:
             assert resp.status_code == 200, resp.text[:300]
             for line in resp.iter_lines():
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -191,6 +199,24 @@ def overhead(llama_url: str, proxy_url: str, floor_urls: dict[str, str], rounds:
         end = time.perf_counter()
         return (first - start) * 1000, tokens / (end - first), tokens
 
+    def generated() -> tuple[float, float]:
+        """llama-server's own counters: tokens generated so far, and seconds spent generating them."""
+        values = {}
+        for line in session.get(llama_url + "/metrics", timeout=10).text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("llamacpp:tokens_predicted_total", "llamacpp:tokens_predicted_seconds_total"):
+                values[name] = float(value)
+        return values["llamacpp:tokens_predicted_total"], values["llamacpp:tokens_predicted_seconds_total"]
+
+    def server_rate(before: tuple[float, float], tokens: int) -> float:
+        """The tokens/s llama-server itself generated this stream at, from its counters (it may
+        count the stream a moment after the client has read its end)."""
+        deadline = time.monotonic() + 5
+        while True:
+            after = generated()
+            if after[0] - before[0] >= tokens or time.monotonic() > deadline:
+                return (after[0] - before[0]) / (after[1] - before[1])
+
     streams = {"direct": [], "relay": [], "anthropic": []}
     targets = {"direct": (llama_url + "/v1/chat/completions", long_openai, False),
                "relay": (proxy_url + "/v1/chat/completions", long_openai, False),
@@ -199,21 +225,33 @@ def overhead(llama_url: str, proxy_url: str, floor_urls: dict[str, str], rounds:
     for i in range(stream_rounds + 2):
         random.shuffle(order)
         for name in order:
+            before = generated()
             measured = stream(*targets[name])
             if i >= 2:
-                streams[name].append(measured)
+                streams[name].append((*measured, server_rate(before, measured[2])))
     median = {name: {"ttft_ms": statistics.median(m[0] for m in v), "tokens_per_s": statistics.median(m[1] for m in v),
-                     "tokens": statistics.median(m[2] for m in v)} for name, v in streams.items()}
+                     "tokens": statistics.median(m[2] for m in v), "server_tokens_per_s": statistics.median(m[3] for m in v)}
+              for name, v in streams.items()}
     result["stream"] = median
-    result["stream_samples"] = streams  # per round: (time to first token ms, tokens/s, tokens)
+    # per stream: (time to first token ms, tokens/s at the client, tokens, tokens/s llama-server generated it at)
+    result["stream_samples"] = streams
     # Paired by round: each round streams once to every target, back to back, so the machine's
     # speed drifts less within a round than across the run. The median of the per-round ratio
     # (and difference) cancels that drift better than a ratio of the two medians.
+    #
+    # Throughput: llama-server's own speed still varies by 20% from one stream to the next here,
+    # which no pairing cancels. What the proxy can change is how much of that speed reaches the
+    # client, so each stream's rate at the client is divided by the rate llama-server generated
+    # that very stream at (its counters, read before and after), and the ratio compares that
+    # share through the proxy with the share straight from llama-server in the same round.
     direct = streams["direct"]
     for name in ("relay", "anthropic"):
         pairs = list(zip(streams[name], direct))
         result[f"{name}_stream_added_ttft_ms"] = statistics.median(m[0] - d[0] for m, d in pairs)
-        result[f"{name}_stream_throughput_ratio"] = statistics.median(m[1] / d[1] for m, d in pairs)
+        result[f"{name}_stream_throughput_ratio"] = statistics.median((m[1] / m[3]) / (d[1] / d[3]) for m, d in pairs)
+        result[f"{name}_stream_raw_throughput_ratio"] = statistics.median(m[1] / d[1] for m, d in pairs)
+        # And whether streaming through the proxy slowed llama-server itself (CPU it shares).
+        result[f"{name}_stream_server_rate_ratio"] = statistics.median(m[3] / d[3] for m, d in pairs)
     return result
 
 
@@ -440,9 +478,14 @@ def table(results: dict) -> str:
         f"{o['flask_added_ms']['p90']:+.2f} / {o['flask_added_ms']['p99']:+.2f} | |",
         f"| streamed {o['stream']['direct']['tokens']:.0f} tokens: time to first token, median (added, paired by round) (ms) | {o['stream']['direct']['ttft_ms']:.1f} "
         f"| {o['stream']['relay']['ttft_ms']:.1f} ({o['relay_stream_added_ttft_ms']:+.1f}) | {o['stream']['anthropic']['ttft_ms']:.1f} ({o['anthropic_stream_added_ttft_ms']:+.1f}) |",
-        f"| streamed: tokens/s, median (ratio to direct, paired by round) | {o['stream']['direct']['tokens_per_s']:.0f} "
+        f"| streamed: tokens/s at the client, median (throughput ratio to direct: share of llama-server's own rate for each "
+        f"stream that reached the client, paired by round) | {o['stream']['direct']['tokens_per_s']:.0f} "
         f"| {o['stream']['relay']['tokens_per_s']:.0f} ({o['relay_stream_throughput_ratio']:.3f}) "
         f"| {o['stream']['anthropic']['tokens_per_s']:.0f} ({o['anthropic_stream_throughput_ratio']:.3f}) |",
+        f"| streamed: llama-server's own rate for the same streams, median (ratio to direct, paired by round) "
+        f"| {o['stream']['direct']['server_tokens_per_s']:.0f} "
+        f"| {o['stream']['relay']['server_tokens_per_s']:.0f} ({o['relay_stream_server_rate_ratio']:.3f}) "
+        f"| {o['stream']['anthropic']['server_tokens_per_s']:.0f} ({o['anthropic_stream_server_rate_ratio']:.3f}) |",
         "",
         f"Of the relay's added p50, {o['floor_added_ms']['p50']:.2f} ms is what a bare WSGI relay under the same gunicorn settings adds "
         f"(the server model by itself, on this machine), {o['flask_added_ms']['p50'] - o['floor_added_ms']['p50']:.2f} ms is Flask's "
