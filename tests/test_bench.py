@@ -1,0 +1,75 @@
+"""`make bench`'s harness, run for a few rounds against the real llama-server.
+
+The benchmark takes nine minutes and is not part of `make test`; these tests make sure it still
+measures every path and reports every target, so a broken harness is found here rather than at
+the end of a long run. They never assert a timing: speed is the benchmark's business.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import run
+from tests.support import processes
+
+pytestmark = pytest.mark.integration
+
+PATHS = ("direct", "floor", "flask", "relay", "anthropic")
+
+
+@pytest.fixture(scope="module")
+def overhead(llama) -> dict:
+    with processes.proxy(llama.url) as proxy, run.floor(llama.url, "wsgi") as bare, run.floor(llama.url, "flask") as flask:
+        return run.overhead(llama.url, proxy.url, {"wsgi": bare.url, "flask": flask.url}, rounds=3, stream_rounds=2)
+
+
+def test_every_path_is_timed_in_the_same_rounds(overhead):
+    assert {name: len(overhead["samples"][name]) for name in PATHS} == {name: 3 for name in PATHS}
+    for key in ("relay_added_ms", "anthropic_added_ms", "floor_added_ms", "flask_added_ms"):
+        assert set(overhead[key]) == {"p50", "p90", "p99"} and all(math.isfinite(v) for v in overhead[key].values())
+
+
+def test_streams_are_measured_against_llama_servers_own_rate(overhead):
+    for name in ("direct", "relay", "anthropic"):
+        samples = overhead["stream_samples"][name]
+        assert len(samples) == 2
+        for ttft_ms, client_rate, tokens, server_rate in samples:
+            # The JSON schema holds every reply to 128 digits, each at least one token.
+            assert tokens >= 128
+            assert ttft_ms > 0 and client_rate > 0
+            # llama-server's counters saw this stream: its rate is a real rate, near the client's.
+            assert 0.5 < client_rate / server_rate < 2
+    for name in ("relay", "anthropic"):
+        for kind in ("throughput", "raw_throughput", "server_rate"):
+            assert 0.5 < overhead[f"{name}_stream_{kind}_ratio"] < 2
+
+
+def test_idle_penalty_times_flask_both_ways():
+    idle = run.idle_penalty(rounds=20, idle_s=0.001)
+    assert idle["idle_ms"] == 1.0
+    assert idle["flask_request_hot_us"] > 0 and idle["flask_request_after_idle_us"] > 0
+
+
+def test_the_table_reports_every_target_and_names_the_missed(overhead):
+    queue = {"p50": 0.0, "p90": 0.0, "p99": 0.0, "n": 1}
+    results = {
+        "date": "2026-12-01 00:00 UTC", "model": "tiny.gguf", "overhead": overhead, "rss_mb": {"proxy": 90.0, "collector": 80.0},
+        "machine": {**run.machine(), "idle": run.idle_penalty(rounds=5, idle_s=0.001)},
+        "concurrency": {"clients": 50, "seconds": 120.0, "requests": 3, "by_kind": {"main": 1, "title": 1, "count_tokens": 1},
+                        "failed": 1, "failures": ["main -1"], "max_upstream_processing": 1.0, "max_upstream_deferred": 0.0,
+                        "queue_wait_ms": {"main": queue, "title": queue}, "background_local_ms": {"p50": 0.3, "p99": 2.0, "n": 1},
+                        "title_client_ms": {"p50": 1.0, "p99": 2.0}},
+        "cache": {"turns": ["session 1 turn 1", "session 2 turn 1"], "direct": [23000.0, 23000.0], "proxy": [23000.0, 12.0],
+                  "direct_total": 46000.0, "proxy_total": 23012.0, "second_session_saving": 0.999, "turns_worse_than_direct": 0},
+        "collector": {"scrape_wall_ms_p50": 3.0, "scrape_wall_ms_p99": 5.0, "scrape_cpu_ms_mean": 2.0, "sqlite_bytes_per_day": 260000.0,
+                      "sqlite_bytes_month": 9.2e6, "api_ms": {"/api/totals": {"p50": 1.0, "p99": 2.0}}},
+    }
+    results["checks"] = run.checks(results)
+    text = run.table(results)
+    for name in run.TARGETS:
+        assert f"| {name} " in text
+    # One failed request under load is a missed target, and the table says so.
+    assert "| concurrency_failed <= 0 | 1.000 | **MISSED** |" in text
+    assert "| cache_second_session_saving >= 0.9 | 0.999 | met |" in text
