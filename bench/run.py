@@ -169,17 +169,12 @@ def overhead(llama_url: str, proxy_url: str, floor_urls: dict[str, str], rounds:
 
     def stream(url: str, body: dict, anthropic: bool) -> tuple[float, float, int]:
         start = time.perf_counter()
-        try:
-            resp = session.post(url, json=body, stream=True, timeout=120)
-        except requests.ConnectionError:
-            # llama-server closes its connection after every streamed answer. When the close lands
-            # just after requests checked the kept-alive connection, the next request on it fails
-            # before any server saw it: send it again, on a new connection, and time that one.
-            start = time.perf_counter()
-            resp = session.post(url, json=body, stream=True, timeout=120)
         first = None
         tokens = 0
-        with resp:
+        # A connection of its own for every stream, direct or proxied alike: llama-server closes
+        # its connection after each streamed answer while announcing keep-alive, and the next
+        # request that picked it from the pool before the close arrived would fail.
+        with session.post(url, json=body, stream=True, timeout=120, headers={"Connection": "close"}) as resp:
             assert resp.status_code == 200, resp.text[:300]
             for line in resp.iter_lines():
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
