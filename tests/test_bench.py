@@ -42,7 +42,7 @@ def test_streams_are_measured_against_llama_servers_own_rate(overhead):
             # llama-server's counters saw this stream: its rate is a real rate, near the client's.
             assert 0.5 < client_rate / server_rate < 2
     for name in ("relay", "anthropic"):
-        for kind in ("throughput", "raw_throughput", "server_rate"):
+        for kind in ("throughput", "delivered", "server_rate"):
             assert 0.5 < overhead[f"{name}_stream_{kind}_ratio"] < 2
 
 
