@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.stats import percentile as pct  # noqa: E402
+from collector.scrape import parse_metrics  # noqa: E402
 from tests.support import processes  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -95,6 +96,12 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
+def llama_metrics(llama_url: str, session: requests.Session | None = None, timeout: float = 10) -> tuple[dict, dict]:
+    """llama-server's `/metrics` as (counters, gauges) without the `llamacpp:` prefix, parsed
+    the way the collector parses them."""
+    return parse_metrics((session or requests).get(llama_url + "/metrics", timeout=timeout).text)
+
+
 class Sampler(threading.Thread):
     """Polls llama-server's /metrics (requests processing and deferred) and the services' memory."""
 
@@ -109,11 +116,9 @@ class Sampler(threading.Thread):
         session = requests.Session()
         while not self.stop.is_set():
             try:
-                for line in session.get(self.llama_url + "/metrics", timeout=5).text.splitlines():
-                    if line.startswith("llamacpp:requests_processing "):
-                        self.max_processing = max(self.max_processing, float(line.split()[1]))
-                    elif line.startswith("llamacpp:requests_deferred "):
-                        self.max_deferred = max(self.max_deferred, float(line.split()[1]))
+                _, gauges = llama_metrics(self.llama_url, session, timeout=5)
+                self.max_processing = max(self.max_processing, gauges.get("requests_processing", 0.0))
+                self.max_deferred = max(self.max_deferred, gauges.get("requests_deferred", 0.0))
             except requests.RequestException:
                 pass
             for name, pid in self.pids.items():
@@ -196,12 +201,8 @@ def overhead(llama_url: str, proxy_url: str, floor_urls: dict[str, str], rounds:
 
     def generated() -> tuple[float, float]:
         """llama-server's own counters: tokens generated so far, and seconds spent generating them."""
-        values = {}
-        for line in session.get(llama_url + "/metrics", timeout=10).text.splitlines():
-            name, _, value = line.partition(" ")
-            if name in ("llamacpp:tokens_predicted_total", "llamacpp:tokens_predicted_seconds_total"):
-                values[name] = float(value)
-        return values["llamacpp:tokens_predicted_total"], values["llamacpp:tokens_predicted_seconds_total"]
+        counters, _ = llama_metrics(llama_url, session)
+        return counters["tokens_predicted_total"], counters["tokens_predicted_seconds_total"]
 
     def server_rate(before: tuple[float, float], tokens: int) -> float:
         """The tokens/s llama-server itself generated this stream at, from its counters (it may
@@ -350,10 +351,7 @@ def other_session(body: dict) -> dict:
 
 
 def prompt_tokens(llama_url: str) -> float:
-    for line in requests.get(llama_url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("llamacpp:prompt_tokens_total "):
-            return float(line.split()[1])
-    raise RuntimeError("llama-server has no llamacpp:prompt_tokens_total (started without --metrics?)")
+    return llama_metrics(llama_url)[0]["prompt_tokens_total"]
 
 
 def cache(binary: str, model: str, body: dict) -> dict:
