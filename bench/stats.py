@@ -1,13 +1,47 @@
-"""Percentiles for the benchmarks: one definition, so every table in bench/results means the same."""
+"""Statistics for the benchmarks: one definition of each, so every table in bench/results means the same."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+MIN_ROUNDS = 10  # fewer rounds than this give no interval worth printing
 
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile, interpolated between the two nearest samples (numpy's default); NaN
     for no samples, so an empty class shows as such instead of failing the run."""
     return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def interval(statistic: Callable[..., np.ndarray], *samples: Sequence[float]) -> tuple[float, float] | None:
+    """The 95% bootstrap confidence interval (scipy's BCa) of `statistic(*samples, axis=...)`.
+
+    The samples are paired: position i of each was measured in the same round, so rounds are
+    resampled whole and the machine's drift from round to round stays inside every resample.
+    What it answers: would another run of the same length on this machine likely land on the
+    other side of a target? On a shared VM the streamed rate of llama-server itself varies by
+    more than 10% from one stream to the next, and a 40-round median of a ratio is then only
+    good to a few percent. None for fewer than MIN_ROUNDS rounds. The resampling is seeded, so
+    the same results give the same interval.
+    """
+    if len(samples[0]) < MIN_ROUNDS:
+        return None
+    result = stats.bootstrap(tuple(np.asarray(s, dtype=float) for s in samples), statistic, paired=True, vectorized=True,
+                             confidence_level=CONFIDENCE, n_resamples=9999, rng=np.random.default_rng(0))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def added_percentile(q: float) -> Callable[..., np.ndarray]:
+    """Statistic for `interval`: the q-th percentile of the first sample minus the second's."""
+    def statistic(through: np.ndarray, direct: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.percentile(through, q, axis=axis) - np.percentile(direct, q, axis=axis)
+    return statistic
+
+
+def median_ratio(through: np.ndarray, direct: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Statistic for `interval`: the median of the per-round ratios."""
+    return np.median(through / direct, axis=axis)
