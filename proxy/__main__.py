@@ -49,7 +49,7 @@ def print_env(settings: Settings) -> int:
     if info is None:
         # No proxy running here yet (a native setup being prepared): ask llama-server itself.
         try:
-            info = Upstream(settings).info(max_age=0)
+            info = Upstream(settings).info()
         except Exception as exc:  # noqa: BLE001 - any failure is reported the same way
             print(f"# neither the proxy at {base} nor llama-server at {settings.upstream_base} answered ({exc}); "
                   "context window unknown", file=sys.stderr)

@@ -67,6 +67,7 @@ class Upstream:
         self._info: ServerInfo | None = None
         self._info_at = 0.0
         self._info_lock = threading.Lock()
+        self._refreshing = threading.Lock()  # held while a background /props refresh runs
         parsed = urlparse(self.base)
         self._prefix = parsed.path.rstrip("/")
         cls = HTTPSConnection if parsed.scheme == "https" else HTTPConnection
@@ -162,27 +163,46 @@ class Upstream:
     # -- facts about the server ---------------------------------------------------------------
 
     def info(self, max_age: float = 30.0) -> ServerInfo:
-        """`/props`, cached for `max_age` seconds (llama-server can be restarted with a new model)."""
-        now = time.monotonic()
-        if self._info is not None and now - self._info_at < max_age:
-            return self._info
-        with self._info_lock:
-            if self._info is not None and time.monotonic() - self._info_at < max_age:
+        """`/props`, read once and then kept fresh in the background (llama-server can be restarted
+        with a new model, context or slot count).
+
+        Only the first call waits for llama-server. Once the copy is older than `max_age`, the
+        next call starts one background refresh and returns the copy it has: an agent's request
+        after a pause never waits for `/props`, and a restarted llama-server's new settings
+        apply from the request after it. A failed refresh keeps the old copy (the request itself
+        will find llama-server down) and is retried by the next call.
+        """
+        info = self._info
+        if info is None:
+            with self._info_lock:
+                if self._info is None:
+                    self._info, self._info_at = self._read_props(), time.monotonic()
                 return self._info
-            props = self.json("GET", "/props", timeout=10)
-            settings = props.get("default_generation_settings") or {}
-            modalities = props.get("modalities") or {}
-            alias = str(props.get("model_alias") or props.get("model_path") or "local")
-            if "/" in alias and alias.endswith(".gguf"):
-                alias = os.path.basename(alias)  # llama-server's default alias is the model's path
-            self._info = ServerInfo(
-                model=self.settings.upstream_model or alias,
-                n_ctx=int(settings.get("n_ctx") or 0),
-                total_slots=int(props.get("total_slots") or 1),
-                vision=bool(modalities.get("vision")),
-            )
-            self._info_at = time.monotonic()
-            return self._info
+        if time.monotonic() - self._info_at >= max_age and not self._refreshing.locked() and self._refreshing.acquire(blocking=False):
+            threading.Thread(target=self._refresh, name="llamabridge-props", daemon=True).start()
+        return info
+
+    def _refresh(self) -> None:
+        try:
+            self._info, self._info_at = self._read_props(), time.monotonic()
+        except ApiError as exc:
+            log.debug("refreshing /props failed, keeping the last copy: %s", exc.message)
+        finally:
+            self._refreshing.release()
+
+    def _read_props(self) -> ServerInfo:
+        props = self.json("GET", "/props", timeout=10)
+        settings = props.get("default_generation_settings") or {}
+        modalities = props.get("modalities") or {}
+        alias = str(props.get("model_alias") or props.get("model_path") or "local")
+        if "/" in alias and alias.endswith(".gguf"):
+            alias = os.path.basename(alias)  # llama-server's default alias is the model's path
+        return ServerInfo(
+            model=self.settings.upstream_model or alias,
+            n_ctx=int(settings.get("n_ctx") or 0),
+            total_slots=int(props.get("total_slots") or 1),
+            vision=bool(modalities.get("vision")),
+        )
 
     def health(self) -> tuple[bool, str]:
         """(reachable and ready, a short reason)."""

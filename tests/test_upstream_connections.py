@@ -1,13 +1,16 @@
-"""Kept-alive connections to llama-server: reused when sound, replaced when the server closed them.
+"""Talking to llama-server: kept-alive connections reused when sound and replaced when the server
+closed them, and its `/props` kept fresh without a request ever waiting for it.
 
-The fake server here exists for what the real llama-server cannot be made to do on cue: close a
+The fake servers here exist for what the real llama-server cannot be made to do on cue: close a
 kept-alive connection at the exact moment the next request arrives on it (the race between its
-idle timer and our reuse). Reuse itself is tested against the real llama-server in
-test_proxy_llama.py.
+idle timer and our reuse), or change and stall its `/props`. Reuse itself is tested against the
+real llama-server in test_proxy_llama.py.
 """
 
 from __future__ import annotations
 
+import http.server
+import json
 import socket
 import threading
 
@@ -130,3 +133,83 @@ def test_a_stream_abandoned_midway_hangs_up_on_the_server():
         chunks.close()  # the client went away: the relay's generator is closed mid-read
         answer.close()
         assert server.hung_up.wait(10), "the upstream connection was kept open"
+
+
+class PropsServer:
+    """llama-server's `/props`, with settings the test changes and an answer it can hold back or
+    fail: the real llama-server cannot change its settings without a restart, nor stall `/props`
+    on cue, and the test is about what the proxy does in the meantime."""
+
+    def __init__(self) -> None:
+        self.slots = 1
+        self.status = 200
+        self.answer = threading.Event()  # cleared: /props waits until it is set
+        self.answer.set()
+        self.served = 0
+        test = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                test.answer.wait()
+                test.served += 1
+                body = json.dumps({"default_generation_settings": {"n_ctx": 4096}, "total_slots": test.slots,
+                                   "model_alias": "tiny"}).encode()
+                self.send_response(test.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.answer.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def refreshed(upstream: Upstream) -> None:
+    """Wait for the background /props refresh: it holds this lock until it is done."""
+    with upstream._refreshing:
+        pass
+
+
+def test_a_request_never_waits_for_props_once_the_proxy_has_a_copy():
+    with PropsServer() as server:
+        upstream = Upstream(Settings(llama_url=server.url))
+        assert upstream.info().total_slots == 1  # the first call has nothing else to go on: it waits
+        # llama-server was restarted with two slots, and its /props is slow to answer.
+        server.slots = 2
+        server.answer.clear()
+        # A stale copy is answered at once (waiting would hang here), twice, while one refresh runs.
+        assert upstream.info(max_age=0).total_slots == 1
+        assert upstream.info(max_age=0).total_slots == 1
+        server.answer.set()
+        refreshed(upstream)
+        assert upstream.info().total_slots == 2
+        assert server.served == 2
+
+
+def test_a_failed_refresh_keeps_the_last_copy_and_is_tried_again():
+    with PropsServer() as server:
+        upstream = Upstream(Settings(llama_url=server.url))
+        assert upstream.info().model == "tiny"
+        server.status = 503  # loading a new model
+        assert upstream.info(max_age=0).model == "tiny"
+        refreshed(upstream)
+        assert upstream.info(max_age=0).model == "tiny"
+        refreshed(upstream)
+        assert server.served == 3
+        server.status, server.slots = 200, 4
+        upstream.info(max_age=0)
+        refreshed(upstream)
+        assert upstream.info().total_slots == 4
