@@ -4,7 +4,7 @@ Everything is measured side by side in one run, against a real llama-server (the
 model unless LLAMA_MODEL names a GGUF) started here with one slot:
 
   overhead     the same requests, interleaved, straight to llama-server and through the proxy:
-               1-token completions (added latency p50/p90/p99) and streamed ~256-token
+               1-token completions (added latency p50/p90/p99) and streamed 256-token
                completions (added time to first token, throughput as a ratio of direct), for the
                OpenAI relay and the Anthropic translation; proxy and collector memory under load.
                The 1-token requests also go through bench/floor.py, a bare relay under the same
@@ -59,8 +59,11 @@ RESULTS = ROOT / "bench" / "results"
 CAPTURE = ROOT / "tests" / "fixtures" / "claude-code-2.1.328-session.jsonl"
 TOOLS = [{"name": "Agent", "description": "Spawn a subagent", "input_schema": {"type": "object", "properties": {"task": {"type": "string"}}}},
          {"name": "Bash", "description": "Run a command", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}]
-# llama-server's grammar makes every streamed reply the same length: 128 digits in a JSON array.
-LONG_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 128, "maxItems": 128}
+# Streamed replies are exactly STREAM_TOKENS long: llama-server's grammar holds the reply to a JSON
+# array of 256 digits (more tokens than that, with the commas), so the tiny model cannot end it
+# early, and max_tokens cuts every one at the same token.
+STREAM_TOKENS = 256
+LONG_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 256, "maxItems": 256}
 TARGETS = {
     "relay_added_p50_ms": ("<=", 1.0),
     "relay_added_p99_ms": ("<=", 3.0),
@@ -183,10 +186,10 @@ def overhead(llama_url: str, proxy_url: str, floor_urls: dict[str, str], rounds:
               "relay_added_ms": added("relay"), "anthropic_added_ms": added("anthropic"), "floor_added_ms": added("floor"),
               "flask_added_ms": added("flask"), "samples": times}
 
-    long_openai = {"model": "m", "max_tokens": 400, "stream": True, "stream_options": {"include_usage": True},
+    long_openai = {"model": "m", "max_tokens": STREAM_TOKENS, "stream": True, "stream_options": {"include_usage": True},
                    "messages": [{"role": "user", "content": "digits"}],
                    "response_format": {"type": "json_schema", "json_schema": {"name": "digits", "schema": LONG_SCHEMA}}}
-    long_anthropic = {"model": "claude-sonnet-4-5", "max_tokens": 400, "stream": True, "messages": [{"role": "user", "content": "digits"}],
+    long_anthropic = {"model": "claude-sonnet-4-5", "max_tokens": STREAM_TOKENS, "stream": True, "messages": [{"role": "user", "content": "digits"}],
                       "output_config": {"format": {"type": "json_schema", "schema": LONG_SCHEMA}}}
 
     def stream(url: str, body: dict, anthropic: bool) -> tuple[float, float, int]:
@@ -580,7 +583,10 @@ def table(results: dict) -> str:
         shown = "" if span is None else f"{span[0]:.3f} to {span[1]:.3f}"
         if undecided(target, span):
             shown += " (holds the target: this run cannot tell)"
-        lines.append(f"| {name} {op} {target} | {value:.3f} | {shown} | {'met' if ok else '**MISSED**'} |")
+        digits = 3
+        while f"{value:.{digits}f}" == f"{target:.{digits}f}" and value != target and digits < 6:
+            digits += 1  # 0.97996 is not 0.980: show it so, next to MISSED
+        lines.append(f"| {name} {op} {target} | {value:.{digits}f} | {shown} | {'met' if ok else '**MISSED**'} |")
     return "\n".join(lines)
 
 
