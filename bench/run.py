@@ -273,13 +273,13 @@ def overhead(llama_url: str, proxy_url: str, floor_urls: dict[str, str], rounds:
     # (and difference) cancels that drift better than a ratio of the two medians.
     #
     # The throughput ratio (the target) is the rate the client sees, through the proxy over
-    # direct. llama-server's own speed varies by 20% from one stream to the next here, so it is
-    # split in two, each far less noisy: the share of the rate llama-server generated a stream at
-    # (its counters, read before and after) that reached the client, through the proxy over
-    # direct (what the relay itself costs), and llama-server's own rate through the proxy over
-    # direct (whether the proxy, sharing the CPU, slowed llama-server down). That last one is as
-    # noisy as the rate itself; the scheduler's own account says directly how much CPU time
-    # llama-server's generating thread lost to other processes during each stream.
+    # direct. llama-server's own speed varies by 10-20% from one stream to the next here, so it is
+    # split in two: the share of the rate llama-server generated a stream at (its counters, read
+    # before and after) that reached the client, through the proxy over direct (what the relay
+    # itself costs; steady), and llama-server's own rate through the proxy over direct (whether
+    # the proxy, sharing the CPU, slowed llama-server down; as noisy as the rate itself). For
+    # that second part, the scheduler's account says how much time llama-server's generating
+    # thread spent waiting for a CPU during each stream.
     direct = streams["direct"]
     for name in ("relay", "anthropic"):
         pairs = list(zip(streams[name], direct))
