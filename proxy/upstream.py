@@ -178,7 +178,7 @@ class Upstream:
                 if self._info is None:
                     self._info, self._info_at = self._read_props(), time.monotonic()
                 return self._info
-        if time.monotonic() - self._info_at >= max_age and not self._refreshing.locked() and self._refreshing.acquire(blocking=False):
+        if time.monotonic() - self._info_at >= max_age and self._refreshing.acquire(blocking=False):
             threading.Thread(target=self._refresh, name="llamabridge-props", daemon=True).start()
         return info
 
