@@ -24,14 +24,21 @@ die() {
     exit 2
 }
 
-# A setting from the environment, else from .env (last assignment wins, quotes removed).
+# A setting from the environment, else from .env as Compose reads it: the last assignment wins,
+# `export` is allowed, a quoted value ends at its closing quote, and in an unquoted one a `#`
+# after whitespace starts a comment (LLAMA_DEVICE=cpu  # no GPU here).
 setting() {
-    local name=$1
+    local name=$1 value
     if [[ -n "${!name:-}" ]]; then
         printf '%s' "${!name}"
     elif [[ -f .env ]]; then
-        sed -n "s/^[[:space:]]*\(export[[:space:]]\{1,\}\)\{0,1\}$name=//p" .env | tail -n 1 |
-            sed -e 's/[[:space:]]*$//' -e 's/^"\(.*\)"$/\1/' -e "s/^'\(.*\)'\$/\1/"
+        value=$(sed -n "s/^[[:space:]]*\(export[[:space:]]\{1,\}\)\{0,1\}$name=//p" .env | tail -n 1)
+        case "$value" in
+            \"*) value=${value#\"} && value=${value%%\"*} ;;
+            \'*) value=${value#\'} && value=${value%%\'*} ;;
+            *) value=$(printf '%s' "$value" | sed -e 's/[[:space:]]#.*$//' -e 's/[[:space:]]*$//') ;;
+        esac
+        printf '%s' "$value"
     fi
     return 0
 }

@@ -372,6 +372,21 @@ def test_make_up_gpu_cpu_and_external_llama_server(stack_copy):
     assert result.returncode == 2 and "host.docker.internal:8080" in result.stderr
 
 
+def test_make_up_reads_env_like_compose(stack_copy):
+    """Comments, quotes and `export` in .env mean what Compose takes them to mean."""
+    root, _, log = stack_copy
+    (root / "models").mkdir()
+    (root / "models/m.gguf").write_bytes(b"GGUF")
+    (root / ".env").write_text("LLAMA_DEVICE=gpu\nLLAMA_DEVICE=cpu   # no GPU on this box\n"
+                               "export LLAMA_ARG_MODEL=\"/models/m.gguf\"  # the one in ./models\n"
+                               "GRAFANA_ADMIN_PASSWORD='a#b c'\nPROXY_PORT=9191 # moved\n")
+    result = make_up(stack_copy)
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().splitlines()[-1].endswith("COMPOSE_PROFILES=cpu")
+    assert "model /models/m.gguf" in result.stdout and "http://127.0.0.1:9191 " in result.stdout
+    assert "password generated" not in result.stdout  # the quoted one, '#' and all, was read
+
+
 def test_make_down_ps_and_logs_cover_every_profile(stack_copy):
     _, _, log = stack_copy
     for command in ("down", "ps", "logs"):
