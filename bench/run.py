@@ -50,7 +50,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.stats import added_percentile, interval, median_ratio  # noqa: E402
+from bench.stats import added_percentile, estimate, interval, median_ratio  # noqa: E402
 from bench.stats import percentile as pct  # noqa: E402
 from collector.scrape import parse_metrics  # noqa: E402
 from tests.support import processes  # noqa: E402
@@ -180,7 +180,7 @@ def overhead(llama_url: str, proxy_url: str, floor_urls: dict[str, str], rounds:
                 times[name].append(took * 1000)
 
     def added(name: str) -> dict:
-        return {f"p{q}": pct(times[name], q) - pct(times["direct"], q) for q in (50, 90, 99)}
+        return {f"p{q}": estimate(added_percentile(q), times[name], times["direct"]) for q in (50, 90, 99)}
 
     result = {"latency_ms": {name: {f"p{q}": pct(v, q) for q in (50, 90, 99)} for name, v in times.items()},
               "relay_added_ms": added("relay"), "anthropic_added_ms": added("anthropic"), "floor_added_ms": added("floor"),
@@ -280,20 +280,23 @@ def overhead(llama_url: str, proxy_url: str, floor_urls: dict[str, str], rounds:
     # the proxy, sharing the CPU, slowed llama-server down; as noisy as the rate itself). For
     # that second part, the scheduler's account says how much time llama-server's generating
     # thread spent waiting for a CPU during each stream.
-    direct = streams["direct"]
+    def column(name: str, i: int) -> list[float]:
+        return [m[i] for m in streams[name]]
+
+    def share(name: str) -> list[float]:  # of llama-server's rate, what reached the client
+        return [m[1] / m[3] for m in streams[name]]
+
     for name in ("relay", "anthropic"):
-        pairs = list(zip(streams[name], direct))
-        result[f"{name}_stream_added_ttft_ms"] = statistics.median(m[0] - d[0] for m, d in pairs)
-        result[f"{name}_stream_throughput_ratio"] = statistics.median(m[1] / d[1] for m, d in pairs)
-        result[f"{name}_stream_delivered_ratio"] = statistics.median((m[1] / m[3]) / (d[1] / d[3]) for m, d in pairs)
-        result[f"{name}_stream_server_rate_ratio"] = statistics.median(m[3] / d[3] for m, d in pairs)
+        result[f"{name}_stream_added_ttft_ms"] = statistics.median(m - d for m, d in zip(column(name, 0), column("direct", 0)))
+        result[f"{name}_stream_throughput_ratio"] = estimate(median_ratio, column(name, 1), column("direct", 1))
+        result[f"{name}_stream_delivered_ratio"] = estimate(median_ratio, share(name), share("direct"))
+        result[f"{name}_stream_server_rate_ratio"] = estimate(median_ratio, column(name, 3), column("direct", 3))
     # How far another run of the same length could land from these (keys as in TARGETS).
     result["intervals"] = {
         "relay_added_p50_ms": interval(added_percentile(50), times["relay"], times["direct"]),
         "relay_added_p99_ms": interval(added_percentile(99), times["relay"], times["direct"]),
         "anthropic_added_p50_ms": interval(added_percentile(50), times["anthropic"], times["direct"]),
-        **{f"{name}_stream_throughput_ratio": interval(median_ratio, [m[1] for m in streams[name]], [d[1] for d in direct])
-           for name in ("relay", "anthropic")},
+        **{f"{name}_stream_throughput_ratio": interval(median_ratio, column(name, 1), column("direct", 1)) for name in ("relay", "anthropic")},
     }
     return result
 

@@ -17,6 +17,12 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
+def estimate(statistic: Callable[..., np.ndarray], *samples: Sequence[float]) -> float:
+    """`statistic(*samples)` on the measured samples: the point estimate whose `interval` the table
+    prints beside it (the same function, so the two cannot disagree on what they measure)."""
+    return float(statistic(*(np.asarray(s, dtype=float) for s in samples)))
+
+
 def interval(statistic: Callable[..., np.ndarray], *samples: Sequence[float]) -> tuple[float, float] | None:
     """The 95% bootstrap confidence interval (scipy's BCa) of `statistic(*samples, axis=...)`.
 

@@ -108,3 +108,11 @@ def test_intervals_hold_the_truth_and_narrow_with_rounds():
     direct = rng.normal(7, 1, 600)
     low, high = stats.interval(stats.added_percentile(50), direct + 2, direct)
     assert low <= 2 <= high and high - low < 0.01  # the same shift every round: no doubt about it
+
+
+def test_point_estimates_are_the_statistics_their_intervals_resample():
+    direct = [6.0, 7.0, 8.0, 9.0, 10.0]
+    assert stats.estimate(stats.added_percentile(50), [x + 1.5 for x in direct], direct) == 1.5
+    assert stats.estimate(stats.added_percentile(99), [1, 2, 3, 4, 100], [1, 2, 3, 4, 5]) == pytest.approx(95 * 0.96)
+    # The median of the per-round ratios, not the ratio of the medians (1.0 here).
+    assert stats.estimate(stats.median_ratio, [2.0, 1.0, 3.0], [1.0, 2.0, 1.0]) == 2.0
