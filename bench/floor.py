@@ -40,15 +40,15 @@ def _connection() -> http.client.HTTPConnection:
 
 def _relay(path: str, body: bytes) -> tuple[int, str, bytes]:
     """llama-server's status line, content type and body for this request (502 if it broke)."""
-    conn = _connection()
-    try:
-        conn.request("POST", path, body, {"Content-Type": "application/json"})
-        answer = conn.getresponse()
-        data = answer.read()
-    except (OSError, http.client.HTTPException):
-        conn.close()  # llama-server closed the kept-alive connection: reconnect on the next request
-        return 502, "text/plain", b""
-    return answer.status, answer.getheader("Content-Type", "application/json"), data
+    for _ in range(2):  # once more on a new connection if llama-server closed the kept-alive one
+        conn = _connection()
+        try:
+            conn.request("POST", path, body, {"Content-Type": "application/json"})
+            answer = conn.getresponse()
+            return answer.status, answer.getheader("Content-Type", "application/json"), answer.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()  # the next request() reconnects
+    return 502, "text/plain", b""
 
 
 def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
