@@ -628,7 +628,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 300)))
+    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 1000)))
     parser.add_argument("--stream-rounds", type=int, default=int(os.environ.get("BENCH_STREAM_ROUNDS", 40)))
     parser.add_argument("--clients", type=int, default=int(os.environ.get("BENCH_CLIENTS", 50)))
     parser.add_argument("--seconds", type=float, default=float(os.environ.get("BENCH_SECONDS", 120)))
