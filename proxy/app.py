@@ -146,6 +146,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         _finish_call(services, 500, type(err).__name__)
         return errors.render(flavor_of(request.path), ApiError(500, f"llamabridge internal error: {type(err).__name__}"))
 
+    @app.after_request
+    def prepare_connections(response: Response) -> Response:
+        # Once the response has gone out (on close), not on the request's own path.
+        response.call_on_close(services.prepare_connections)
+        return response
+
     @app.route("/", methods=["GET", "HEAD"])
     def root() -> Response:
         return jsonify({"name": "llamabridge", "status": "ok", "upstream": settings.upstream_base})

@@ -114,7 +114,8 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("llamabridge_proxy_slots", "llama-server slots the gate admits to.", value=self.gate.slots)
         if self.connections is not None:
             yield CounterMetricFamily("llamabridge_proxy_upstream_connections", "TCP connections opened to llama-server for "
-                                      "generations (an answer read to the end leaves its connection for the next request).",
+                                      "generations (a non-streamed answer leaves its connection for the next request; after a "
+                                      "stream, which llama-server ends by closing it, the next one is opened ahead).",
                                       value=self.connections.opened)
         if self.request_log is not None:
             yield CounterMetricFamily("llamabridge_proxy_request_log_dropped", "Request-log rows dropped because the "

@@ -88,6 +88,13 @@ class Services:
         self.metrics = ProxyMetrics(registry, self.request_log)
         self.metrics.watch_gate(self.main.gate, self.main.upstream.connections)
 
+    def prepare_connections(self) -> None:
+        """Open a connection ahead of the next request to each llama-server that closed one
+        after answering (`_Connections.prepare`)."""
+        self.main.upstream.connections.prepare()
+        if self.background is not None:
+            self.background.upstream.connections.prepare()
+
     def _target(self, name: str, settings: Settings) -> Target:
         upstream = Upstream(settings)
         gate = Gate(settings.upstream_slots or 1, settings.queue_max, settings.queue_timeout)

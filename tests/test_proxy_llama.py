@@ -15,7 +15,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import processes
 from tests.support.anthropic_sse import check_order, parse
+from tests.test_traffic import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -277,6 +279,23 @@ def test_short_requests_share_one_upstream_connection(proxy, llama):
         assert answer.status_code == 200 and answer.json()["choices"]
     # At most one new connection (llama-server may end a kept-alive one after its request limit).
     assert metric(proxy.url, "llamabridge_proxy_upstream_connections_total") - before <= 1
+
+
+def test_after_a_stream_the_next_request_finds_a_connection_open(llama):
+    """llama-server closes its connection after every streamed answer (Claude Code's every
+    request); once the stream has gone to the client, the proxy opens the next connection, so
+    the next request does not wait for llama-server to accept one."""
+    short = {"model": "x", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    with processes.proxy(llama.url) as proxy:  # its own: a pool no other test has touched
+        opened = lambda: metric(proxy.url, "llamabridge_proxy_upstream_connections_total")  # noqa: E731
+        assert requests.post(proxy.url + "/v1/chat/completions", json=short, timeout=30).status_code == 200
+        assert opened() == 1  # kept for the next request
+        with requests.post(proxy.url + "/v1/chat/completions", json={**short, "stream": True}, stream=True, timeout=30) as stream:
+            assert stream.status_code == 200 and b"[DONE]" in stream.content
+        wait_until(lambda: opened() == 2, timeout=10, what="the proxy to open a connection after the stream")
+        answer = requests.post(proxy.url + "/v1/chat/completions", json=short, timeout=30)
+        assert answer.status_code == 200 and answer.json()["choices"]
+        assert opened() == 2  # the request went out on the connection opened ahead of it
 
 
 def test_openai_context_overflow_keeps_llama_server_error(oai, llama):
