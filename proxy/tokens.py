@@ -3,8 +3,10 @@
 Exact counts render the translated request with llama-server's own chat template
 (`/apply-template`) and tokenizer (`/tokenize`): no slot is used, so counting never waits
 behind a generation. Results are cached by content (Claude Code's `/context` sends about 25
-counts at once, mostly the same on every call). An upstream that cannot do either gets an
-estimate (UTF-8 bytes / 4), and the caller says so in a response header.
+counts at once, mostly the same on every call), and identical counts asked at the same time are
+computed once: sessions started together (or subagents) send the same tool definitions, and
+each count costs two calls to llama-server. An upstream that cannot do either gets an estimate
+(UTF-8 bytes / 4), and the caller says so in a response header.
 """
 
 from __future__ import annotations
@@ -23,10 +25,19 @@ from .upstream import Upstream
 ESTIMATE_BYTES_PER_TOKEN = 4
 
 
+class _Pending:
+    """A count being computed; identical requests wait for it instead of asking again."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: tuple[int, bool] | None = None  # None once done: it failed
+
+
 class TokenCounter:
     def __init__(self, upstream: Upstream, max_entries: int = 4096):
         self.upstream = upstream
         self._counts: OrderedDict[bytes, int] = OrderedDict()
+        self._pending: dict[bytes, _Pending] = {}
         self._max = max_entries
         self._lock = threading.Lock()
 
@@ -68,6 +79,25 @@ class TokenCounter:
             if key in self._counts:
                 self._counts.move_to_end(key)
                 return self._counts[key], True
+            pending = self._pending.get(key)
+            leader = pending is None
+            if leader:
+                pending = self._pending[key] = _Pending()
+        if not leader:
+            pending.done.wait()
+            if pending.result is not None:
+                return pending.result
+            # The first one failed (llama-server down?): try, and fail, in our own right.
+            return self._compute(render)
+        try:
+            pending.result = self._compute(render)
+            return pending.result
+        finally:
+            with self._lock:
+                del self._pending[key]
+            pending.done.set()
+
+    def _compute(self, render: dict) -> tuple[int, bool]:
         ids = self.tokens(render)
         if ids is None:
             return estimate(render), False
