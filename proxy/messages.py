@@ -27,9 +27,10 @@ from flask import Response
 from . import classify, fastjson, local, sse, translate
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import ApiError, from_upstream, sse_error
+from .flights import Flight
 from .generation import BROKEN, UPSTREAM_PING_SECONDS, Generation
 from .metrics import Call
-from .services import Flight, Services, Target
+from .services import Services, Target
 from .tokens import estimate, fit_max_tokens, upper_bound
 from .upstream import read_all, relay_headers, stream_chunks
 
@@ -178,9 +179,9 @@ def _follow(body: dict, flight: Flight, watch: ClientWatch, call: Call, services
                 watch.check()
                 if body.get("stream") is True:
                     yield "ping", {"type": "ping"}
-            if flight.events is None:
+            if flight.result is None:
                 raise ApiError(529, "the identical request this one repeats did not finish; retry", retry_after=1)
-            for event, data in flight.events:
+            for event, data in flight.result:
                 if event == "message_delta":
                     call.usage(data.get("usage"))
                 yield event, data

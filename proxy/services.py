@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from .config import Settings
 from .errors import ApiError
+from .flights import Flights
 from .gate import Gate, Ticket
 from .metrics import ProxyMetrics
 from .prefix import PrefixTracker
@@ -40,39 +41,6 @@ class Target:
         info = self.upstream.info()
         self.gate.resize(slots_override or info.total_slots)
         return info
-
-
-class Flight:
-    """A generation in progress, that an identical retry can wait for instead of running it again."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.events: list[tuple[str, dict]] | None = None
-
-
-class Flights:
-    """In-flight requests by (session, body digest)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_key: dict[tuple[str, str], Flight] = {}
-
-    def join(self, key: tuple[str, str]) -> tuple[Flight, bool]:
-        """(flight, True) for the first request with this key, (its flight, False) for a repeat."""
-        with self._lock:
-            flight = self._by_key.get(key)
-            if flight is not None and not flight.done.is_set():
-                return flight, False
-            flight = Flight()
-            self._by_key[key] = flight
-            return flight, True
-
-    def finish(self, key: tuple[str, str], flight: Flight, events: list[tuple[str, dict]] | None) -> None:
-        flight.events = events
-        flight.done.set()
-        with self._lock:
-            if self._by_key.get(key) is flight:
-                del self._by_key[key]
 
 
 class Services:

@@ -20,24 +20,17 @@ from collections import OrderedDict
 
 from . import fastjson
 from .errors import ApiError
+from .flights import Flights
 from .upstream import Upstream
 
 ESTIMATE_BYTES_PER_TOKEN = 4
-
-
-class _Pending:
-    """A count being computed; identical requests wait for it instead of asking again."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.result: tuple[int, bool] | None = None  # None once done: it failed
 
 
 class TokenCounter:
     def __init__(self, upstream: Upstream, max_entries: int = 4096):
         self.upstream = upstream
         self._counts: OrderedDict[bytes, int] = OrderedDict()
-        self._pending: dict[bytes, _Pending] = {}
+        self._pending = Flights()  # counts being computed, by key
         self._max = max_entries
         self._lock = threading.Lock()
 
@@ -79,23 +72,19 @@ class TokenCounter:
             if key in self._counts:
                 self._counts.move_to_end(key)
                 return self._counts[key], True
-            pending = self._pending.get(key)
-            leader = pending is None
-            if leader:
-                pending = self._pending[key] = _Pending()
+        flight, leader = self._pending.join(key)
         if not leader:
-            pending.done.wait()
-            if pending.result is not None:
-                return pending.result
+            flight.done.wait()
+            if flight.result is not None:
+                return flight.result
             # The first one failed (llama-server down?): try, and fail, in our own right.
             return self._compute(render)
+        result = None
         try:
-            pending.result = self._compute(render)
-            return pending.result
+            result = self._compute(render)
+            return result
         finally:
-            with self._lock:
-                del self._pending[key]
-            pending.done.set()
+            self._pending.finish(key, flight, result)
 
     def _compute(self, render: dict) -> tuple[int, bool]:
         ids = self.tokens(render)
