@@ -67,7 +67,9 @@ def classify(body: dict[str, Any], claude_code: bool = True) -> str:
     """The class of an Anthropic Messages request (already validated); `claude_code` says
     whether it carries Claude Code's session header."""
     tools = body.get("tools") or []
-    names = {t.get("name") for t in tools if isinstance(t, dict)}
+    # Not validated yet (translation does that, with a 400 naming the field): never trust a shape.
+    listed = tools if isinstance(tools, list) else []
+    names = {t["name"] for t in listed if isinstance(t, dict) and isinstance(t.get("name"), str)}
     if tools:
         return MAIN if names & SPAWNING_TOOLS else SUBAGENT
     if not claude_code:

@@ -60,26 +60,43 @@ def title_from(body: dict) -> str:
     return title or "New session"
 
 
-def fill_schema(schema: Any, title: str) -> Any:
-    """The smallest value valid under a JSON schema, with every string set to `title`."""
-    if not isinstance(schema, dict):
+# A title schema asks for a string or two; the client's schema is not validated, so a huge
+# `minItems` or a deep nest must not build a huge answer or exhaust the stack.
+MAX_ITEMS = 16
+MAX_DEPTH = 32
+
+
+def fill_schema(schema: Any, title: str, depth: int = 0) -> Any:
+    """The smallest value valid under a JSON schema, with every string set to `title`.
+
+    The schema comes from the client as it is: anything not shaped as JSON Schema says is
+    ignored rather than trusted.
+    """
+    if not isinstance(schema, dict) or depth > MAX_DEPTH:
         return title
     if "const" in schema:
         return schema["const"]
-    if schema.get("enum"):
-        return schema["enum"][0]
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[0]
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object" or "properties" in schema:
-        properties = schema.get("properties") or {}
-        wanted = list(schema.get("required") or [])
-        wanted += [k for k in properties if k == "title" and k not in wanted]
-        return {key: fill_schema(properties.get(key, {}), title) for key in wanted}
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        required = schema.get("required")
+        wanted = [k for k in required if isinstance(k, str)] if isinstance(required, list) else []
+        if "title" in properties:
+            wanted.append("title")
+        return {key: fill_schema(properties.get(key), title, depth + 1) for key in dict.fromkeys(wanted)}
     if kind == "array":
-        return [fill_schema(schema.get("items", {}), title) for _ in range(int(schema.get("minItems") or 0))]
+        count = schema.get("minItems")
+        count = min(count, MAX_ITEMS) if isinstance(count, int) else 0
+        return [fill_schema(schema.get("items"), title, depth + 1) for _ in range(count)]
     if kind in ("integer", "number"):
-        return schema.get("minimum", 0)
+        minimum = schema.get("minimum")
+        return minimum if isinstance(minimum, (int, float)) and not isinstance(minimum, bool) else 0
     if kind == "boolean":
         return False
     if kind == "null":

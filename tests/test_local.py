@@ -30,6 +30,24 @@ def test_fill_schema_satisfies_required_fields():
     assert local.fill_schema(schema, "T") == {"title": "T", "n": 3, "ok": False, "tags": ["T"], "kind": "a"}
 
 
+def test_fill_schema_survives_any_schema_a_client_sends():
+    """The schema is the client's, unvalidated: shapes JSON Schema does not allow are ignored,
+    and nothing it asks for makes a huge answer or a deep recursion."""
+    assert local.fill_schema({"type": "object", "properties": ["title"], "required": "title"}, "T") == {}
+    assert local.fill_schema({"properties": {"title": {}}, "required": [["x"], "title"]}, "T") == {"title": "T"}
+    assert local.fill_schema({"type": "array", "items": {"type": "string"}, "minItems": 10**12}, "T") == ["T"] * local.MAX_ITEMS
+    assert local.fill_schema({"type": "array", "minItems": "3"}, "T") == []
+    assert local.fill_schema({"type": {"a": 1}, "enum": "ab"}, "T") == "T"
+    assert local.fill_schema({"type": "number", "minimum": "zero"}, "T") == 0
+    deep: dict = {"type": "string"}
+    for _ in range(5000):
+        deep = {"type": "object", "required": ["title"], "properties": {"title": deep}}
+    filled = local.fill_schema(deep, "T")
+    for _ in range(local.MAX_DEPTH + 1):
+        filled = filled["title"]
+    assert filled == "T"
+
+
 def test_local_events_follow_the_stream_order():
     events = local.events({"model": "m"}, '{"title": "x"}', 12, 5, "end_turn")
     check_order(events)
