@@ -95,6 +95,30 @@ def sse_error(err: ApiError) -> dict[str, Any]:
 
 _CTX_NUMBERS = re.compile(r"\((\d+) tokens\).*?\((\d+) tokens\)")
 
+# llama-server files some bad requests as its own failure. Its request parsers mostly reject
+# bad input with std::invalid_argument, which it answers with 400, but these are thrown as
+# std::runtime_error (or re-thrown so: common/chat.cpp wraps the message and tool checks) and
+# answered with 500 "server_error" (tools/server/server-common.cpp, build b11434). Clients retry
+# a 500 (the OpenAI SDKs twice, with backoff) and report an internal error; these are the
+# request's fault, or something this server cannot do (an image for a model without a
+# projector): 400, which clients show and do not retry.
+_MISFILED_INPUT_ERRORS = (
+    "Failed to parse messages: ",
+    "Failed to parse tools: ",
+    "image input is not supported",
+    "audio input is not supported",
+    "video input is not supported",
+    "Multimodal data provided, but model does not support multimodal requests",
+    "Invalid base64 value",
+    "Failed to load image or audio file",
+    '"prompt" is required',
+    "Only no echo is supported",
+    "Unsupported param: ",
+    "tools param requires --jinja flag",
+    "tool_choice param requires --jinja flag",
+    "Cannot use both json_schema and grammar",
+)
+
 
 def from_upstream(status: int, raw: bytes | str) -> ApiError:
     """Turn an error response from llama-server into the error a client should see.
@@ -102,6 +126,7 @@ def from_upstream(status: int, raw: bytes | str) -> ApiError:
     - `exceed_context_size_error` (prompt longer than the slot's context) becomes a 400 whose
       message Claude Code recognises and shows as "Prompt is too long".
     - 503 "Loading model" and other unavailability become 529/503 "overloaded": retry later.
+    - A 500 that llama-server sends for a bad request (see _MISFILED_INPUT_ERRORS) is a 400.
     - Other 4xx keep their status and llama-server's message; 5xx become 502 (the upstream failed,
       not the proxy).
     """
@@ -123,6 +148,8 @@ def from_upstream(status: int, raw: bytes | str) -> ApiError:
         return ApiError(400, f"prompt is too long: {n_prompt} tokens > {n_ctx} maximum")
     if status == 503 or kind == "unavailable_error":
         return ApiError(529, f"llama-server is not ready: {message}", retry_after=5)
+    if status == 500 and message.startswith(_MISFILED_INPUT_ERRORS):
+        return ApiError(400, f"llama-server: {message}")
     if status in (400, 401, 403, 404, 413, 429):
         return ApiError(status, f"llama-server: {message}")
     return ApiError(502, f"llama-server failed (HTTP {status}): {message}")

@@ -4,7 +4,10 @@ Cline, Continue, Aider, Cursor and the OpenAI SDKs already speak llama-server's 
 proxy adds one port for every agent, the admission gate (generation requests wait for a slot
 with Claude Code's, at interactive priority), uniform errors when llama-server is down, and
 closing the upstream request the moment the client leaves. The one change to a body: with
-more than one slot, `id_slot` names the slot the gate admitted it to.
+more than one slot, `id_slot` names the slot the gate admitted it to. The one change to an
+answer: a 500 that llama-server sends for a bad request (malformed messages or tools, an image
+for a model without a projector) becomes the 400 it is (errors.from_upstream), so clients
+report it instead of retrying.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from flask import Response
 
 from . import classify, fastjson
 from .disconnect import ClientDisconnected, ClientWatch
+from .errors import from_upstream
 from .generation import Generation
 from .metrics import Call
 from .services import Services
-from .upstream import BROKEN_CONNECTION, relay_headers, stream_chunks
+from .upstream import BROKEN_CONNECTION, read_all, relay_headers, stream_chunks
 
 log = logging.getLogger("llamabridge.relay")
 
@@ -42,6 +46,12 @@ def relay(method: str, path: str, parsed: dict | None, raw_body: bytes | None, c
         if target.gate.slots <= 1:
             gen.payload = None  # relay the client's bytes untouched
         answer = _open(gen, raw_body)
+        chunks = stream_chunks(answer, watch)
+        if answer.status == 500:  # a short JSON error: read it to see whose fault it is
+            raw = read_all(answer, watch)
+            if (err := from_upstream(answer.status, raw)).status == 400:
+                raise err
+            chunks = iter((raw,))
     call.status = answer.status
 
     def broken(exc: BaseException) -> Iterator[bytes]:
@@ -50,7 +60,7 @@ def relay(method: str, path: str, parsed: dict | None, raw_body: bytes | None, c
         call.error = f"upstream broke: {type(exc).__name__}"
         return iter(())
 
-    chunks = _noting_usage(stream_chunks(answer, watch), call)
+    chunks = _noting_usage(chunks, call)
     headers = relay_headers(answer)
     length = answer.headers.get("Content-Length")
     if length is not None:

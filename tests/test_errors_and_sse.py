@@ -33,6 +33,16 @@ def test_upstream_garbage_is_a_bad_gateway_with_the_text():
     assert err.status == 502 and "oops" in err.message
 
 
+def test_llama_servers_500_for_a_bad_request_is_the_clients_400():
+    # Verbatim from llama-server b11434 (an image for a model without a projector; a message without a role).
+    for message in ("image input is not supported - hint: if this is unexpected, you may need to provide the mmproj",
+                    "Failed to parse messages: Missing 'role' in message: {\"content\":\"s\"}"):
+        err = from_upstream(500, json.dumps({"error": {"code": 500, "message": message, "type": "server_error"}}))
+        assert (err.status, err.message) == (400, f"llama-server: {message}")
+    # A 500 for anything else is still llama-server's failure.
+    assert from_upstream(500, b'{"error":{"code":500,"message":"Failed to tokenize prompt","type":"server_error"}}').status == 502
+
+
 def test_decode_openai_skips_comments_and_stops_at_done():
     lines = [b": ping", b"", b'data: {"a": 1}', b"", b"event: x", b'data: {"b":', b'data: 2}', b"", b"data: [DONE]", b"", b'data: {"c": 3}', b""]
     assert list(sse.decode_openai(lines)) == [{"a": 1}, {"b": 2}]

@@ -305,6 +305,16 @@ def test_openai_context_overflow_keeps_llama_server_error(oai, llama):
     assert err.value.body["type"] == "exceed_context_size_error"
 
 
+def test_openai_image_for_a_model_without_vision_is_a_bad_request(oai):
+    """llama-server answers this with 500 "server_error", which the SDK retries and reports as an
+    internal error; the proxy says what it is: a request this model cannot serve."""
+    pixel = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model="x", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{pixel}"}}]}])
+    assert "image input is not supported" in err.value.message
+
+
 # -- the small routes ---------------------------------------------------------------------------------
 
 
