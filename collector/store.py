@@ -107,13 +107,34 @@ def m001_initial(db: sqlite3.Connection) -> None:
     )
 
 
+BUSY_TIMEOUT = 30.0
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch the file to write-ahead logging, waiting for other processes as the busy timeout
+    would. The timeout does not cover this statement: while another process is creating the
+    same new store (`make run` starts the proxy and the collector together), SQLite answers
+    "database is locked" at once rather than wait with a lock held and risk a deadlock."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    pause = 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)  # the other process needs a few milliseconds; no event to wait on
+        pause = min(pause * 2, 0.1)
+
+
 def connect(path: str | Path) -> sqlite3.Connection:
     """Open (creating if needed) and migrate the store."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
     db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
+    _use_wal(db)
     db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes, cheap commits
     db.execute("PRAGMA busy_timeout=30000")
     # A WAL file otherwise stays at its largest size (4 MB after an hourly roll-up): cut it back to

@@ -3,6 +3,7 @@ and retention keeping a month of 10-second samples small."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sqlite3
 import time
@@ -89,6 +90,29 @@ def test_migrations_create_the_exact_schema(tmp_path):
     db = connect(tmp_path / "s.db")
     assert db.execute("SELECT COUNT(*) FROM _migrations").fetchone()[0] == 2
     assert db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'samples_by_ts'").fetchone()
+
+
+def _open_store(path: str, start) -> str | None:
+    start.wait()
+    try:
+        Store(path).close()
+    except Exception as exc:  # reported to the test, which names it
+        return repr(exc)
+    return None
+
+
+def test_processes_creating_the_same_store_at_once_all_open_it(tmp_path):
+    """`make run` starts the proxy and the collector together on a new store: SQLite refused one
+    of them the switch to WAL ("database is locked", its busy timeout not applying), and that
+    service failed to boot, in about one start in three."""
+    context = multiprocessing.get_context("spawn")
+    for round_ in range(12):
+        path = str(tmp_path / f"store-{round_}.db")
+        with context.Manager() as manager, context.Pool(3) as pool:
+            start = manager.Barrier(3)
+            failures = [f for f in pool.starmap(_open_store, [(path, start)] * 3) if f]
+        assert not failures, (round_, failures)
+        assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_a_failed_scrape_write_changes_nothing(tmp_path):
