@@ -1,11 +1,13 @@
 """Lifetime totals end to end: the real collector scraping the real llama-server while it is
 restarted, while the collector itself is restarted or killed with SIGKILL mid-loop. The totals
-must equal the sums of the `timings` llama-server returned, exactly."""
+must equal the sums of the `timings` llama-server returned, exactly. And the proxy's request
+log in the same store, up to the last request before a Ctrl-C."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import threading
 import time
 
@@ -175,3 +177,19 @@ def test_the_proxy_logs_every_request_to_the_shared_store(llama_server_bin, tiny
         lifetime_requests = next(s.value for f in text_string_to_metric_families(text) for s in f.samples
                                  if s.name == "llamabridge_lifetime_requests_total")
         assert lifetime_requests >= 3
+
+
+def test_requests_answered_just_before_ctrl_c_are_in_the_log(llama_server_bin, tiny_model, tmp_path):
+    """The log is written every half second off the request thread; Ctrl-C (SIGINT) ends the
+    worker at once, and the rows still waiting went with it (six stops in eight, before)."""
+    body = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    with processes.llama_server(llama_server_bin, tiny_model, ctx=4096) as llama:
+        for stop in range(3):
+            db = str(tmp_path / f"store-{stop}.db")
+            with processes.proxy(llama.url, DB_PATH=db) as proxy:
+                for _ in range(3):
+                    assert requests.post(proxy.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+                os.killpg(proxy.proc.pid, signal.SIGINT)
+                assert proxy.proc.wait(timeout=30) == 0, proxy.log_text()[-2000:]
+            with sqlite3.connect(db) as store:
+                assert store.execute("SELECT count(*) FROM requests WHERE route = '/v1/chat/completions'").fetchone()[0] == 3, stop
