@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from proxy.serving import bind_address, serve, settings_or_exit
+from proxy.serving import bind_address, serve, settings_or_exit, store_or_exit
 
 from .app import create_app
 from .config import from_env
@@ -16,6 +16,7 @@ from .config import from_env
 def main() -> int:
     settings = settings_or_exit("collector", from_env)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    store_or_exit("collector", settings.db_path)
     serve(lambda: create_app(settings), bind=bind_address(settings.host, settings.port), threads=8, timeout=60,
           loglevel=settings.log_level, accesslog=None, proc_name="llamabridge-collector")
     return 0

@@ -14,7 +14,7 @@ import requests
 
 from .app import create_app
 from .config import Settings, from_env
-from .serving import bind_address, serve, settings_or_exit
+from .serving import bind_address, serve, settings_or_exit, store_or_exit
 from .upstream import Upstream
 
 # gunicorn settings beyond serving.py's defaults (bench/floor.py measures a bare app under the same).
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_or_exit("proxy", from_env)
     if args.command == "env":
         return print_env(settings)
+    if settings.db_path:
+        store_or_exit("proxy", settings.db_path)
     serve(
         lambda: create_app(settings),
         bind=bind_address(settings.host, settings.port),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sqlite3
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -29,6 +30,19 @@ def settings_or_exit(service: str, from_env: Callable[[], S]) -> S:
         raise SystemExit(2) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return settings
+
+
+def store_or_exit(service: str, db_path: str) -> None:
+    """Create (or open) and migrate the SQLite store before serving: a DB_PATH that cannot hold
+    it, or a file that is not a store, is one line naming DB_PATH and status 2, rather than a
+    traceback from a worker that failed to boot."""
+    from collector.store import Store  # the proxy without a request log never needs it
+
+    try:
+        Store(db_path).close()
+    except (OSError, sqlite3.Error) as exc:
+        print(f"llamabridge {service}: DB_PATH={db_path}: cannot open the store: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def bind_address(host: str, port: int) -> str:

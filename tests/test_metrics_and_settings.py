@@ -1,6 +1,11 @@
-"""Pure pieces around the services: the bounded `client` label and reading .env."""
+"""Pure pieces around the services: the bounded `client` label, reading .env, the request log,
+and what either service says at start-up about a store it cannot open."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 from proxy.config import load_env_file
 from proxy.metrics import ClientLabels, client_family
@@ -67,3 +72,16 @@ def test_fastjson_matches_the_standard_library_and_falls_back_where_orjson_refus
     with pytest.raises(json.JSONDecodeError) as error:
         fastjson.loads('{"a": 1,\n "b": }')
     assert (error.value.lineno, error.value.colno) == (2, 7)
+
+
+def test_a_store_that_cannot_be_opened_stops_either_service_with_one_line(tmp_path):
+    not_a_store = tmp_path / "notes.txt"
+    not_a_store.write_text("this is not a database, just a file someone pointed DB_PATH at\n" * 100)
+    for path in (str(tmp_path / "missing-parent-file" / "x.db"), str(not_a_store)):
+        (tmp_path / "missing-parent-file").write_text("a file where a directory should be")
+        for service, port in (("proxy", "PROXY_PORT"), ("collector", "COLLECTOR_PORT")):
+            env = dict(os.environ, DB_PATH=path, **{port: "0"}, LLAMA_URL="http://127.0.0.1:9")
+            result = subprocess.run([sys.executable, "-m", service], env=env, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 2, (service, path, result.stderr[-2000:])
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"llamabridge {service}: DB_PATH={path}: cannot open the store"), lines
