@@ -1,12 +1,16 @@
-"""The admission gate on its own: slots, priority then arrival order, bounds, affinity, cancels."""
+"""The admission gate on its own: slots, priority then arrival order, bounds, affinity, cancels;
+and a state machine (hypothesis) that checks those promises after every step of random sequences."""
 
 from __future__ import annotations
 
 import threading
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from proxy.gate import Gate, QueueFull, QueueTimeout
+from proxy.gate import Gate, QueueFull, QueueTimeout, Waiter
 
 
 def test_grants_up_to_the_slot_count_then_queues():
@@ -94,3 +98,90 @@ def test_sessions_return_to_their_slot_and_cold_slots_are_preferred():
     assert not gate.has_cold_free_slot()
     again = gate.admit("main", 0, "session-b")
     assert again.slot == b.slot
+
+
+class GateModel(RuleBasedStateMachine):
+    """Random sequences of what request threads do to the gate (join, leave, finish, and
+    llama-server restarting with another slot count), checked after every step against what
+    the gate promises: one generation per slot, no slot idle while someone waits, the queue
+    served by priority then arrival, a session back on the slot that holds its cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate(slots=2, queue_max=4, queue_timeout=3600)
+        self.waiting: list[Waiter] = []  # in the gate's queue, by our own account
+        self.running: list[Waiter] = []
+        self.owner: dict[int, str] = {}  # slot -> session whose cache it holds, by our own account
+        self.asked: dict[int, int] = {}  # waiter.seq -> the priority it joined with
+
+    def _granted_since(self, before: list[Waiter]) -> None:
+        """Move what the gate granted to `running`, checking it took the head of the queue."""
+        granted = [w for w in self.waiting if w.ticket is not None]
+        order = lambda w: (self.asked[w.seq], w.seq)  # noqa: E731
+        expected = sorted(before, key=order)[:len(granted)]
+        assert sorted(granted, key=lambda w: w.seq) == sorted(expected, key=lambda w: w.seq), "the queue was not served in order"
+        for w in sorted(granted, key=order):
+            mine = [s for s, o in self.owner.items() if o == w.session and not self._busy(s, w)]
+            if w.session is not None and mine and mine[0] < self.gate.slots:
+                assert w.ticket.slot == mine[0], "a session did not get the slot holding its cache"
+            if w.session is not None:
+                self.owner = {s: o for s, o in self.owner.items() if o != w.session}
+                self.owner[w.ticket.slot] = w.session
+            self.waiting.remove(w)
+            self.running.append(w)
+
+    def _busy(self, slot: int, other_than: Waiter) -> bool:
+        return any(r.ticket.slot == slot for r in self.running if r is not other_than)
+
+    @rule(priority=st.sampled_from([0, 1, 2]), session=st.sampled_from([None, "a", "b", "c"]))
+    def join(self, priority: int, session: str | None) -> None:
+        free = self.gate.slots - len(self.running)
+        if len(self.waiting) >= self.gate.queue_max and free <= len(self.waiting):
+            with pytest.raises(QueueFull):
+                self.gate.enqueue("x", priority, session)
+            return
+        before = list(self.waiting)
+        waiter = self.gate.enqueue("x", priority, session)
+        self.asked[waiter.seq] = priority
+        self.waiting.append(waiter)
+        self._granted_since(before + [waiter])
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def finish(self, data) -> None:
+        done = data.draw(st.sampled_from(self.running))
+        self.running.remove(done)
+        before = list(self.waiting)
+        self.gate.release(done.ticket)
+        self.gate.release(done.ticket)  # twice: harmless
+        self._granted_since(before)
+
+    @precondition(lambda self: self.waiting or self.running)
+    @rule(data=st.data())
+    def leave(self, data) -> None:
+        gone = data.draw(st.sampled_from(self.waiting + self.running))
+        (self.waiting if gone in self.waiting else self.running).remove(gone)
+        before = list(self.waiting)
+        self.gate.cancel(gone)
+        self._granted_since(before)
+
+    @rule(slots=st.integers(1, 3))
+    def restart_with(self, slots: int) -> None:
+        before = list(self.waiting)
+        self.gate.resize(slots)
+        self.owner = {s: o for s, o in self.owner.items() if s < slots}
+        self._granted_since(before)
+
+    @invariant()
+    def one_generation_per_slot_and_none_idle_while_someone_waits(self) -> None:
+        slots = [w.ticket.slot for w in self.running]
+        assert len(slots) == len(set(slots)), slots
+        assert self.gate.in_flight() == len(self.running) and self.gate.depth() == len(self.waiting)
+        if self.waiting:
+            assert all(s in slots for s in range(self.gate.slots)), "a slot is idle while requests wait"
+        for w in self.waiting:
+            assert w.ticket is None and self.gate.wait(w, 0) is None
+
+
+GateModel.TestCase.settings = settings(max_examples=300, stateful_step_count=40, derandomize=True, database=None, deadline=None)
+test_the_gate_keeps_its_promises_under_any_sequence = GateModel.TestCase
