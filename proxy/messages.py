@@ -270,6 +270,8 @@ def _with_model(raw: bytes, model: str) -> bytes:
         obj = json.loads(raw)
     except ValueError:
         return raw
+    if not isinstance(obj, dict):
+        return raw
     target = obj.get("message") if obj.get("type") == "message_start" else obj
     if isinstance(target, dict) and "model" in target:
         target["model"] = model
@@ -314,7 +316,10 @@ def _passthrough(body: dict, target: Target, services: Services, watch: ClientWa
     except BROKEN as exc:
         raise _error_for(exc) from None
     if not stream:
-        call.usage((json.loads(raw) if raw.startswith(b"{") else {}).get("usage"))
+        try:
+            call.usage(json.loads(raw).get("usage"))
+        except (ValueError, AttributeError):
+            pass  # not a message: relayed as it is, without usage in the log
         gen.close()
         return Response(_with_model(raw, body["model"]), status=answer.status, mimetype="application/json")
 

@@ -12,13 +12,14 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .classify import CLASSES
+from .translate import token_count
 
 if TYPE_CHECKING:
     from .gate import Gate
@@ -92,11 +93,12 @@ class Call:
         if self.ttft is None:
             self.ttft = time.monotonic() - self.started
 
-    def usage(self, usage: dict | None) -> None:
-        if usage:
-            self.prompt_tokens = int(usage.get("input_tokens") or 0)
-            self.cached_tokens = int(usage.get("cache_read_input_tokens") or 0)
-            self.generated_tokens = int(usage.get("output_tokens") or 0)
+    def usage(self, usage: Any) -> None:
+        """Anthropic-style usage, as llama-server reported it (anything not a count is none)."""
+        if isinstance(usage, dict) and usage:
+            self.prompt_tokens = token_count(usage.get("input_tokens"))
+            self.cached_tokens = token_count(usage.get("cache_read_input_tokens"))
+            self.generated_tokens = token_count(usage.get("output_tokens"))
 
 
 class _StateCollector(Collector):

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from flask import Response
 
-from . import classify, fastjson
+from . import classify, fastjson, translate
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import from_upstream
 from .generation import Generation
@@ -86,12 +86,12 @@ def _noting_usage(chunks: Iterator[bytes], call: Call, keep: int = 16384) -> Ite
         if b'"timings"' not in payload:
             continue
         try:
-            timings = fastjson.loads(payload).get("timings") or {}
+            answer = fastjson.loads(payload)
         except ValueError:
             continue
-        call.usage({"input_tokens": timings.get("prompt_n"), "cache_read_input_tokens": timings.get("cache_n"),
-                    "output_tokens": timings.get("predicted_n")})
-        return
+        if isinstance(answer, dict) and isinstance(answer.get("timings"), dict):
+            call.usage(translate.usage_from(answer))
+            return
 
 
 def _open(gen: Generation, raw_body: bytes | None):

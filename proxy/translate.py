@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
+
+from .sse import StreamProtocolError
 
 Event = tuple[str, dict[str, Any]]
 
@@ -460,6 +463,57 @@ def new_tool_id() -> str:
     return f"toolu_{uuid.uuid4().hex[:24]}"
 
 
+def token_count(value: Any) -> int:
+    """A token count from upstream; anything that is not a number counts as none."""
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else 0
+
+
+def _check_chunk(chunk: dict) -> None:
+    """Raise StreamProtocolError if a field the translation reads has a type no OpenAI-compatible
+    server sends: the client's stream then ends with an error event rather than a crash."""
+
+    def bad(where: str, value: Any, want: str) -> None:
+        raise StreamProtocolError(f"upstream sent a stream chunk whose {where} is {_json_type(value)}, not {want}: "
+                                  f"{json.dumps(chunk, default=str)[:200]}")
+
+    choices = chunk.get("choices")
+    if not choices:
+        return
+    if not isinstance(choices, list):
+        bad("choices", choices, "an array")
+    for i, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            bad(f"choices.{i}", choice, "an object")
+        if choice.get("finish_reason") and not isinstance(choice["finish_reason"], str):
+            bad(f"choices.{i}.finish_reason", choice["finish_reason"], "a string")
+        delta = choice.get("delta")
+        if not delta:
+            continue
+        if not isinstance(delta, dict):
+            bad(f"choices.{i}.delta", delta, "an object")
+        for key in ("content", "reasoning_content"):
+            if delta.get(key) and not isinstance(delta[key], str):
+                bad(f"choices.{i}.delta.{key}", delta[key], "a string")
+        calls = delta.get("tool_calls")
+        if not calls:
+            continue
+        if not isinstance(calls, list):
+            bad(f"choices.{i}.delta.tool_calls", calls, "an array")
+        for j, call in enumerate(calls):
+            where = f"choices.{i}.delta.tool_calls.{j}"
+            if not isinstance(call, dict):
+                bad(where, call, "an object")
+            index = call.get("index", 0)
+            if not isinstance(index, int) or isinstance(index, bool):
+                bad(f"{where}.index", index, "a number")
+            function = call.get("function")
+            if function and not isinstance(function, dict):
+                bad(f"{where}.function", function, "an object")
+            for key in ("name", "arguments"):
+                if function and function.get(key) and not isinstance(function[key], str):
+                    bad(f"{where}.function.{key}", function[key], "a string")
+
+
 def usage_from(chunk: dict) -> dict[str, int] | None:
     """Anthropic usage from an OpenAI chunk's `timings` (preferred) or `usage`.
 
@@ -470,19 +524,19 @@ def usage_from(chunk: dict) -> dict[str, int] | None:
     timings = chunk.get("timings")
     if isinstance(timings, dict) and "prompt_n" in timings:
         return {
-            "input_tokens": int(timings.get("prompt_n") or 0),
-            "cache_read_input_tokens": int(timings.get("cache_n") or 0),
-            "output_tokens": int(timings.get("predicted_n") or 0),
+            "input_tokens": token_count(timings.get("prompt_n")),
+            "cache_read_input_tokens": token_count(timings.get("cache_n")),
+            "output_tokens": token_count(timings.get("predicted_n")),
         }
     usage = chunk.get("usage")
     if isinstance(usage, dict):
-        prompt = int(usage.get("prompt_tokens") or 0)
+        prompt = token_count(usage.get("prompt_tokens"))
         details = usage.get("prompt_tokens_details") or {}
-        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0
         return {
             "input_tokens": max(prompt - cached, 0),
             "cache_read_input_tokens": cached,
-            "output_tokens": int(usage.get("completion_tokens") or 0),
+            "output_tokens": token_count(usage.get("completion_tokens")),
         }
     return None
 
@@ -577,9 +631,11 @@ def stream_openai_to_anthropic(chunks: Iterable[dict], model: str, message_id: s
         if "error" in chunk and not chunk.get("choices"):
             error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
             raise UpstreamStreamError(error)
+        _check_chunk(chunk)
         usage = usage_from(chunk) or usage
         verbose = chunk.get("__verbose")
-        if isinstance(verbose, dict) and verbose.get("stop_type") == "word" and verbose.get("stopping_word"):
+        if isinstance(verbose, dict) and verbose.get("stop_type") == "word" and isinstance(verbose.get("stopping_word"), str) \
+                and verbose["stopping_word"]:
             stop_word = verbose["stopping_word"]
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}

@@ -1,6 +1,6 @@
 """llama-server stream -> Anthropic SSE events: the state machine on recorded llama-server
-streams (tests/fixtures/llama-stream-*.jsonl) and on chunk sequences llama-server produces
-for reasoning models and parallel tool calls."""
+streams (tests/fixtures/llama-stream-*.jsonl), on chunk sequences llama-server produces for
+reasoning models and parallel tool calls, and on generated malformed ones."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from proxy.sse import StreamProtocolError
 from proxy.translate import UpstreamStreamError, collect_message, stream_openai_to_anthropic
 from tests.support.anthropic_sse import check_order
 
@@ -150,3 +153,35 @@ def test_streams_are_independent():
     check_order(eb)
     assert collect_message(iter(ea))["content"] == [{"type": "text", "text": "A"}]
     assert collect_message(iter(eb))["content"][0]["type"] == "thinking"
+
+
+# Whatever an upstream streams (another OpenAI-compatible server, a future llama-server): chunks
+# shaped like llama-server's, with any field replaced by other JSON.
+_ANY = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats() | st.text(max_size=4)
+    | st.sampled_from(["{", "}", "{}", '{"a": 1}', "stop", "length", "tool_calls"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["index", "function", "name", "arguments", "content"]), inner, max_size=3),
+    max_leaves=6)
+_CALL = st.fixed_dictionaries({"index": st.integers(0, 2) | _ANY}, optional={
+    "id": _ANY, "function": st.fixed_dictionaries({}, optional={"name": st.text(max_size=3) | _ANY,
+                                                               "arguments": st.sampled_from(["{", '"a": 1', "}", ""]) | _ANY}) | _ANY})
+_DELTA = st.fixed_dictionaries({}, optional={"content": st.text(max_size=3) | _ANY, "reasoning_content": st.text(max_size=3) | _ANY,
+                                             "tool_calls": st.lists(_CALL | _ANY, max_size=2) | _ANY})
+_CHOICE = st.fixed_dictionaries({"delta": _DELTA | _ANY}, optional={"finish_reason": st.sampled_from([None, "stop", "length", "tool_calls"]) | _ANY})
+_CHUNK = st.fixed_dictionaries({}, optional={
+    "choices": st.lists(_CHOICE | _ANY, max_size=2) | _ANY, "usage": _ANY, "__verbose": _ANY, "prompt_progress": _ANY, "error": _ANY,
+    "timings": st.fixed_dictionaries({"prompt_n": _ANY, "cache_n": _ANY, "predicted_n": _ANY}) | _ANY})
+
+
+@settings(max_examples=1000, derandomize=True, database=None, deadline=None)
+@given(st.lists(_CHUNK, max_size=6))
+def test_any_upstream_stream_gives_well_ordered_events_or_a_stream_error(chunks):
+    """Never a crash mid-stream (a cut-off answer and a traceback): either events Claude Code
+    accepts, which add up to a message, or the error the route turns into an `event: error`."""
+    try:
+        events = events_of(chunks)
+    except (UpstreamStreamError, StreamProtocolError):
+        return
+    check_order(events)
+    message = collect_message(events)
+    assert all(isinstance(v, int) for v in message["usage"].values()), message["usage"]
