@@ -136,7 +136,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
     db.row_factory = sqlite3.Row
     _use_wal(db)
     db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes, cheap commits
-    db.execute("PRAGMA busy_timeout=30000")
+    db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
     # A WAL file otherwise stays at its largest size (4 MB after an hourly roll-up): cut it back to
     # 1 MB whenever SQLite restarts it.
     db.execute("PRAGMA journal_size_limit=1048576")
