@@ -92,14 +92,18 @@ def agent_turn(tools: list[dict]) -> dict:
 @pytest.fixture(scope="module")
 def anthropic_bodies(capture) -> list[tuple[str, dict, dict]]:
     """(path, body, headers): the session's title request as Claude Code sent it, and an agent's
-    turn, streamed and not, with and without Claude Code's session header, and counted."""
+    turn, streamed and not, with and without Claude Code's session header and an image, and
+    counted."""
     title = next(r for r in capture if r["path"].startswith("/v1/messages?") and not r["body"].get("tools"))
     session = {k: v for k, v in title["headers"].items() if k.lower() in ("x-claude-code-session-id", "anthropic-version", "anthropic-beta")}
     main = next(r["body"] for r in capture if r["path"].startswith("/v1/messages?") and r["body"].get("tools"))
     turn = agent_turn([t for t in main["tools"] if t["name"] in ("Bash", "Agent")])
+    # The tiny model has no vision: llama-server's native endpoint refuses any turn with an image.
+    text_only = copy.deepcopy(turn)
+    text_only["messages"][0]["content"] = text_only["messages"][0]["content"][:1]
     counted = {k: turn[k] for k in ("model", "messages", "system", "tools")}
     return [("/v1/messages?beta=true", title["body"], session), ("/v1/messages?beta=true", turn, session),
-            ("/v1/messages", turn, {}), ("/v1/messages", dict(turn, stream=True), {}),
+            ("/v1/messages", turn, {}), ("/v1/messages", dict(turn, stream=True), {}), ("/v1/messages", text_only, {}),
             ("/v1/messages/count_tokens?beta=true", counted, session)]
 
 
