@@ -5,8 +5,10 @@ overflow, client disconnects, token counts, and the OpenAI relay."""
 from __future__ import annotations
 
 import json
+import random
 import re
 import socket
+import threading
 import time
 
 import anthropic
@@ -54,13 +56,14 @@ def metric(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def raw_post(base_url: str, path: str, body: dict) -> socket.socket:
+def raw_post(base_url: str, path: str, body: dict, headers: dict[str, str] | None = None) -> socket.socket:
     """A POST sent over a plain socket, which the test can close whenever it likes, the way a
     killed client or a closed editor tab leaves."""
     host, port = base_url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     sock = socket.create_connection((host, int(port)), timeout=60)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
                  f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
     return sock
 
@@ -266,6 +269,60 @@ def test_disconnect_during_a_non_streamed_openai_request_closes_the_upstream_req
         assert time.monotonic() < deadline, proxy.log_text()[-2000:]
         time.sleep(0.05)
     wait_slots_idle(llama, timeout=60)
+
+
+def test_clients_hanging_up_at_any_moment_leave_nothing_holding_the_slot(llama):
+    """Twelve clients for 20 s send Claude Code turns (some the same session's identical retry,
+    which the proxy runs once), OpenAI requests and token counts, and hang up at a random moment:
+    while queued, while llama-server prefills, mid-stream, or not at all. Afterwards nothing
+    holds or waits for the slot (one leaked admission would queue every later request forever),
+    and the one worker still serves."""
+    agent = [{"name": "Agent", "input_schema": {"type": "object"}}]
+    sessions = [f"storm-{i}" for i in range(4)]
+
+    def request(rnd: random.Random) -> tuple[str, dict, dict]:
+        session = {"X-Claude-Code-Session-Id": rnd.choice(sessions)}
+        kind = rnd.random()
+        if kind < 0.4:
+            return "/v1/messages", {"model": "m", "max_tokens": rnd.choice([16, 200, 2000]), "stream": rnd.random() < 0.7,
+                                    "tools": agent, "messages": [{"role": "user", "content": "go " * rnd.randint(1, 400)}]}, session
+        if kind < 0.7:
+            return "/v1/chat/completions", {"model": "m", "max_tokens": rnd.choice([8, 500]), "stream": rnd.random() < 0.5,
+                                            "messages": [{"role": "user", "content": "on " * rnd.randint(1, 300)}]}, {}
+        if kind < 0.85:
+            return "/v1/messages/count_tokens", {"model": "m", "tools": agent, "messages": [{"role": "user", "content": "c " * rnd.randint(1, 50)}]}, session
+        return "/v1/messages", {"model": "m", "max_tokens": 300, "stream": True, "tools": agent,
+                                "messages": [{"role": "user", "content": "the same turn again"}]}, session
+
+    def client(seed: int, until: float, proxy_url: str) -> None:
+        rnd = random.Random(seed)
+        while time.monotonic() < until:
+            path, body, headers = request(rnd)
+            with raw_post(proxy_url, path, body, headers) as sock:
+                hang_up = time.monotonic() + rnd.choice([0.0, 0.01, 0.05, 0.2, 1.0, 5.0])
+                while (left := hang_up - time.monotonic()) > 0:
+                    sock.settimeout(left)
+                    try:
+                        if not sock.recv(65536):
+                            break  # answered in full before the client meant to leave
+                    except socket.timeout:
+                        break
+
+    with processes.proxy(llama.url, QUEUE_MAX="64") as proxy:
+        until = time.monotonic() + 20
+        clients = [threading.Thread(target=client, args=(seed, until, proxy.url)) for seed in range(12)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        wait_until(lambda: metric(proxy.url, "llamabridge_proxy_queue_depth") == 0
+                   and metric(proxy.url, "llamabridge_proxy_in_flight") == 0, timeout=60, what="the gate to empty")
+        wait_slots_idle(llama, timeout=60)
+        good = requests.post(proxy.url + "/v1/messages", json={"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+        assert good.status_code == 200 and good.json()["content"]
+        log = proxy.log_text()
+        assert log.count("Booting worker") == 1 and "Traceback" not in log, log[-4000:]
+        assert log.count("status=499") > 10  # the clients did leave mid-request
 
 
 def test_short_requests_share_one_upstream_connection(proxy, llama):
