@@ -126,6 +126,13 @@ def test_every_service_has_a_healthcheck():
         assert service.get("healthcheck", {}).get("test"), name
 
 
+def test_every_service_keeps_a_bounded_log():
+    """Left running for weeks, a service that logs every request must not fill the disk."""
+    for name, service in SERVICES.items():
+        logging = service.get("logging", {})
+        assert logging.get("driver") == "json-file" and logging["options"]["max-size"] and int(logging["options"]["max-file"]) >= 1, name
+
+
 def test_grafana_is_provisioned_read_only_for_anonymous_viewers():
     grafana = SERVICES["grafana"]
     env = grafana["environment"]
