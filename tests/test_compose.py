@@ -257,6 +257,7 @@ def compose_llama_environment(overrides: dict[str, str]) -> dict[str, str]:
     return env
 
 
+@pytest.mark.integration
 def test_llama_service_settings_start_a_real_llama_server(llama_server_bin, tiny_model, tmp_path):
     """The service's LLAMA_ARG_* settings and entry point, run on the native llama-server: the
     empty variables an .env leaves are dropped, and metrics, jinja and the context size hold."""
