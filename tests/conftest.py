@@ -12,8 +12,15 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.support import processes
+
+# The generated tests (hypothesis) try the same examples on every run, CI included, and keep no
+# example database in the work tree; each test sets only how many examples it tries.
+settings.register_profile("llamabridge", derandomize=True, database=None, deadline=None, print_blob=False,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("llamabridge")
 
 # A developer's own .env must not change what the services under test do; tests that read a
 # .env file point LLAMABRIDGE_ENV_FILE at their own.

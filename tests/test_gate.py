@@ -183,5 +183,5 @@ class GateModel(RuleBasedStateMachine):
             assert w.ticket is None and self.gate.wait(w, 0) is None
 
 
-GateModel.TestCase.settings = settings(max_examples=300, stateful_step_count=40, derandomize=True, database=None, deadline=None)
+GateModel.TestCase.settings = settings(max_examples=300, stateful_step_count=40)
 test_the_gate_keeps_its_promises_under_any_sequence = GateModel.TestCase

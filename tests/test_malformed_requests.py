@@ -9,7 +9,7 @@ name is a list), one in the locally answered session title (a schema whose `prop
 list), and llama-server's 500s for bad messages, tools and images (see
 errors._MISFILED_INPUT_ERRORS).
 
-The examples are derandomized, so every run (and CI) tries the same ones; set FUZZ_EXAMPLES to
+The examples are derandomized (tests/conftest.py), so every run (and CI) tries the same ones; set FUZZ_EXAMPLES to
 try more (`FUZZ_EXAMPLES=3000 make test` or pytest on this file).
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy import classify, translate
@@ -30,8 +30,6 @@ from proxy.errors import ANTHROPIC_TYPES, ApiError
 from tests.support import anthropic_sse, processes
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0")) or None
-FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=False,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 
 # Random JSON to put where a request had something else.
@@ -141,7 +139,7 @@ def test_translation_refuses_malformed_requests_only_with_client_errors(anthropi
     or raises the 400 the app renders (InvalidRequest, ApiError); anything else is a 500."""
     bodies = [body for _, body, _ in anthropic_bodies]
 
-    @settings(FUZZ, max_examples=EXAMPLES or 1000)
+    @settings(max_examples=EXAMPLES or 1000)
     @given(broken(bodies))
     def check(body: dict) -> None:
         for step in (lambda: translate.anthropic_to_openai(body, translate.Options(model="m", vision=True)),
@@ -196,7 +194,7 @@ def test_malformed_requests_get_client_errors_in_their_api_envelope(any_mode_pro
     if mode == "openai":  # the OpenAI routes do not depend on the mode
         cases += [(path, body, {}) for path, body in OPENAI_BODIES]
 
-    @settings(FUZZ, max_examples=EXAMPLES or 300)
+    @settings(max_examples=EXAMPLES or 300)
     @given(st.sampled_from(cases).flatmap(lambda case: st.tuples(st.just(case), broken([case[1]]))))
     def check(drawn: tuple[tuple[str, dict, dict], dict]) -> None:
         (path, _, headers), body = drawn

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import processes
 from tests.support.anthropic_sse import check_order, parse
+from tests.test_malformed_requests import PIXEL
 from tests.test_traffic import wait_until
 
 pytestmark = pytest.mark.integration
@@ -365,10 +366,9 @@ def test_openai_context_overflow_keeps_llama_server_error(oai, llama):
 def test_openai_image_for_a_model_without_vision_is_a_bad_request(oai):
     """llama-server answers this with 500 "server_error", which the SDK retries and reports as an
     internal error; the proxy says what it is: a request this model cannot serve."""
-    pixel = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(model="x", max_tokens=4, messages=[{"role": "user", "content": [
-            {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{pixel}"}}]}])
+            {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PIXEL}"}}]}])
     assert "image input is not supported" in err.value.message
 
 
