@@ -72,7 +72,23 @@ def _sse(events: EventStream) -> Iterator[bytes]:
 def _respond(body: dict, events: EventStream) -> Response:
     if body.get("stream") is True:
         return Response(_sse(events), mimetype="text/event-stream", headers=SSE_HEADERS)
-    return Response(fastjson.dumps(translate.collect_message(events)), mimetype="application/json")
+    answer = fastjson.dumps(translate.collect_message(events))  # stops at message_stop
+
+    def answer_then_finish() -> Iterator[bytes]:
+        # The client has its whole answer with the first write (Content-Length, no chunked
+        # end marker); the generation's end (slot back, prompt-cache check, request log) runs
+        # after it instead of in front of it.
+        try:
+            yield answer
+        except GeneratorExit:
+            close = getattr(events, "close", None)  # the client left before it had the answer
+            if close is not None:
+                close()
+            raise
+        for _ in events:
+            pass
+
+    return Response(answer_then_finish(), mimetype="application/json", headers={"Content-Length": str(len(answer))})
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,9 +211,7 @@ def _follow(body: dict, flight: Flight, watch: ClientWatch, call: Call, services
         finally:
             services.metrics.record(call)
 
-    if body.get("stream") is not True:
-        return Response(fastjson.dumps(translate.collect_message(events())), mimetype="application/json")
-    return Response(_sse(events()), mimetype="text/event-stream", headers=SSE_HEADERS)
+    return _respond(body, events())
 
 
 def _local_reply(body: dict, services: Services, call: Call) -> Response:

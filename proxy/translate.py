@@ -695,7 +695,8 @@ def stream_openai_to_anthropic(chunks: Iterable[dict], model: str, message_id: s
 
 
 def collect_message(events: Iterable[Event]) -> dict:
-    """The non-streamed Anthropic message that a stream of events describes."""
+    """The non-streamed Anthropic message that a stream of events describes, read up to its
+    message_stop (whatever the event source does after that is left to its caller)."""
     message: dict[str, Any] = {}
     blocks: list[dict] = []
     partial_json: dict[int, str] = {}
@@ -726,6 +727,8 @@ def collect_message(events: Iterable[Event]) -> dict:
         elif event == "message_delta":
             message.update(data["delta"])
             message["usage"] = data["usage"]
+        elif event == "message_stop":
+            break
         # "ping" and anything else carry no content.
     message["content"] = blocks
     return message

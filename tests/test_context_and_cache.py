@@ -17,7 +17,7 @@ import requests
 from proxy import translate
 from tests.support import processes
 from tests.support.anthropic_sse import parse
-from tests.test_traffic import AGENT_TOOLS, main_body, post, proxy_metric
+from tests.test_traffic import AGENT_TOOLS, main_body, post, proxy_metric, wait_recorded
 
 pytestmark = pytest.mark.integration
 
@@ -110,6 +110,7 @@ def test_a_turn_that_reprefills_is_logged_with_where_and_why(llama):
         turn_two["system"] = "You are a careless engineer. " + body["system"]  # changed near the start
         turn_two["messages"] += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "step two"}]
         assert post(proxy.url, turn_two, "s-drift").status_code == 200
+        wait_recorded(proxy, 2)
         assert proxy_metric(proxy, "llamabridge_proxy_reprefills_total") == 1
         log = proxy.log_text()
         assert "session s-drift re-prefilled" in log and "the prompt changed at token" in log
@@ -123,6 +124,7 @@ def test_a_turn_that_reprefills_is_logged_with_where_and_why(llama):
         assert resp.status_code == 200
         reused = resp.json()["usage"]["cache_read_input_tokens"]
         previous = len(tokens_of(llama, turn_two))
+        wait_recorded(proxy, 4)
         if reused + 16 >= previous:
             assert proxy_metric(proxy, "llamabridge_proxy_reprefills_total") == 1
         else:
@@ -170,6 +172,7 @@ def test_sessions_keep_their_slot_when_llama_server_has_several(llama_server_bin
         resp = post(proxy.url, a2, "s-alpha")
         assert resp.status_code == 200
         assert resp.json()["usage"]["cache_read_input_tokens"] >= 1500  # alpha's slot still holds alpha
+        wait_recorded(proxy, 3)
         slots = [line.split("slot=")[1].split()[0] for line in proxy.log_text().splitlines() if "session=s-alpha" in line]
         assert len(slots) == 2 and slots[0] == slots[1]
         assert any("session=s-bravo" in line and f"slot={slots[0]}" not in line for line in proxy.log_text().splitlines()

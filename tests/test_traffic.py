@@ -71,6 +71,13 @@ def wait_until(predicate, timeout: float = 30, what: str = "condition") -> None:
         time.sleep(0.02)
 
 
+def wait_recorded(proxy, count: int) -> None:
+    """Wait until the proxy has logged `count` requests in all. A non-streamed Anthropic answer
+    is recorded (metrics, prompt-cache check, request log, then this log line) just after it
+    has gone to the client, so a test that reads those right after the answer waits here."""
+    wait_until(lambda: proxy.log_text().count("llamabridge.request: ") >= count, what=f"{count} requests to be recorded")
+
+
 class UpstreamMonitor:
     """Polls llama-server's /metrics while a test runs: most requests processing and deferred."""
 
@@ -135,6 +142,7 @@ def test_burst_of_mixed_claude_code_requests(lane_proxy, llama, background_llama
     for i in range(4):
         jobs.append(("background", background_body(f"summarise item {i}"), f"s-bg-{i}", "/v1/messages"))
     predicted_before = requests.get(background_llama.url + "/metrics", timeout=5).text
+    recorded_before = lane_proxy.log_text().count("llamabridge.request: ")
 
     def run(job):
         kind, body, session, path = job
@@ -164,6 +172,7 @@ def test_burst_of_mixed_claude_code_requests(lane_proxy, llama, background_llama
     title_times = sorted(took for _, took in titles)
     main_times = sorted(took for kind, _, took in results if kind == "main")
     assert title_times[-1] < main_times[len(main_times) // 2], (title_times, main_times)
+    wait_recorded(lane_proxy, recorded_before + len(jobs))
     assert proxy_metric(lane_proxy, "llamabridge_proxy_requests_total", {"class": "title", "handled": "local"}) >= 8
     assert proxy_metric(lane_proxy, "llamabridge_proxy_requests_total", {"class": "background", "handled": "background"}) >= 4
     assert requests.get(background_llama.url + "/metrics", timeout=5).text != predicted_before  # the lane did the work
@@ -295,7 +304,8 @@ def test_identical_retry_from_the_same_session_runs_once(pass_proxy, llama):
         a, b = first.result(timeout=120), second.result(timeout=120)
     assert a.status_code == b.status_code == 200
     assert a.json()["content"] == b.json()["content"]
-    assert proxy_metric(pass_proxy, "llamabridge_proxy_requests_total", {"handled": "deduplicated"}) == 1
+    wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_requests_total", {"handled": "deduplicated"}) == 1,
+               what="the follower to be recorded")
 
     def predicted(text: str) -> float:
         return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "llamacpp:tokens_predicted_total")

@@ -114,6 +114,21 @@ def test_parallel_tool_calls_are_separate_blocks_each_closed_when_complete():
     assert message["stop_reason"] == "tool_use"
 
 
+def test_collect_message_stops_at_message_stop_and_leaves_the_rest_to_its_caller():
+    """The proxy sends a non-streamed answer as soon as it is whole, and only then lets the event
+    source run its end (slot, request log): collect_message must not read past message_stop."""
+    finished = []
+
+    def source():
+        yield from stream_openai_to_anthropic(iter([chunk({"content": "Hi"}), chunk({}, "stop")]), "m")
+        finished.append(True)
+
+    events = source()
+    assert collect_message(events)["content"] == [{"type": "text", "text": "Hi"}]
+    assert finished == []
+    assert list(events) == [] and finished == [True]
+
+
 def test_collect_message_equals_the_stream(capture_messages):
     chunks = recorded("llama-stream-text-stopword.jsonl")
     message = collect_message(stream_openai_to_anthropic(iter(chunks), "m"))
