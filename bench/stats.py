@@ -51,3 +51,8 @@ def added_percentile(q: float) -> Callable[..., np.ndarray]:
 def median_ratio(through: np.ndarray, direct: np.ndarray, axis: int = -1) -> np.ndarray:
     """Statistic for `interval`: the median of the per-round ratios."""
     return np.median(through / direct, axis=axis)
+
+
+def median_difference(through: np.ndarray, direct: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Statistic for `interval`: the median of the per-round differences."""
+    return np.median(through - direct, axis=axis)

@@ -74,7 +74,8 @@ def test_the_table_reports_every_target_and_names_the_missed(overhead):
     }
     # Three rounds give no interval; a real run's would sit here.
     assert all(span is None for span in overhead["intervals"].values()) and set(overhead["intervals"]) <= set(run.TARGETS)
-    results["overhead"] = dict(overhead, intervals={"relay_stream_throughput_ratio": (0.95, 1.01), "relay_added_p50_ms": (1.5, 1.9)})
+    results["overhead"] = dict(overhead, intervals={"relay_stream_throughput_ratio": (0.95, 1.01), "relay_added_p50_ms": (1.5, 1.9)},
+                               anthropic_stream_added_ttft_ms=6.1, anthropic_stream_added_ttft_interval_ms=(-3.04, 12.0))
     results["checks"] = run.checks(results)
     text = run.table(results)
     for name in run.TARGETS:
@@ -85,6 +86,8 @@ def test_the_table_reports_every_target_and_names_the_missed(overhead):
     # An interval that holds the target says the run cannot tell; one that does not, says nothing more.
     assert "| 0.950 to 1.010 (holds the target: this run cannot tell) |" in text
     assert "| 1.500 to 1.900 |" in text
+    # The added time to first token has no target, but its interval is printed with it.
+    assert "(+6.1; -3.0 to +12.0) |" in text
     # A value just short of its target is shown with the digits that say so.
     results["cache"]["second_session_saving"] = 0.89996
     results["checks"] = run.checks(results)
@@ -116,3 +119,5 @@ def test_point_estimates_are_the_statistics_their_intervals_resample():
     assert stats.estimate(stats.added_percentile(99), [1, 2, 3, 4, 100], [1, 2, 3, 4, 5]) == pytest.approx(95 * 0.96)
     # The median of the per-round ratios, not the ratio of the medians (1.0 here).
     assert stats.estimate(stats.median_ratio, [2.0, 1.0, 3.0], [1.0, 2.0, 1.0]) == 2.0
+    # The median of the per-round differences, not the difference of the medians (0 here).
+    assert stats.estimate(stats.median_difference, [10.0, 30.0, 31.0], [30.0, 10.0, 30.0]) == 1.0
