@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.tmux import TmuxSession
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -99,15 +100,6 @@ def answer_startup_dialogs(tui: TmuxSession) -> None:
         tui.wait_for_change(screen)
 
 
-def eventually(condition, timeout: float, what) -> None:
-    """Poll `condition()` until it is true; fail after `timeout` seconds with `what()`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what()}", pytrace=False)
-        time.sleep(0.1)
-
-
 def in_input_box(text: str) -> re.Pattern[str]:
     """The input box holding `text`: "❯" then a no-break space (an echoed prompt has a plain one)."""
     return re.compile(rf"^❯\s{re.escape(text)}$", re.MULTILINE)
@@ -173,7 +165,7 @@ def test_claude_code_interactive_session_prompts_and_context_through_the_proxy(c
             TURN_TIMEOUT, what="the /context breakdown")
         assert "API Error" not in screen, screen
         # The breakdown can be drawn a moment before gunicorn writes the last access-log lines.
-        eventually(lambda: len(access(new_log(), "/v1/messages/count_tokens")) - count_before >= 20, 10,
+        wait_until(lambda: len(access(new_log(), "/v1/messages/count_tokens")) - count_before >= 20, 10,
                    what=lambda: f"/context's count_tokens requests in the proxy log:\n{new_log()[-4000:]}")
 
         # 3. A second prompt in the same conversation.

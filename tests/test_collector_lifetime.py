@@ -16,6 +16,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import processes
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,13 +46,11 @@ class Traffic:
 
 def wait_for_scrape(collector, after: float, timeout: float = 30) -> dict:
     """Totals once the collector has read llama-server after time `after`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def scraped() -> dict | None:
         totals = requests.get(collector.url + "/api/totals", timeout=5).json()
-        if totals["last_scrape"] and totals["last_scrape"] > after and totals["upstream"]["up"]:
-            return totals
-        time.sleep(0.05)
-    raise AssertionError(f"no scrape after {after}: {collector.log_text()[-2000:]}")
+        return totals if totals["last_scrape"] and totals["last_scrape"] > after and totals["upstream"]["up"] else None
+
+    return wait_until(scraped, timeout, what=lambda: f"a scrape after {after}: {collector.log_text()[-2000:]}")
 
 
 def assert_totals_match(totals: dict, traffic: Traffic) -> None:
@@ -107,9 +106,9 @@ def test_sigkill_during_the_scrape_loop_loses_and_doubles_nothing(llama_server_b
             worker = threading.Thread(target=load)
             worker.start()
             for _ in range(3):
-                deadline = time.monotonic() + 0.7
-                while time.monotonic() < deadline:  # let it scrape a few times under traffic
-                    time.sleep(0.05)
+                last = time.time()
+                for _ in range(3):  # let it scrape a few times under traffic
+                    last = wait_for_scrape(collector, last)["last_scrape"]
                 # The whole group: gunicorn's master and the worker whose scheduler scrapes.
                 os.killpg(collector.proc.pid, signal.SIGKILL)
                 collector.proc.wait(10)
@@ -155,12 +154,11 @@ def test_the_proxy_logs_every_request_to_the_shared_store(llama_server_bin, tiny
                            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
         r3 = requests.post(proxy.url + "/v1/messages", data=b"{broken", timeout=60)
         assert (r1.status_code, r2.status_code, r3.status_code) == (200, 200, 400)
-        deadline = time.monotonic() + 10
-        while True:
+        def logged() -> list[dict]:
             rows = requests.get(collector.url + "/api/requests", timeout=5).json()["requests"]
-            if len(rows) >= 3 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+            return rows if len(rows) >= 3 else []
+
+        rows = wait_until(logged, 10, what="the three requests in the collector's API")
         by_route = {r["route"]: r for r in rows}
         anthropic_row = next(r for r in rows if r["session"] == session)
         usage = r1.json()["usage"]

@@ -19,7 +19,7 @@ import requests
 import yaml
 
 from tests.support import processes
-from tests.test_traffic import wait_until
+from tests.support.waiting import wait_until
 
 ROOT = processes.ROOT
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())  # PyYAML resolves the `<<: *anchor` merges

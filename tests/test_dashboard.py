@@ -15,6 +15,7 @@ import requests
 from playwright.sync_api import sync_playwright
 
 from tests.support import processes
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,10 +47,8 @@ def stack(llama, tmp_path_factory):
         assert requests.post(proxy.url + "/v1/chat/completions", timeout=60, headers={"User-Agent": "Cline/3.1"},
                              json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}).status_code == 200
         after = time.time()
-        deadline = time.monotonic() + 20
-        while (requests.get(proxy.url + "/api/totals", timeout=5).json()["last_scrape"] or 0) < after + 0.5:
-            assert time.monotonic() < deadline, collector.log_text()[-2000:]
-            time.sleep(0.1)
+        wait_until(lambda: (requests.get(proxy.url + "/api/totals", timeout=5).json()["last_scrape"] or 0) >= after + 0.5, 20,
+                   what=lambda: "a scrape after the requests: " + collector.log_text()[-2000:])
         yield proxy
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import requests
 
 from tests.support import processes
+from tests.support.waiting import wait_until
 from tests.test_claude_code import run_claude
 
 pytestmark = pytest.mark.integration
@@ -27,20 +27,22 @@ def test_make_demo_serves_claude_code_and_stops_cleanly(claude_bin, tiny_model, 
                             stdin=subprocess.DEVNULL, start_new_session=True)
     proxy = f"http://127.0.0.1:{proxy_port}"
     try:
-        deadline = time.monotonic() + 120
-        while "llamabridge is up" not in (tmp_path / "demo.log").read_text():
-            assert demo.poll() is None, (tmp_path / "demo.log").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "demo.log").read_text()
-            time.sleep(0.1)
-        deadline = time.monotonic() + 30
-        while True:  # the proxy and collector print their own "listening" a moment later
+        def demo_log() -> str:
+            return (tmp_path / "demo.log").read_text()
+
+        def up() -> bool:
+            assert demo.poll() is None, demo_log()  # make demo ended: no point waiting on
+            return "llamabridge is up" in demo_log()
+
+        def healthy() -> bool:
             try:
-                if requests.get(proxy + "/healthz", timeout=2).status_code == 200:
-                    break
+                return requests.get(proxy + "/healthz", timeout=2).status_code == 200
             except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "demo.log").read_text()
-            time.sleep(0.1)
+                return False
+
+        wait_until(up, 120, what=lambda: "make demo to say it is up: " + demo_log())
+        # the proxy and collector print their own "listening" a moment later
+        wait_until(healthy, 30, what=lambda: "the proxy's /healthz: " + demo_log())
         home, work = tmp_path / "home", tmp_path / "work"
         home.mkdir()
         work.mkdir()

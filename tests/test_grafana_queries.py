@@ -15,7 +15,8 @@ import requests
 import yaml
 
 from tests.support import processes
-from tests.test_traffic import main_body, wait_until
+from tests.support.waiting import wait_until
+from tests.test_traffic import main_body
 
 pytestmark = pytest.mark.integration
 

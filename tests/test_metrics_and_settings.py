@@ -9,6 +9,7 @@ import sys
 
 from proxy.config import load_env_file
 from proxy.metrics import ClientLabels, client_family
+from tests.support.waiting import wait_until
 
 
 def test_client_family_drops_versions_and_keeps_the_agent():
@@ -39,7 +40,6 @@ def test_env_file_fills_only_unset_variables(tmp_path):
 
 def test_request_log_writes_in_the_background_and_drops_rather_than_blocks(tmp_path, monkeypatch):
     from proxy import requestlog
-    from tests.test_traffic import wait_until
 
     log = requestlog.RequestLog(str(tmp_path / "log.db"))
     for i in range(3):

@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import processes
 from tests.support.anthropic_sse import check_order, parse
+from tests.support.waiting import wait_until
 from tests.test_malformed_requests import PIXEL
-from tests.test_traffic import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -84,13 +84,10 @@ def stream_then_hang_up(base_url: str, path: str, body: dict, marker: bytes, cou
 
 
 def wait_slots_idle(llama, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        slots = requests.get(llama.url + "/slots", timeout=5).json()
-        if not any(s["is_processing"] for s in slots):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"llama-server still busy after {timeout}s: {slots}")
+    def slots() -> list[dict]:
+        return requests.get(llama.url + "/slots", timeout=5).json()
+
+    wait_until(lambda: not any(s["is_processing"] for s in slots()), timeout, what=lambda: f"llama-server's slots to be idle: {slots()}")
 
 
 # -- Anthropic SDK --------------------------------------------------------------------------------
@@ -244,10 +241,7 @@ LONG_ANTHROPIC = {"model": "claude-sonnet-4-5", "max_tokens": 8000, "messages": 
 def post_then_hang_up_when_busy(proxy, llama, path: str, body: dict) -> None:
     """Send a non-streamed request and hang up once llama-server is working on it."""
     with raw_post(proxy.url, path, body):
-        deadline = time.monotonic() + 30
-        while not requests.get(llama.url + "/slots", timeout=5).json()[0]["is_processing"]:
-            assert time.monotonic() < deadline, "llama-server never started the request"
-            time.sleep(0.02)
+        wait_until(lambda: requests.get(llama.url + "/slots", timeout=5).json()[0]["is_processing"], 30, what="llama-server to start the request")
 
 
 def test_disconnect_during_a_non_streamed_anthropic_request_frees_the_slot(proxy, llama):
@@ -267,10 +261,8 @@ def test_disconnect_during_a_non_streamed_openai_request_closes_the_upstream_req
     wait_slots_idle(llama)
     body = {"model": "x", "max_tokens": 3000, "ignore_eos": True, "messages": [{"role": "user", "content": "go"}]}
     post_then_hang_up_when_busy(proxy, llama, "/v1/chat/completions", body)
-    deadline = time.monotonic() + 10
-    while not re.search(r"llamabridge\.request: /v1/chat/completions class=\S+ status=499", proxy.log_text()):
-        assert time.monotonic() < deadline, proxy.log_text()[-2000:]
-        time.sleep(0.05)
+    wait_until(lambda: re.search(r"llamabridge\.request: /v1/chat/completions class=\S+ status=499", proxy.log_text()), 10,
+               what=lambda: "the request to be logged as 499: " + proxy.log_text()[-2000:])
     wait_slots_idle(llama, timeout=60)
 
 

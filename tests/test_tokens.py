@@ -15,7 +15,7 @@ from collections import Counter
 from proxy.errors import ApiError
 from proxy.tokens import TokenCounter
 from proxy.upstream import ServerInfo
-from tests.test_traffic import wait_until
+from tests.support.waiting import wait_until
 
 RENDER = {"messages": [{"role": "user", "content": "foo"}], "tools": [{"type": "function", "function": {"name": "Bash"}}]}
 

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import processes
 from tests.support.anthropic_sse import check_order, parse
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -62,13 +63,6 @@ def proxy_metric(proxy, name: str, labels: dict | None = None) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
                 total += sample.value
     return total
-
-
-def wait_until(predicate, timeout: float = 30, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def wait_recorded(proxy, count: int) -> None:
@@ -191,15 +185,14 @@ def pass_proxy(llama, tmp_path):
 
 def admission_order(proxy, sessions: list[str]) -> list[str]:
     """Sessions in the order the gate admitted them, from the proxy's request log."""
-    deadline = time.monotonic() + 10
-    while True:
-        db = sqlite3.connect(proxy.db_path)
-        rows = db.execute("SELECT session, ts + queue_wait FROM requests WHERE session IN (%s)" % ",".join("?" * len(sessions)),
-                          sessions).fetchall()
-        db.close()
-        if len(rows) == len(sessions) or time.monotonic() > deadline:
-            return [session for session, _ in sorted(rows, key=lambda r: r[1])]
-        time.sleep(0.05)
+    def rows() -> list[tuple]:
+        with sqlite3.connect(proxy.db_path) as db:
+            found = db.execute("SELECT session, ts + queue_wait FROM requests WHERE session IN (%s)" % ",".join("?" * len(sessions)),
+                               sessions).fetchall()
+        return found if len(found) == len(sessions) else []
+
+    logged = wait_until(rows, timeout=10, what=f"{len(sessions)} sessions in the request log")
+    return [session for session, _ in sorted(logged, key=lambda r: r[1])]
 
 
 def test_queued_requests_are_served_by_priority_then_arrival(pass_proxy, llama):
