@@ -64,6 +64,9 @@ TOOLS = [{"name": "Agent", "description": "Spawn a subagent", "input_schema": {"
 # early, and max_tokens cuts every one at the same token.
 STREAM_TOKENS = 256
 LONG_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 256, "maxItems": 256}
+# The load's sessions all start at one instant; background requests answered after this many
+# seconds are also reported on their own (the steady state, without that start burst).
+START_BURST_SECONDS = 2.0
 TARGETS = {
     "relay_added_p50_ms": ("<=", 1.0),
     "relay_added_p99_ms": ("<=", 3.0),
@@ -349,7 +352,7 @@ def concurrency(llama_url: str, proxy_url: str, db_path: str, clients: int, seco
             call("main", "/v1/messages?beta=true", body, session_id)
             n += 1
 
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     workers = [pool.submit(client, i) for i in range(clients)]
     futures.wait(workers)
     for worker in workers:
@@ -363,19 +366,24 @@ def concurrency(llama_url: str, proxy_url: str, db_path: str, clients: int, seco
     end = time.monotonic() + 60
     while time.monotonic() < end:
         with sqlite3.connect(db_path) as db:
-            rows = db.execute("SELECT class, handled, queue_wait, total_time FROM requests WHERE session LIKE 'bench-%'").fetchall()
+            rows = db.execute("SELECT class, handled, queue_wait, total_time, ts FROM requests WHERE session LIKE 'bench-%'").fetchall()
         if len(rows) >= len(outcomes):
             break
         time.sleep(0.2)
     by_class: dict[str, list[float]] = {}
-    for klass, handled, wait, _ in rows:
+    for klass, handled, wait, _, _ in rows:
         by_class.setdefault(klass, []).append((wait or 0) * 1000)
     # Claude Code's background requests the proxy answers itself: session titles and token-count probes.
-    local = [total * 1000 for klass, handled, _, total in rows if handled == "local" and klass in ("title", "probe")]
+    local = [(total * 1000, ts) for klass, handled, _, total, ts in rows if handled == "local" and klass in ("title", "probe")]
+    # All 50 sessions start at one instant: 50 titles, 650 token counts and the first main turns
+    # reach the proxy within about a second. No target of its own, but it tells the burst apart
+    # from the steady state that follows.
+    settled = [ms for ms, ts in local if ts >= started_at + START_BURST_SECONDS]
+    local = [ms for ms, _ in local]
     titles_client = [ms for kind, status, ms in outcomes if kind == "title"]
     # Token counts are exact (llama-server's template and tokenizer, two calls each), then cached:
     # the slowest are the first of each in the start burst.
-    counts = [total * 1000 for klass, _, _, total in rows if klass == "count_tokens"]
+    counts = [total * 1000 for klass, _, _, total, _ in rows if klass == "count_tokens"]
     return {
         "clients": clients, "seconds": round(elapsed, 1), "requests": len(outcomes),
         "by_kind": {kind: sum(1 for o in outcomes if o[0] == kind) for kind in ("main", "title", "count_tokens")},
@@ -383,6 +391,7 @@ def concurrency(llama_url: str, proxy_url: str, db_path: str, clients: int, seco
         "max_upstream_processing": sampler.max_processing, "max_upstream_deferred": sampler.max_deferred,
         "queue_wait_ms": {k: {"p50": pct(v, 50), "p90": pct(v, 90), "p99": pct(v, 99), "n": len(v)} for k, v in sorted(by_class.items())},
         "background_local_ms": {"p50": pct(local, 50), "p99": pct(local, 99), "n": len(local)},
+        "background_after_start_ms": {"p50": pct(settled, 50), "p99": pct(settled, 99), "n": len(settled)},
         "title_client_ms": {"p50": pct(titles_client, 50), "p99": pct(titles_client, 99)},
         "count_tokens_ms": {"p50": pct(counts, 50), "p99": pct(counts, 99), "max": max(counts, default=float("nan")), "n": len(counts)},
     }
@@ -581,7 +590,9 @@ def table(results: dict) -> str:
     lines += [
         "",
         f"Background requests answered without the model (session titles, token-count probes): p50 {c['background_local_ms']['p50']:.1f} ms, "
-        f"p99 {c['background_local_ms']['p99']:.1f} ms in the proxy (client-side, titles: p99 {c['title_client_ms']['p99']:.1f} ms). "
+        f"p99 {c['background_local_ms']['p99']:.1f} ms in the proxy (client-side, titles: p99 {c['title_client_ms']['p99']:.1f} ms); "
+        f"after the first {START_BURST_SECONDS:.0f} s, when all sessions start at once: p99 {c['background_after_start_ms']['p99']:.1f} ms "
+        f"of {c['background_after_start_ms']['n']}. "
         f"Token counts (count_tokens, exact, then cached): p50 {c['count_tokens_ms']['p50']:.1f} ms, p99 {c['count_tokens_ms']['p99']:.1f} ms, "
         f"slowest {c['count_tokens_ms']['max']:.0f} ms in the proxy.",
         "",

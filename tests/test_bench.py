@@ -66,6 +66,7 @@ def test_the_table_reports_every_target_and_names_the_missed(overhead):
         "concurrency": {"clients": 50, "seconds": 120.0, "requests": 3, "by_kind": {"main": 1, "title": 1, "count_tokens": 1},
                         "failed": 1, "failures": ["main -1"], "max_upstream_processing": 1.0, "max_upstream_deferred": 0.0,
                         "queue_wait_ms": {"main": queue, "title": queue}, "background_local_ms": {"p50": 0.3, "p99": 2.0, "n": 1},
+                        "background_after_start_ms": {"p50": 0.3, "p99": 1.5, "n": 1},
                         "title_client_ms": {"p50": 1.0, "p99": 2.0}, "count_tokens_ms": {"p50": 0.4, "p99": 90.0, "max": 140.0, "n": 1}},
         "cache": {"turns": ["session 1 turn 1", "session 2 turn 1"], "direct": [23000.0, 23000.0], "proxy": [23000.0, 12.0],
                   "direct_total": 46000.0, "proxy_total": 23012.0, "second_session_saving": 0.999, "turns_worse_than_direct": 0},
@@ -86,6 +87,8 @@ def test_the_table_reports_every_target_and_names_the_missed(overhead):
     # An interval that holds the target says the run cannot tell; one that does not, says nothing more.
     assert "| 0.950 to 1.010 (holds the target: this run cannot tell) |" in text
     assert "| 1.500 to 1.900 |" in text
+    # Background requests after the start burst are reported beside the target's figure.
+    assert "after the first 2 s, when all sessions start at once: p99 1.5 ms of 1." in text
     # Token counts have no target either; the slowest is printed, since a stall shows there first.
     assert "Token counts (count_tokens, exact, then cached): p50 0.4 ms, p99 90.0 ms, slowest 140 ms in the proxy." in text
     # The added time to first token has no target, but its interval is printed with it.
