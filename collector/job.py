@@ -28,6 +28,10 @@ class ScrapeJob:
         self.interval = interval
         self.session = requests.Session()
         self.session.trust_env = False
+        # llama-server gives each open connection a thread until it closes or sits idle for 5 s;
+        # a connection kept between scrapes 10 s apart would hold one for nothing (see the
+        # proxy's upstream.py for what that can cost when many connections arrive at once).
+        self.session.headers["Connection"] = "close"
         self.scrape_errors = 0
         self.last_success: float | None = None
         self.down_since: float | None = None

@@ -121,6 +121,15 @@ def test_sigkill_during_the_scrape_loop_loses_and_doubles_nothing(llama_server_b
             collector.stop()
 
 
+def test_the_collector_leaves_no_connection_to_llama_server_open_between_scrapes(llama_server_bin, tiny_model, tmp_path):
+    """llama-server gives each open connection a thread until it closes or sits idle for 5 s: a
+    connection kept between scrapes would hold one for nothing."""
+    with processes.llama_server(llama_server_bin, tiny_model, ctx=4096) as llama, \
+            processes.collector(llama.url, str(tmp_path / "store.db"), interval=30) as collector:
+        wait_for_scrape(collector, time.time() - 60)  # the first scrape, at start; the next is 30 s away
+        assert collector.connections_to(llama.url) == []
+
+
 def test_every_exported_metric_has_its_type(llama_server_bin, tiny_model, tmp_path):
     with processes.llama_server(llama_server_bin, tiny_model, ctx=4096) as llama, \
             processes.collector(llama.url, str(tmp_path / "store.db")) as collector:

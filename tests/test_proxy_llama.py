@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import anthropic
 import openai
-import psutil
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -350,14 +349,6 @@ def test_after_a_stream_the_next_request_finds_a_connection_open(llama):
         assert opened() == 2  # the request went out on the connection opened ahead of it
 
 
-def connections_to(pid: int, url: str) -> list:
-    """The open TCP connections from a process and its children (gunicorn's worker) to a URL's port."""
-    port = int(url.rsplit(":", 1)[1])
-    parent = psutil.Process(pid)
-    return [c for p in (parent, *parent.children(recursive=True)) for c in p.net_connections(kind="tcp")
-            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED]
-
-
 def test_token_counts_leave_no_connection_to_llama_server_open(llama):
     """llama-server gives every open connection a thread of its own until it closes or has been
     idle for 5 s, and when many connections arrive at once it can leave one waiting for a thread
@@ -374,7 +365,7 @@ def test_token_counts_leave_no_connection_to_llama_server_open(llama):
         with ThreadPoolExecutor(8) as pool:  # several of the proxy's threads, each counting afresh
             counts = list(pool.map(count, range(8)))
         assert counts == sorted(counts) and len(set(counts)) == 8  # each one really was counted
-        assert connections_to(proxy.proc.pid, llama.url) == []
+        assert proxy.connections_to(llama.url) == []
 
 
 def test_openai_context_overflow_keeps_llama_server_error(oai, llama):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,6 +83,14 @@ class Service:
             if time.monotonic() > deadline:
                 raise ServiceDied(f"{self.name} never became healthy:\n{self.log_text()[-4000:]}")
             time.sleep(0.05)
+
+    def connections_to(self, url: str) -> list:
+        """Its open TCP connections (its children's too: gunicorn's worker) to a URL's port."""
+        assert self.proc is not None
+        port = int(url.rsplit(":", 1)[1])
+        parent = psutil.Process(self.proc.pid)
+        return [c for p in (parent, *parent.children(recursive=True)) for c in p.net_connections(kind="tcp")
+                if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED]
 
     def _check_alive(self) -> None:
         assert self.proc is not None
