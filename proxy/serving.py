@@ -7,14 +7,17 @@ scheduler, must each exist exactly once.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import sqlite3
 import sys
 from typing import Any, Callable, TypeVar
 
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 
 from .config import ConfigError, load_env_file
+from .errors import protocol_body
 
 S = TypeVar("S")
 
@@ -43,6 +46,21 @@ def store_or_exit(service: str, db_path: str) -> None:
     except (OSError, sqlite3.Error) as exc:
         print(f"llamabridge {service}: DB_PATH={db_path}: cannot open the store: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's answer to a request it cannot parse, as JSON in place of its HTML page.
+
+    gunicorn answers such requests itself, before the app sees them (a malformed request line,
+    a header over 8 KB, a URI over 4 KB), through `gunicorn.util.write_error`, the one function
+    its workers call for it; it has no setting for the format. An SDK shows an HTML page as
+    "Error code: 400 - <html>..."; this body reads as its own error in either API.
+    """
+    message = f"{reason}: {mesg}" if mesg else reason
+    body = json.dumps(protocol_body(status_int, message)).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    gunicorn_util.write_nonblock(sock, head + body)
 
 
 def bind_address(host: str, port: int) -> str:
@@ -81,4 +99,5 @@ class _Server(BaseApplication):
 
 def serve(load: Callable[[], Any], **options: Any) -> None:
     """Serve the app `load()` builds (called in the worker) with these gunicorn settings."""
+    gunicorn_util.write_error = _write_json_error
     _Server(load, options).run()

@@ -7,6 +7,8 @@ import json
 import re
 import socket
 
+import anthropic
+import openai
 import pytest
 import requests
 
@@ -83,6 +85,31 @@ def test_huge_body_is_413_in_both_envelopes(small_proxy):
 def test_unknown_route_and_method(small_proxy):
     anthropic_error(requests.get(small_proxy.url + "/v1/messages", timeout=10), 405, "invalid_request_error")
     assert "no route" in openai_error(requests.get(small_proxy.url + "/v2/everything", timeout=10), 404)
+
+
+def test_requests_the_http_server_cannot_parse_get_json_both_sdks_read(small_proxy):
+    """gunicorn answers these itself, before any route (here a header over its 8 KB limit): the
+    body is JSON that each SDK reads as its own error, not an HTML page."""
+    big = {"X-Big": "a" * 9000}
+    claude = anthropic.Anthropic(base_url=small_proxy.url, api_key="k", max_retries=0, default_headers=big)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        claude.messages.create(**GOOD)
+    assert caught.value.status_code == 431 and isinstance(caught.value.body, dict)
+    assert caught.value.body["error"]["type"] == "invalid_request_error"
+    assert "Request Header Fields Too Large" in caught.value.body["error"]["message"]
+
+    oai = openai.OpenAI(base_url=small_proxy.url + "/v1", api_key="k", max_retries=0, default_headers=big)
+    with pytest.raises(openai.APIStatusError) as caught:
+        oai.chat.completions.create(model="m", max_tokens=1, messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 431 and caught.value.type == "invalid_request_error"
+    assert "Request Header Fields Too Large" in caught.value.message
+
+    with socket.create_connection(("127.0.0.1", small_proxy.port), timeout=10) as s:  # not HTTP at all
+        s.sendall(b"HELLO\r\n\r\n")
+        answer = b"".join(iter(lambda: s.recv(65536), b""))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"Content-Type: application/json" in head
+    assert json.loads(body)["error"]["message"].startswith("Bad Request: Invalid Request Line")
 
 
 def test_the_worker_survives_bad_input(small_proxy):
