@@ -4,10 +4,8 @@ one store, after real traffic. Also writes the README's screenshots (light and d
 
 from __future__ import annotations
 
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import requests
 from playwright.sync_api import sync_playwright
 
 from tests.support import processes
+from tests.support.local_http import LocalServer, QuietHandler
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -128,16 +127,13 @@ def test_request_log_updates_filters_and_escapes(stack, browser):
     page.close()
 
 
-class PrefixProxy:
+class PrefixProxy(LocalServer):
     """A path-prefix reverse proxy (what nginx or Traefik would be in front): /llm/x -> /x."""
 
     def __init__(self, target: str, prefix: str = "/llm"):
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 if not self.path.startswith(prefix + "/"):
                     outer.misses.append(self.path)
@@ -152,24 +148,16 @@ class PrefixProxy:
                     self.wfile.write(data)
 
         self.misses: list[str] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{prefix}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
+        self.prefixed = self.url + prefix  # where the dashboard is reached through it
 
 
 def test_works_behind_a_path_prefix(stack, browser):
-    front = PrefixProxy(stack.url)
-    try:
-        page = open_page(browser, front.url + "/dashboard")
+    with PrefixProxy(stack.url) as front:
+        page = open_page(browser, front.prefixed + "/dashboard")
         assert page.locator("#status").inner_text() == "llama-server up"
         assert front.misses == [] and page.errors == []
         page.close()
-    finally:
-        front.close()
 
 
 def test_screenshots_light_and_dark(stack, browser):

@@ -9,14 +9,13 @@ real llama-server in test_proxy_llama.py.
 
 from __future__ import annotations
 
-import http.server
-import json
 import socket
 import threading
 
 from proxy.config import Settings
 from proxy.disconnect import ClientWatch
 from proxy.upstream import Upstream, read_all, stream_chunks
+from tests.support.local_http import LocalServer, QuietHandler
 
 ANSWER = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
 
@@ -135,7 +134,7 @@ def test_a_stream_abandoned_midway_hangs_up_on_the_server():
         assert server.hung_up.wait(10), "the upstream connection was kept open"
 
 
-class PropsServer:
+class PropsServer(LocalServer):
     """llama-server's `/props`, with settings the test changes and an answer it can hold back or
     fail: the real llama-server cannot change its settings without a restart, nor stall `/props`
     on cue, and the test is about what the proxy does in the meantime."""
@@ -148,33 +147,18 @@ class PropsServer:
         self.served = 0
         test = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 test.answer.wait()
                 test.served += 1
-                body = json.dumps({"default_generation_settings": {"n_ctx": 4096}, "total_slots": test.slots,
-                                   "model_alias": "tiny"}).encode()
-                self.send_response(test.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send_json(test.status, {"default_generation_settings": {"n_ctx": 4096}, "total_slots": test.slots,
+                                             "model_alias": "tiny"})
 
-            def log_message(self, *args) -> None:
-                pass
+        super().__init__(Handler)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         self.answer.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 def refreshed(upstream: Upstream) -> None:

@@ -12,32 +12,18 @@ chunk, `[DONE]`). Everything else in the test suite runs against the real llama-
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tests.support.local_http import LocalServer, QuietHandler
 
-class ScriptedUpstream:
+
+class ScriptedUpstream(LocalServer):
     def __init__(self, command: str = "true", can_render: bool = True):
         self.command = command
         self.can_render = can_render  # False: no /apply-template, like a non-llama.cpp server
         self.requests: list[dict[str, Any]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> "ScriptedUpstream":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(self._handler())
 
     def _reply(self, body: dict) -> list[dict]:
         """The chunks answering one chat-completion request."""
@@ -70,38 +56,27 @@ class ScriptedUpstream:
     def _handler(self):
         upstream = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def _json(self, status: int, obj: Any) -> None:
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
 
             def do_GET(self) -> None:
                 if self.path == "/props":
-                    self._json(200, {"model_alias": "scripted", "total_slots": 1,
+                    self.send_json(200, {"model_alias": "scripted", "total_slots": 1,
                                      "default_generation_settings": {"n_ctx": 32768}, "modalities": {"vision": False}})
                 elif self.path == "/health":
-                    self._json(200, {"status": "ok"})
+                    self.send_json(200, {"status": "ok"})
                 elif self.path == "/v1/models":
-                    self._json(200, {"object": "list", "data": [{"id": "scripted", "object": "model", "meta": {"n_ctx": 32768}}]})
+                    self.send_json(200, {"object": "list", "data": [{"id": "scripted", "object": "model", "meta": {"n_ctx": 32768}}]})
                 else:
-                    self._json(404, {"error": {"code": 404, "message": "not found", "type": "not_found_error"}})
+                    self.send_json(404, {"error": {"code": 404, "message": "not found", "type": "not_found_error"}})
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 upstream.requests.append({"path": self.path, "body": body})
                 if self.path == "/apply-template" and upstream.can_render:
-                    self._json(200, {"prompt": json.dumps(body)})
+                    self.send_json(200, {"prompt": json.dumps(body)})
                 elif self.path == "/tokenize":
-                    self._json(200, {"tokens": list(range(len(body.get("content", "")) // 4))})
+                    self.send_json(200, {"tokens": list(range(len(body.get("content", "")) // 4))})
                 elif self.path == "/v1/chat/completions":
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
@@ -114,6 +89,6 @@ class ScriptedUpstream:
                     done = b"data: [DONE]\n\n"
                     self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
                 else:
-                    self._json(404, {"error": {"code": 404, "message": "not found", "type": "not_found_error"}})
+                    self.send_json(404, {"error": {"code": 404, "message": "not found", "type": "not_found_error"}})
 
         return Handler
