@@ -8,7 +8,7 @@ Two ways, for two jobs:
   when many connections arrive at once its pool can leave one queued with no thread to take
   it: that one waits until some other connection ends. With a kept-alive connection per proxy
   thread, that was up to 5 s: when 50 Claude Code sessions started at once, one `/apply-template`
-  of a count_tokens burst waited 2.4 to 5.1 s in 7 of 12 runs, and every session's count with
+  of a count_tokens burst waited 2.4 to 5.1 s in 8 of 13 runs, and every session's count with
   it. Closed after each answer, those connections free their threads at once (0 of 9 runs
   stalled), for a new connection's ~0.3 ms, next to the milliseconds these calls take.
 - `open()`: generation requests, on an `http.client` connection whose socket we can watch
