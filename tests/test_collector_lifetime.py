@@ -16,6 +16,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import processes
+from tests.support.prom import metric
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -53,11 +54,6 @@ def wait_for_scrape(collector, after: float, timeout: float = 30) -> dict:
     return wait_until(scraped, timeout, what=lambda: f"a scrape after {after}: {collector.log_text()[-2000:]}")
 
 
-def scrape_errors(collector) -> float:
-    text = requests.get(collector.url + "/metrics", timeout=5).text
-    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "llamabridge_scrape_errors_total")
-
-
 def assert_totals_match(totals: dict, traffic: Traffic) -> None:
     lifetime = totals["lifetime"]
     assert (lifetime["prompt_tokens"], lifetime["cached_prompt_tokens"], lifetime["generated_tokens"]) == \
@@ -77,7 +73,7 @@ def test_lifetime_totals_survive_upstream_and_collector_restarts(llama_server_bi
             wait_for_scrape(collector, time.time())  # a scrape has seen this process's traffic
             llama.stop()
             if restart == 0:  # the first time, two scrapes find it down; the second may fall between scrapes
-                wait_until(lambda: scrape_errors(collector) >= 2, 10, what="two scrapes to find llama-server down")
+                wait_until(lambda: metric(collector.url, "llamabridge_scrape_errors_total") >= 2, 10, what="two scrapes to find llama-server down")
             llama = processes.llama_server(llama_server_bin, tiny_model, ctx=4096, port=port).start()
         traffic.send(4)
         wait_for_scrape(collector, time.time())
@@ -188,10 +184,7 @@ def test_the_proxy_logs_every_request_to_the_shared_store(llama_server_bin, tiny
         filtered = requests.get(collector.url + "/api/requests", params={"session": session}, timeout=5).json()["requests"]
         assert [r["session"] for r in filtered] == [session]
         wait_for_scrape(collector, time.time())
-        text = requests.get(collector.url + "/metrics", timeout=5).text
-        lifetime_requests = next(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                                 if s.name == "llamabridge_lifetime_requests_total")
-        assert lifetime_requests >= 3
+        assert metric(collector.url, "llamabridge_lifetime_requests_total") >= 3
 
 
 def test_requests_answered_just_before_ctrl_c_are_in_the_log(llama_server_bin, tiny_model, tmp_path):

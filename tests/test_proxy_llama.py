@@ -16,10 +16,10 @@ import anthropic
 import openai
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import processes
 from tests.support.anthropic_sse import check_order, parse
+from tests.support.prom import metric
 from tests.support.waiting import wait_until
 from tests.test_malformed_requests import PIXEL
 
@@ -47,15 +47,6 @@ def claude(proxy) -> anthropic.Anthropic:
 @pytest.fixture()
 def oai(proxy) -> openai.OpenAI:
     return openai.OpenAI(base_url=proxy.url + "/v1", api_key="test-key", max_retries=0, timeout=120)
-
-
-def metric(url: str, name: str) -> float:
-    text = requests.get(url + "/metrics", timeout=5).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                return sample.value
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def raw_post(base_url: str, path: str, body: dict, headers: dict[str, str] | None = None) -> socket.socket:

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import processes
 from tests.support.anthropic_sse import check_order, parse
+from tests.support.prom import metric, metric_in
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -57,12 +58,8 @@ def post(url: str, body: dict, session: str | None = None, path: str = "/v1/mess
 
 
 def proxy_metric(proxy, name: str, labels: dict | None = None) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(requests.get(proxy.url + "/metrics", timeout=5).text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
-                total += sample.value
-    return total
+    """The proxy's counter or gauge; 0 for a labelled one that has not counted yet."""
+    return metric(proxy.url, name, labels, missing=0.0)
 
 
 def wait_recorded(proxy, count: int) -> None:
@@ -300,10 +297,7 @@ def test_identical_retry_from_the_same_session_runs_once(pass_proxy, llama):
     wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_requests_total", {"handled": "deduplicated"}) == 1,
                what="the follower to be recorded")
 
-    def predicted(text: str) -> float:
-        return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "llamacpp:tokens_predicted_total")
-
-    generated = predicted(requests.get(llama.url + "/metrics", timeout=5).text) - predicted(before)
+    generated = metric(llama.url, "llamacpp:tokens_predicted_total") - metric_in(before, "llamacpp:tokens_predicted_total")
     assert generated == a.json()["usage"]["output_tokens"]  # one generation, not two
 
 
