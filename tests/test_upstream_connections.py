@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
+
+import pytest
 
 from proxy.config import Settings
 from proxy.disconnect import ClientWatch
-from proxy.upstream import Upstream, read_all, stream_chunks
+from proxy.errors import ApiError
+from proxy.upstream import BROKEN_CONNECTION, Upstream, read_all, stream_chunks
 from tests.support.local_http import LocalServer, QuietHandler
 
 ANSWER = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
@@ -132,6 +136,90 @@ def test_a_stream_abandoned_midway_hangs_up_on_the_server():
         chunks.close()  # the client went away: the relay's generator is closed mid-read
         answer.close()
         assert server.hung_up.wait(10), "the upstream connection was kept open"
+
+
+class RawServer(FakeServer):
+    """Reads one request per connection and sends `pieces` back as they are, one write each (a
+    short pause between them lets each arrive on its own), then closes the connection. For
+    framings and faults llama-server does not produce on cue: a body cut short, chunks split
+    across writes, a body that ends with the connection, an answer that is not HTTP."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = pieces
+        self.requests: list[bytes] = []
+        super().__init__()
+
+    def _connection(self, conn: socket.socket) -> None:
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.requests.append(conn.recv(65536))
+            for piece in self.pieces:
+                conn.sendall(piece)
+                time.sleep(0.01)  # paces the bytes so the reader gets them in separate reads; waits for nothing
+
+
+def answer_of(server: RawServer, method: str = "POST") -> tuple[Upstream, int, bytes]:
+    upstream = Upstream(Settings(llama_url=server.url))
+    answer = upstream.open(method, "/v1/chat/completions", b"{}" if method == "POST" else None, ClientWatch({}))
+    try:
+        return upstream, answer.status, read_all(answer, ClientWatch({}))
+    finally:
+        answer.close()
+
+
+def test_a_chunked_answer_split_anywhere_arrives_whole():
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"data: one\n\n" * 3
+    framed = head + b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:7], body[7:20], body[20:])) + b"0\r\n\r\n"
+    with RawServer(*(framed[i:i + 5] for i in range(0, len(framed), 5))) as server:
+        _, status, got = answer_of(server)
+    assert status == 200 and got == body
+
+
+def test_an_answer_cut_short_is_a_broken_connection_not_a_short_answer():
+    with RawServer(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"partial\"") as server:
+        upstream = Upstream(Settings(llama_url=server.url))
+        answer = upstream.open("POST", "/v1/chat/completions", b"{}", ClientWatch({}))
+        with pytest.raises(BROKEN_CONNECTION):
+            read_all(answer, ClientWatch({}))
+        answer.close()
+        assert not upstream.connections._idle  # never offered to the next request
+
+
+def test_a_body_without_length_or_chunks_ends_with_the_connection():
+    with RawServer(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n", b'{"ok":', b"true}") as server:
+        _, status, got = answer_of(server)
+    assert status == 200 and got == b'{"ok":true}'
+
+
+def test_the_answer_to_head_has_no_body_whatever_its_length_says():
+    with RawServer(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n") as server:
+        upstream, status, got = answer_of(server, "HEAD")
+    assert status == 200 and got == b""
+    assert server.requests[0].startswith(b"HEAD /v1/chat/completions HTTP/1.1\r\n")
+    assert not upstream.connections._idle
+
+
+def test_an_answer_that_is_not_http_is_reported_as_the_upstream_failing():
+    with RawServer(b"SSH-2.0-OpenSSH_9.2\r\n") as server:
+        upstream = Upstream(Settings(llama_url=server.url))
+        with pytest.raises(ApiError) as failed:
+            upstream.open("POST", "/v1/chat/completions", b"{}", ClientWatch({}))
+        assert failed.value.status == 529 and server.url in failed.value.message
+
+
+def test_the_request_carries_host_length_and_the_api_key():
+    with RawServer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}") as server:
+        upstream = Upstream(Settings(llama_url=server.url, llama_api_key="sekrit"))
+        answer = upstream.open("POST", "/v1/chat/completions", b'{"a":1}', ClientWatch({}))
+        assert read_all(answer, ClientWatch({})) == b"{}"
+        answer.close()
+        host = server.url.split("//")[1].encode()
+    head, _, body = server.requests[0].partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /v1/chat/completions HTTP/1.1" and body == b'{"a":1}'
+    assert {b"Host: " + host, b"Content-Length: 7", b"Content-Type: application/json",
+            b"Authorization: Bearer sekrit"} <= set(lines[1:])
 
 
 class PropsServer(LocalServer):
