@@ -2,8 +2,9 @@
 
 Reference points for the overhead benchmark, not a product. FLOOR_APP=wsgi (the default) is a
 bare WSGI app (no Flask, no admission gate, no metrics, no request log, no disconnect watch)
-that relays the request body to llama-server on a kept-alive `http.client` connection per
-thread and returns the answer; FLOOR_APP=flask is the same relay as a one-route Flask app.
+that relays the request body to llama-server with the proxy's own upstream client (kept-alive
+connections, httptools; `proxy/upstream.py`) and returns the answer; FLOOR_APP=flask is the
+same relay as a one-route Flask app.
 Either is served by gunicorn with exactly the settings `python -m proxy` uses (one process,
 gthread, same keep-alive). Measured in the same interleaved run, the latency the bare one adds
 over direct llama-server is what the server model costs by itself on that machine, the Flask
@@ -16,39 +17,33 @@ address is in gunicorn's "Listening at" line).
 
 from __future__ import annotations
 
-import http.client
 import os
-import threading
 from http import HTTPStatus
 from typing import Callable, Iterable
-from urllib.parse import urlparse
 
 from proxy.__main__ import SERVER_OPTIONS
 from proxy.config import Settings
+from proxy.disconnect import ClientWatch
+from proxy.errors import ApiError
 from proxy.serving import serve
+from proxy.upstream import BROKEN_CONNECTION, Upstream, read_all
 
-_UPSTREAM = urlparse(os.environ.get("LLAMA_URL", "http://127.0.0.1:8080"))
-_local = threading.local()
-
-
-def _connection() -> http.client.HTTPConnection:
-    conn = getattr(_local, "conn", None)
-    if conn is None:
-        conn = _local.conn = http.client.HTTPConnection(_UPSTREAM.hostname or "127.0.0.1", _UPSTREAM.port)
-    return conn
+_UPSTREAM = Upstream(Settings(llama_url=os.environ.get("LLAMA_URL", "http://127.0.0.1:8080")))
+_NO_CLIENT = ClientWatch({})  # no disconnect watch: that is the proxy's own work
 
 
 def _relay(path: str, body: bytes) -> tuple[int, str, bytes]:
     """llama-server's status line, content type and body for this request (502 if it broke)."""
-    for _ in range(2):  # once more on a new connection if llama-server closed the kept-alive one
-        conn = _connection()
-        try:
-            conn.request("POST", path, body, {"Content-Type": "application/json"})
-            answer = conn.getresponse()
-            return answer.status, answer.getheader("Content-Type", "application/json"), answer.read()
-        except (OSError, http.client.HTTPException):
-            conn.close()  # the next request() reconnects
-    return 502, "text/plain", b""
+    try:
+        answer = _UPSTREAM.open("POST", path, body, _NO_CLIENT)
+    except ApiError:
+        return 502, "text/plain", b""
+    try:
+        return answer.status, answer.headers.get("Content-Type") or "application/json", read_all(answer, _NO_CLIENT)
+    except BROKEN_CONNECTION:
+        return 502, "text/plain", b""
+    finally:
+        answer.close()
 
 
 def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
