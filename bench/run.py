@@ -574,8 +574,8 @@ def table(results: dict) -> str:
         f"How much the CPU's caches go cold between requests on this machine: Flask's handling of one request takes "
         f"{m['idle']['flask_request_hot_us']:.0f} µs back to back and {m['idle']['flask_request_after_idle_us']:.0f} µs after "
         f"{m['idle']['idle_ms']:.0f} ms idle ({m['idle']['flask_request_after_idle_us'] / m['idle']['flask_request_hot_us']:.1f}x). "
-        "Every proxied request runs after such a pause, so on a machine like this the added milliseconds above are "
-        "paid mostly in cache misses, and they move with this factor from run to run.",
+        "Every proxied request runs after such a pause, so part of the added milliseconds above is paid in cache "
+        "misses, and they move with this factor from run to run.",
         "",
         f"Under load ({c['clients']} Claude Code-shaped clients, {c['seconds']:.0f} s, {c['requests']} requests: "
         f"{c['by_kind']['main']} main turns, {c['by_kind']['title']} titles, {c['by_kind']['count_tokens']} token counts): "
