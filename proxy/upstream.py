@@ -117,14 +117,21 @@ class Upstream:
         """
         url = f"{self.base}{path}"
         data, headers = (None, None) if json_body is None else (fastjson.dumps(json_body), {"Content-Type": "application/json"})
+        session = self._session()
         try:
-            return self._session().request(
+            return session.request(
                 method, url, data=data, headers=headers, timeout=(self.settings.connect_timeout, timeout or self.settings.read_timeout),
             )
         except requests.ConnectionError as exc:
             raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
         except requests.Timeout:
             raise ApiError(529, f"llama-server at {self.base} did not answer in time", retry_after=5) from None
+        finally:
+            # Our "Connection: close" ends the connection at the server, but `requests` keeps it
+            # for reuse unless the answer says "Connection: close" too. llama-server's does;
+            # a server whose answer does not (Python's http.server, for one) has closed it by the
+            # time, or just after, the next call takes it: that call then failed as "unreachable".
+            session.close()
 
     def json(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
         """A small JSON call; a non-2xx answer raises the ApiError a client should see."""

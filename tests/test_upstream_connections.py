@@ -68,7 +68,7 @@ class ClosingServer(FakeServer):
         with conn:
             for answered in (True, False):
                 data = b""
-                while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+                while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _length(data):
                     chunk = conn.recv(65536)
                     if not chunk:
                         return
@@ -76,6 +76,15 @@ class ClosingServer(FakeServer):
                 self.requests += 1
                 if answered:
                     conn.sendall(ANSWER)
+
+
+def _length(request: bytes) -> int:
+    """The Content-Length of a request's head (0 without one)."""
+    for line in request.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
 
 
 class EndlessStream(FakeServer):
@@ -114,6 +123,18 @@ def test_a_connection_closed_as_we_send_is_replaced_once():
         assert call(upstream) == b'{"ok":true}'
         assert upstream.connections.opened == 2
         assert server.accepted == 2 and server.requests == 3
+
+
+def test_small_calls_never_reuse_a_connection_the_server_keeps_open():
+    """We ask every small call's connection to close after it; a server may answer without saying
+    it will (Python's http.server does), keep the connection a moment longer, and close it when
+    the next request arrives on it. Taken up again, that connection failed the next call as
+    "llama-server is unreachable"."""
+    with ClosingServer() as server:
+        upstream = Upstream(Settings(llama_url=server.url))
+        assert upstream.json("GET", "/props") == {"ok": True}
+        assert upstream.json("POST", "/tokenize", {"content": "x"}) == {"ok": True}
+        assert server.accepted == 2 and server.requests == 2
 
 
 def test_an_unfinished_answer_never_leaves_its_connection_for_reuse():
