@@ -1,8 +1,8 @@
 """The one module that speaks HTTP to llama-server.
 
-Two ways, for two jobs:
-- `json()` / `request()`: small calls (`/props`, `/tokenize`, `/apply-template`, `/health`)
-  through `requests`, one Session per thread (a Session is not documented as thread-safe),
+One HTTP/1.1 client (`_Connection`, a plain socket, and `Answer`, which reads the answer with
+httptools), used two ways:
+- `json()` / `request()`: small calls (`/props`, `/tokenize`, `/apply-template`, `/health`),
   each on a connection of its own that closes after the answer. llama-server serves every open
   connection on one of its threads until the connection closes or has been idle for 5 s, and
   when many connections arrive at once its pool can leave one queued with no thread to take
@@ -11,19 +11,24 @@ Two ways, for two jobs:
   of a count_tokens burst waited 2.4 to 5.1 s in 8 of 13 runs, and every session's count with
   it. Closed after each answer, those connections free their threads at once (0 of 9 runs
   stalled), for a new connection's ~0.3 ms, next to the milliseconds these calls take.
-- `open()`: generation requests, on a plain socket (`_Connection`) with httptools (the C HTTP
-  parser uvicorn uses) reading the answer. A non-streamed completion sends nothing until it is
-  done, so while waiting for the answer we `select()` on llama-server's socket and look at the
-  client's: if the client has gone, closing this connection is what makes llama-server stop
-  generating and free the slot. The standard library's `http.client` did this before; its
-  answers go through the `email` package's header parser and a Python chunked-body reader,
-  which cost a bare relay about 0.2 ms of every 1-token request on a 2-core machine (of about
-  1 ms it adds in all). A connection whose answer was read to the end goes back to a small idle
-  pool (`_Connections`) for the next request: a new TCP connection per request is a measurable
-  part of what the proxy adds to a short one.
-  llama-server closes the connection after every streamed answer (every Anthropic request is
-  streamed from it), so once such a response has gone to the client the pool opens the next
-  connection ahead of the next request (`_Connections.prepare`, called by the app).
+- `open()`: generation requests, on connections kept for the next one. A non-streamed
+  completion sends nothing until it is done, so while waiting for the answer we `select()` on
+  llama-server's socket and look at the client's: if the client has gone, closing this
+  connection is what makes llama-server stop generating and free the slot. A connection whose
+  answer was read to the end goes back to a small idle pool (`_Connections`) for the next
+  request: a new TCP connection per request is a measurable part of what the proxy adds to a
+  short one.
+
+Before httptools (the C parser uvicorn uses), generations went through the standard library's
+`http.client` and small calls through `requests`: answers went through the `email` package's
+header parser and a Python chunked-body reader, about 0.2 ms of the ~1 ms a bare relay adds to a
+1-token request on a 2-core machine. And `requests` keeps a connection for reuse unless the
+answer says "Connection: close", which Python's http.server and servers like it do not (they
+close it a moment later, failing the next call that took it).
+
+llama-server closes the connection after every streamed answer (every Anthropic request is
+streamed from it), so once such a response has gone to the client the pool opens the next
+connection ahead of the next request (`_Connections.prepare`, called by the app).
 """
 
 from __future__ import annotations
@@ -43,7 +48,6 @@ from urllib.parse import urlparse
 from wsgiref.headers import Headers
 
 import httptools
-import requests
 
 from . import fastjson
 from .config import Settings
@@ -52,7 +56,7 @@ from .errors import UPSTREAM_DOWN, ApiError, from_upstream
 
 log = logging.getLogger("llamabridge.upstream")
 
-# Hop-by-hop headers and those `requests` sets itself are never relayed.
+# Hop-by-hop headers, and those the proxy's server sets itself, are never relayed.
 _SKIP_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
 
 # llama-server (cpp-httplib) closes a connection after 5 s idle; one idle for less than this is
@@ -78,11 +82,26 @@ class ServerInfo:
     vision: bool
 
 
+@dataclass(frozen=True)
+class Reply:
+    """A small call's answer, read to its end."""
+
+    status_code: int
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+
+# A small call has no client to watch: it is short, and its answer is read whole.
+_NO_CLIENT = ClientWatch({})
+
+
 class Upstream:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.base = settings.upstream_base
-        self._local = threading.local()
         self._info: ServerInfo | None = None
         self._info_at = 0.0
         self._info_lock = threading.Lock()
@@ -93,45 +112,52 @@ class Upstream:
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         tls = ssl.create_default_context() if parsed.scheme == "https" else None
         self._host_header = parsed.netloc.rsplit("@", 1)[-1]
-        self.connections = _Connections(lambda: _Connection(host, port, settings.connect_timeout, tls))
+        self._new_connection = lambda: _Connection(host, port, settings.connect_timeout, tls)
+        self.connections = _Connections(self._new_connection)
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            # Environment proxies (HTTP_PROXY) must not capture traffic to a loopback server.
-            session.trust_env = False
-            session.headers["Accept-Encoding"] = "identity"
-            session.headers["Connection"] = "close"  # never hold a llama-server thread idle (above)
-            if self.settings.llama_api_key:
-                session.headers["Authorization"] = f"Bearer {self.settings.llama_api_key}"
-            self._local.session = session
-        return session
+    def _request_bytes(self, method: str, path: str, body: bytes | None, content_type: str | None, close: bool) -> bytes:
+        head = [f"{method} {self._prefix}{path} HTTP/1.1", f"Host: {self._host_header}", "Accept-Encoding: identity"]
+        if close:
+            head.append("Connection: close")
+        if content_type:
+            head.append(f"Content-Type: {content_type}")
+        if self.settings.llama_api_key:
+            head.append(f"Authorization: Bearer {self.settings.llama_api_key}")
+        if body is not None or method in ("POST", "PUT", "PATCH"):
+            head.append(f"Content-Length: {len(body or b'')}")
+        return "\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + (body or b"")
 
-    def request(self, method: str, path: str, *, json_body: Any = None, timeout: float | None = None) -> requests.Response:
-        """Send a small request and return the response, whatever its status.
+    def request(self, method: str, path: str, *, json_body: Any = None, timeout: float | None = None) -> "Reply":
+        """Send a small request on a connection of its own (closed after: never hold a
+        llama-server thread idle, above) and return the answer, whatever its status.
 
-        Raises ApiError(529) when llama-server cannot be reached at all.
+        Raises ApiError(529) when llama-server cannot be reached at all, or does not answer.
         """
-        url = f"{self.base}{path}"
-        data, headers = (None, None) if json_body is None else (fastjson.dumps(json_body), {"Content-Type": "application/json"})
-        session = self._session()
+        body = None if json_body is None else fastjson.dumps(json_body)
+        data = self._request_bytes(method, path, body, "application/json" if body is not None else None, close=True)
+        conn = self._new_connection()
         try:
-            return session.request(
-                method, url, data=data, headers=headers, timeout=(self.settings.connect_timeout, timeout or self.settings.read_timeout),
-            )
-        except requests.ConnectionError as exc:
-            raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
-        except requests.Timeout:
-            raise ApiError(529, f"llama-server at {self.base} did not answer in time", retry_after=5) from None
+            try:
+                conn.connect()
+            except OSError as exc:
+                raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
+            try:
+                conn.send(data)
+                assert conn.sock is not None
+                conn.sock.settimeout(timeout or self.settings.read_timeout)
+                answer = Answer(conn, None, head_only=method == "HEAD")
+                try:
+                    return Reply(answer.status, read_all(answer, _NO_CLIENT))
+                finally:
+                    answer.close()
+            except TimeoutError:
+                raise ApiError(529, f"llama-server at {self.base} did not answer in time", retry_after=5) from None
+            except BROKEN_CONNECTION as exc:
+                raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
         finally:
-            # Our "Connection: close" ends the connection at the server, but `requests` keeps it
-            # for reuse unless the answer says "Connection: close" too. llama-server's does;
-            # a server whose answer does not (Python's http.server, for one) has closed it by the
-            # time, or just after, the next call takes it: that call then failed as "unreachable".
-            session.close()
+            conn.close()
 
     def json(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
         """A small JSON call; a non-2xx answer raises the ApiError a client should see."""
@@ -151,14 +177,7 @@ class Upstream:
         left while we waited (the upstream connection is closed by then). The caller reads the
         body (`stream_chunks`, `stream_lines`) and must `close()` the response.
         """
-        head = [f"{method} {self._prefix}{path} HTTP/1.1", f"Host: {self._host_header}", "Accept-Encoding: identity"]
-        if content_type:
-            head.append(f"Content-Type: {content_type}")
-        if self.settings.llama_api_key:
-            head.append(f"Authorization: Bearer {self.settings.llama_api_key}")
-        if body is not None or method in ("POST", "PUT", "PATCH"):
-            head.append(f"Content-Length: {len(body or b'')}")
-        request = "\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + (body or b"")
+        request = self._request_bytes(method, path, body, content_type, close=False)
 
         def send(conn: _Connection) -> Answer:
             conn.send(request)
@@ -381,7 +400,7 @@ class Answer:
     Reads the status line and headers when made; `read_some()` gives the body as it arrives.
     """
 
-    def __init__(self, conn: _Connection, pool: _Connections, head_only: bool = False):
+    def __init__(self, conn: _Connection, pool: _Connections | None, head_only: bool = False):
         self._conn: _Connection | None = conn
         self._pool = pool
         self._parsed = _Parsed()
@@ -443,7 +462,9 @@ class Answer:
         # headers said (Keep-Alive): hang up too, and let the pool open the next request's
         # connection ahead of it.
         clean = self.finished and self._parsed.messages == 1 and self._parsed.keep_alive
-        if clean and self.content_type != "text/event-stream":
+        if self._pool is None:  # a small call's own connection
+            conn.close()
+        elif clean and self.content_type != "text/event-stream":
             self._pool.give(conn)
         else:
             conn.close()
