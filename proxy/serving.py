@@ -9,12 +9,14 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import select
 import sqlite3
 import sys
 from typing import Any, Callable, TypeVar
 
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
 
 from .config import ConfigError, load_env_file
 from .errors import protocol_body
@@ -67,6 +69,39 @@ def bind_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class Worker(ThreadWorker):
+    """gunicorn's threaded worker, keeping a thread on a kept-alive connection for a moment.
+
+    gthread hands every request on a kept-alive connection across two threads: its main thread
+    waits for the socket to turn readable, then passes the connection to a pool thread, and the
+    pool thread passes it back through a pipe when the answer is out. That is three wake-ups and
+    as many hand-overs of the GIL per request, on the path of every one (bench/run.py's floor
+    rows). Clients that talk back to back (an agent's token counts, an SDK's retries, a
+    benchmark) mostly send their next request within microseconds of reading an answer; this
+    worker waits for it on the thread that served the last one, for up to `linger_ms`, and
+    only then hands the connection back to gthread's poller as before.
+
+    It lingers only while there are no more open connections than threads, so a thread waiting
+    here never keeps another connection from one (a connection opened meanwhile waits at most
+    one `linger_ms`). Everything else (parsing, keep-alive limits, draining unread bodies, graceful
+    stop) is gthread's own code, called as it is.
+    """
+
+    linger_ms = 50
+
+    def handle(self, conn):
+        keepalive = super().handle(conn)
+        while keepalive is True and self.alive and self.nr_conns <= self.cfg.threads:
+            # A body read ahead of the last request may already hold the next one.
+            if not conn.parser.unreader.buf.getvalue():
+                poller = select.poll()
+                poller.register(conn.sock, select.POLLIN)
+                if not poller.poll(self.linger_ms):
+                    break  # quiet: back to gthread's poller, which keeps it until `keepalive`
+            keepalive = super().handle(conn)
+        return keepalive
+
+
 class _Server(BaseApplication):
     def __init__(self, load: Callable[[], Any], options: dict[str, Any]):
         self._load = load
@@ -76,7 +111,7 @@ class _Server(BaseApplication):
     def load_config(self) -> None:
         options = {
             "workers": 1,
-            "worker_class": "gthread",
+            "worker_class": Worker,
             "errorlog": "-",
             # gunicorn 23+'s control socket has one fixed path per user: two of our services (or a
             # service and a test run) would fight over it, and we do not use it.
