@@ -6,7 +6,7 @@ that relays the request body to llama-server with the proxy's own upstream clien
 connections, httptools; `proxy/upstream.py`) and returns the answer; FLOOR_APP=flask is the
 same relay as a one-route Flask app.
 Either is served by gunicorn with exactly the settings `python -m proxy` uses (one process,
-gthread, same keep-alive). Measured in the same interleaved run, the latency the bare one adds
+the same threaded worker, same keep-alive). Measured in the same interleaved run, the latency the bare one adds
 over direct llama-server is what the server model costs by itself on that machine, the Flask
 one's excess over it is Flask's share, and the proxy's excess over the Flask one is what
 llamabridge's own work costs.
