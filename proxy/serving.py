@@ -81,10 +81,10 @@ class Worker(ThreadWorker):
     worker waits for it on the thread that served the last one, for up to `linger_ms`, and
     only then hands the connection back to gthread's poller as before.
 
-    It lingers only while there are no more open connections than threads, so a thread waiting
-    here never keeps another connection from one (a connection opened meanwhile waits at most
-    one `linger_ms`). Everything else (parsing, keep-alive limits, draining unread bodies, graceful
-    stop) is gthread's own code, called as it is.
+    It lingers only while there are no more open connections than threads, so every connection
+    still has a thread to go to; the most a waiting thread can cost a connection opened meanwhile
+    is one `linger_ms`. Everything else (parsing, keep-alive limits, draining unread bodies,
+    graceful stop) is gthread's own code, called as it is.
     """
 
     linger_ms = 50

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 # A WSGI app that answers with the request's path and the thread that served it, under the same
 # serve() the proxy and the collector use, with two threads.
 APP = """
-import threading, sys
+import threading
 from proxy.serving import serve
 
 def app(environ, start_response):
