@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llamabridge.request")
 
+# Claude Code names its session in every request: the request log and the prompt-cache check
+# key on it.
+SESSION_HEADER = "X-Claude-Code-Session-Id"
+_SESSION_KEY = "HTTP_" + SESSION_HEADER.upper().replace("-", "_")
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 # Distinct `client` label values kept before the rest are counted as "other": a label value is a
@@ -99,6 +104,12 @@ class Call:
             self.prompt_tokens = token_count(usage.get("input_tokens"))
             self.cached_tokens = token_count(usage.get("cache_read_input_tokens"))
             self.generated_tokens = token_count(usage.get("output_tokens"))
+
+    @classmethod
+    def of(cls, route: str, environ: dict[str, Any]) -> "Call":
+        """A new record for the request in this WSGI environ (its agent and Claude Code session)."""
+        session = environ.get(_SESSION_KEY, "").strip()[:100] or None
+        return cls(route=route, client=environ.get("HTTP_USER_AGENT", "-"), session=session)
 
 
 class _StateCollector(Collector):
