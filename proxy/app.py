@@ -24,6 +24,7 @@ from . import errors, messages, relay, translate
 from .config import Settings
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import ApiError
+from .fastpath import Answer, FastPath
 from .metrics import Call
 from .services import Services
 from .upstream import Upstream
@@ -81,14 +82,12 @@ class ApiMode:
             return self._resolved
 
 
-SESSION_HEADER = "X-Claude-Code-Session-Id"
 DASHBOARD = Path(__file__).resolve().parent.parent / "dashboard" / "index.html"
 
 
 def new_call() -> Call:
     """The record of this request, kept on flask.g so the error handlers can finish it."""
-    session = request.headers.get(SESSION_HEADER, "").strip()[:100] or None
-    g.call = Call(route=request.path, client=request.headers.get("User-Agent", "-"), session=session)
+    g.call = Call.of(request.path, request.environ)
     return g.call
 
 
@@ -180,14 +179,17 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     def metrics() -> Response:
         return Response(generate_latest(services.metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
+    def message(body: Any, raw: bytes, environ: dict, call: Call) -> Response:
+        """POST /v1/messages once its body is JSON (here, or straight from the fast path)."""
+        body = translate.validate_common(body, need_max_tokens=True)
+        call.model = body["model"]
+        native = mode.get() == "anthropic"
+        return messages.create_message(body, hashlib.sha256(raw).hexdigest(), services, ClientWatch(environ), call, native)
+
     @app.route("/v1/messages", methods=["POST"])
     def create_message() -> Response:
         call = new_call()
-        body = translate.validate_common(parse_json_body(), need_max_tokens=True)
-        call.model = body["model"]
-        digest = hashlib.sha256(request.get_data(cache=True)).hexdigest()
-        native = mode.get() == "anthropic"
-        return messages.create_message(body, digest, services, ClientWatch(request.environ), call, native)
+        return message(parse_json_body(), request.get_data(cache=True), request.environ, call)
 
     @app.route("/v1/messages/count_tokens", methods=["POST"])
     def count_tokens() -> Response:
@@ -221,4 +223,10 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         if path != "/v1/models":
             app.add_url_rule(path, endpoint=path, view_func=openai_relay, methods=list(methods))
 
+    def completion(body: dict, raw: bytes, environ: dict, call: Call) -> Answer:
+        return Answer(*relay.generation(call.route, body, raw, services, ClientWatch(environ), call))
+
+    # The busiest routes' ordinary requests skip Flask's request handling (fastpath.py).
+    fast_routes = {"/v1/messages": message, **{path: completion for path in relay.GENERATION_ROUTES}}
+    app.wsgi_app = FastPath(app, fast_routes, settings.max_request_bytes, services.prepare_connections)  # type: ignore[method-assign]
     return app

@@ -34,9 +34,18 @@ GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 
 def relay(method: str, path: str, parsed: dict | None, raw_body: bytes | None, content_type: str | None,
           services: Services, watch: ClientWatch, call: Call) -> Response:
-    target = services.main
     if path not in GENERATION_ROUTES or parsed is None:
         return _plain(method, path, raw_body, content_type, services, watch)
+    status, headers, body = generation(path, parsed, raw_body, services, watch, call)
+    return Response(body, status=status, headers=headers)
+
+
+def generation(path: str, parsed: dict, raw_body: bytes, services: Services, watch: ClientWatch,
+               call: Call) -> tuple[int, list[tuple[str, str]], Iterator[bytes]]:
+    """A completion through the gate: llama-server's status, headers and body (an iterator that
+    gives the slot back and records the request however it ends). Before the answer starts, a
+    failure raises (ApiError, ClientDisconnected) with the generation already closed."""
+    target = services.main
     call.klass = classify.OPENAI
     target.info(services.settings.upstream_slots)
     gen = Generation(services, target, call, watch, path, parsed)
@@ -67,7 +76,7 @@ def relay(method: str, path: str, parsed: dict | None, raw_body: bytes | None, c
         # The bytes are relayed untouched, so llama-server's length holds: the client gets a plain
         # body instead of chunked framing (fewer writes on every non-streamed answer).
         headers.append(("Content-Length", length))
-    return Response(gen.relay(chunks, broken), status=answer.status, headers=headers)
+    return answer.status, headers, gen.relay(chunks, broken)
 
 
 def _noting_usage(chunks: Iterator[bytes], call: Call, keep: int = 16384) -> Iterator[bytes]:

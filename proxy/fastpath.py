@@ -1,0 +1,94 @@
+"""The busiest routes' ordinary requests, served in front of Flask's request handling.
+
+`POST /v1/messages`, `/v1/chat/completions` and `/v1/completions` are what agents send on every
+turn. On a small machine Flask's part of such a request (request and response objects, URL
+matching, context push and pop, after-request hooks) costs about half a millisecond, as much
+as the relay's own work: the benchmark's reference rows (`make bench`, bench/floor.py) measure
+it. So a POST to one of those routes with a body that is a JSON object within the size limit
+goes from WSGI straight to the route's handler, the same function its Flask view calls.
+
+Everything else is Flask's, so its answers stay the only ones: other routes and methods, and a
+missing, empty, oversized, chunked or malformed body (handed on unread, or re-readable). An
+error raised by a handler is rendered by the Flask app's own error handlers, inside a request
+context made for it, exactly as if the Flask view had raised it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Callable, Iterable, Iterator
+
+from flask import Flask, g
+from werkzeug.http import HTTP_STATUS_CODES
+from werkzeug.wsgi import ClosingIterator
+
+from .metrics import Call
+
+WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+# A route's handler: (the body as a JSON object, its bytes, the WSGI environ, the request's
+# record) to the response, as a WSGI app (a Flask Response, or an Answer).
+Handler = Callable[[dict, bytes, dict, Call], WSGIApp]
+
+
+class Answer:
+    """A response that is only a status, headers and a body iterator (no Response object)."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: Iterator[bytes]):
+        self.status, self.headers, self.body = status, headers, body
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        start_response(f"{self.status} {HTTP_STATUS_CODES.get(self.status, 'UNKNOWN')}", self.headers)
+        return self.body
+
+
+class FastPath:
+    """WSGI middleware: `app.wsgi_app = FastPath(app, {path: handler}, max_bytes, after)`.
+
+    `after` runs once each fast response has gone out, as the Flask app's after-request hook
+    does for its own."""
+
+    def __init__(self, app: Flask, routes: dict[str, Handler], max_bytes: int, after: Callable[[], None]):
+        self.app = app
+        self.flask: WSGIApp = app.wsgi_app
+        self.routes = routes
+        self.max_bytes = max_bytes
+        self.after = after
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO")
+        handler = self.routes.get(path)  # type: ignore[arg-type]
+        if handler is None or environ.get("REQUEST_METHOD") != "POST":
+            return self.flask(environ, start_response)
+        length = environ.get("CONTENT_LENGTH") or ""
+        if not length.isdigit() or not 0 < int(length) <= self.max_bytes or "HTTP_TRANSFER_ENCODING" in environ:
+            return self.flask(environ, start_response)
+        raw = environ["wsgi.input"].read(int(length))
+        body = _json_object(raw) if len(raw) == int(length) else None
+        if body is None:
+            environ["wsgi.input"] = io.BytesIO(raw)  # Flask reads it again and says what is wrong
+            return self.flask(environ, start_response)
+        call = Call.of(path, environ)
+        try:
+            response = handler(body, raw, environ, call)
+        except Exception as err:  # noqa: BLE001 - rendered exactly as Flask renders it
+            return self._error(environ, start_response, call, err)
+        return ClosingIterator(response(environ, start_response), self.after)
+
+    def _error(self, environ: dict[str, Any], start_response: Callable, call: Call, err: Exception) -> Iterable[bytes]:
+        """The response Flask's error handlers give `err` (they finish and record the call)."""
+        with self.app.request_context(environ):
+            g.call = call
+            response = self.app.finalize_request(self.app.handle_user_exception(err))
+            return response(environ, start_response)
+
+
+def _json_object(raw: bytes) -> dict | None:
+    """The body as a JSON object, or None for anything the Flask route should answer instead."""
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
