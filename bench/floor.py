@@ -7,9 +7,10 @@ connections, httptools; `proxy/upstream.py`) and returns the answer; FLOOR_APP=f
 same relay as a one-route Flask app.
 Either is served by gunicorn with exactly the settings `python -m proxy` uses (one process,
 the same threaded worker, same keep-alive). Measured in the same interleaved run, the latency the bare one adds
-over direct llama-server is what the server model costs by itself on that machine, the Flask
-one's excess over it is Flask's share, and the proxy's excess over the Flask one is what
-llamabridge's own work costs.
+over direct llama-server is what the server model costs by itself on that machine, and the
+proxy's excess over it is what llamabridge's own work costs (its completion and message routes
+skip Flask's request handling: proxy/fastpath.py). The Flask one's excess over the bare one is
+what Flask's request handling would add.
 
 Environment: LLAMA_URL (llama-server), FLOOR_APP, and FLOOR_PORT (0 picks a free port; the
 address is in gunicorn's "Listening at" line).

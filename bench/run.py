@@ -567,9 +567,10 @@ def table(results: dict) -> str:
                   for n in ("direct", "relay", "anthropic")) + "|",
         "",
         f"Of the relay's added p50, {o['floor_added_ms']['p50']:.2f} ms is what a bare WSGI relay under the same gunicorn settings adds "
-        f"(the server model by itself, on this machine), {o['flask_added_ms']['p50'] - o['floor_added_ms']['p50']:.2f} ms is Flask's "
-        f"request handling and {o['relay_added_ms']['p50'] - o['flask_added_ms']['p50']:.2f} ms is llamabridge's own work (admission gate, "
-        "request parsing, metrics, request log, disconnect watch).",
+        f"(the server model by itself, on this machine) and {o['relay_added_ms']['p50'] - o['floor_added_ms']['p50']:.2f} ms is "
+        "llamabridge's own work (admission gate, request parsing, metrics, request log, disconnect watch). Flask's request handling, "
+        "which the completion and message routes skip (proxy/fastpath.py), would add "
+        f"{o['flask_added_ms']['p50'] - o['floor_added_ms']['p50']:.2f} ms more (the one-route Flask relay against the bare one).",
         "",
         f"How much the CPU's caches go cold between requests on this machine: Flask's handling of one request takes "
         f"{m['idle']['flask_request_hot_us']:.0f} µs back to back and {m['idle']['flask_request_after_idle_us']:.0f} µs after "
