@@ -385,6 +385,23 @@ def test_hello_root_and_health(proxy):
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/messages?beta=true", {"model": "claude-sonnet-4-5", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}),
+])
+def test_a_chunked_upload_is_answered_as_one_with_a_length(proxy, path, body):
+    """A body with a Content-Length takes the fast path (proxy/fastpath.py); one sent chunked,
+    without a length, goes through the route's Flask view. Both reach llama-server and come back
+    in the same shape."""
+    data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    fast = requests.post(proxy.url + path, data=data, headers=headers, timeout=60)
+    chunked = requests.post(proxy.url + path, data=iter([data[:7], data[7:]]), headers=headers, timeout=60)
+    assert fast.status_code == chunked.status_code == 200, (fast.text, chunked.text)
+    assert fast.headers["Content-Type"] == chunked.headers["Content-Type"]
+    assert set(fast.json()) == set(chunked.json()) and set(fast.json()) >= {"id", "model", "usage"}
+
+
 def test_query_string_is_ignored(proxy):
     resp = requests.post(proxy.url + "/v1/messages/count_tokens?beta=true", timeout=30,
                          json={"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "foo"}]})
