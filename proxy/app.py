@@ -24,7 +24,7 @@ from . import errors, messages, relay, translate
 from .config import Settings
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import ApiError
-from .fastpath import FastPath, Reply
+from .fastpath import FastPath, Reply, json_body
 from .metrics import Call
 from .services import Services
 from .upstream import Upstream
@@ -48,16 +48,7 @@ def parse_json_body() -> Any:
     raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
     if not raw:
         raise ApiError(400, "request body is empty; expected a JSON object")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ApiError(400, f"request body is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise ApiError(400, "request body is nested too deeply") from None
+    return json_body(raw)
 
 
 class ApiMode:

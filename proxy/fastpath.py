@@ -3,8 +3,9 @@
 `POST /v1/messages`, `/v1/chat/completions` and `/v1/completions` are what agents send on every
 turn. On a small machine Flask's part of such a request (request and response objects, URL
 matching, context push and pop, after-request hooks) costs 0.35 to 0.5 ms, more than the
-relay's own work: the benchmark's reference rows (`make bench`, bench/floor.py) measure it. So a POST to one of those routes with a body that is a JSON object within the size limit
-goes from WSGI straight to the route's handler, the same function its Flask view calls.
+relay's own work: the benchmark's reference rows (`make bench`, bench/floor.py) measure it.
+So a POST to one of those routes with a body that is a JSON object within the size limit goes
+from WSGI straight to the route's handler, the same function its Flask view calls.
 
 Everything else is Flask's, so its answers stay the only ones: other routes and methods, and a
 missing, empty, oversized, chunked or malformed body (handed on unread, or re-readable). An
@@ -22,6 +23,7 @@ from flask import Flask, g
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wsgi import ClosingIterator
 
+from .errors import ApiError
 from .metrics import Call
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
@@ -61,12 +63,16 @@ class FastPath:
         handler = self.routes.get(path)
         if handler is None or environ.get("REQUEST_METHOD") != "POST":
             return self.flask(environ, start_response)
-        length = environ.get("CONTENT_LENGTH") or ""
-        if not length.isdigit() or not 0 < int(length) <= self.max_bytes or "HTTP_TRANSFER_ENCODING" in environ:
+        declared = environ.get("CONTENT_LENGTH") or ""
+        length = int(declared) if declared.isdigit() else 0
+        if not 0 < length <= self.max_bytes or "HTTP_TRANSFER_ENCODING" in environ:
             return self.flask(environ, start_response)
-        raw = environ["wsgi.input"].read(int(length))
-        body = _json_object(raw) if len(raw) == int(length) else None
-        if body is None:
+        raw = environ["wsgi.input"].read(length)
+        try:
+            body = json_body(raw) if len(raw) == length else None
+        except ApiError:
+            body = None
+        if not isinstance(body, dict):
             environ["wsgi.input"] = io.BytesIO(raw)  # Flask reads it again and says what is wrong
             return self.flask(environ, start_response)
         call = Call.of(path, environ)
@@ -84,10 +90,16 @@ class FastPath:
             return response(environ, start_response)
 
 
-def _json_object(raw: bytes) -> dict | None:
-    """The body as a JSON object, or None for anything the Flask route should answer instead."""
+def json_body(raw: bytes) -> Any:
+    """A request body as JSON, or an ApiError(400) that says exactly what is wrong with it (the
+    one parser of client bodies, for Flask's views and the fast path alike)."""
     try:
-        parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    return parsed if isinstance(parsed, dict) else None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
