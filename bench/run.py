@@ -63,13 +63,13 @@ TOOLS = [{"name": "Agent", "description": "Spawn a subagent", "input_schema": {"
 # array of 256 digits (more tokens than that, with the commas), so the tiny model cannot end it
 # early, and max_tokens cuts every one at the same token.
 STREAM_TOKENS = 256
+LONG_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 256, "maxItems": 256}
 # Streamed rounds by default. llama-server's own rate varies by about 10% from one stream to the
 # next here, so at 40 rounds the throughput ratio's 95% interval spanned 2 to 6% either side, and
 # a run's verdict on a 0.98 target came down to chance (2 of 5 runs on 2026-12-04 missed it while
 # the 200 rounds of those runs together put the ratio at 0.993, 0.981 to 1.006). 160 rounds about
 # halve the interval (0.5 to 2.5% either side in the first two runs), at 4 to 7 minutes more.
 STREAM_ROUNDS = 160
-LONG_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 256, "maxItems": 256}
 # The load's sessions all start at one instant; background requests answered after this many
 # seconds are also reported on their own (the steady state, without that start burst).
 START_BURST_SECONDS = 2.0
