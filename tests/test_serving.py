@@ -21,14 +21,13 @@ from tests.support import processes
 
 pytestmark = pytest.mark.integration
 
-# A WSGI app that answers with the request's path and the thread that served it, under the same
-# serve() the proxy and the collector use, with two threads.
+# A WSGI app that answers with the request's path, under the same serve() the proxy and the
+# collector use, with two threads.
 APP = """
-import threading
 from proxy.serving import serve
 
 def app(environ, start_response):
-    body = ("%s %d" % (environ["PATH_INFO"], threading.get_ident())).encode()
+    body = environ["PATH_INFO"].encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 
@@ -77,20 +76,20 @@ def test_requests_back_to_back_and_pipelined_on_one_connection(server):
     with connect(server) as sock:
         for i in range(20):
             sock.sendall(request(f"/{i}"))
-            assert answers(sock, 1)[0].split()[0] == f"/{i}"
+            assert answers(sock, 1) == [f"/{i}"]
         # Two requests in one write: the second is already read when the first is answered.
         sock.sendall(request("/a") + request("/b"))
-        assert [body.split()[0] for body in answers(sock, 2)] == ["/a", "/b"]
+        assert answers(sock, 2) == ["/a", "/b"]
 
 
 def test_a_connection_that_went_quiet_is_still_served(server):
     with connect(server) as sock:
         sock.sendall(request("/first"))
-        assert answers(sock, 1)[0].startswith("/first ")
+        assert answers(sock, 1) == ["/first"]
         # Quiet for longer than a thread waits on it: it is back with gunicorn's poller by now.
         time.sleep(Worker.linger_ms / 1000 * 4)
         sock.sendall(request("/later"))
-        assert answers(sock, 1)[0].startswith("/later ")
+        assert answers(sock, 1) == ["/later"]
 
 
 def test_more_connections_than_threads_are_all_served(server):
@@ -101,7 +100,7 @@ def test_more_connections_than_threads_are_all_served(server):
             for i, sock in enumerate(order):
                 sock.sendall(request(f"/{round_}-{i}"))
             for i, sock in enumerate(order):
-                assert answers(sock, 1)[0].split()[0] == f"/{round_}-{i}"
+                assert answers(sock, 1) == [f"/{round_}-{i}"]
     finally:
         for sock in socks:
             sock.close()
