@@ -1,6 +1,6 @@
 """Run the whole stack natively, without Docker: llama-server (unless LLAMA_URL already answers),
 the proxy and the collector, as local processes with one combined, prefixed log. Ctrl-C (or
-SIGTERM) stops them all; if any of them dies, the others are stopped too.
+SIGTERM, or closing the terminal) stops them all; if any of them dies, the others are stopped too.
 
     LLAMA_MODEL=path/to/model.gguf python scripts/run_stack.py     # what `make run` does
     python scripts/run_stack.py --demo                             # the tiny test model (`make demo`)
@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Mapping
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,41 @@ def _answers(url: str) -> bool:
 def last_line(cmd: list[str]) -> str:
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     return out.stdout.strip().splitlines()[-1]
+
+
+# The llama-server `make run` starts or uses, unless set.
+RUN_DEFAULTS = {"LLAMA_URL": "http://127.0.0.1:8080", "LLAMA_CTX": "65536"}
+
+# What `make demo` serves unless the environment says otherwise. These win over `.env`, which
+# describes the user's real setup: the demo must neither start their model, nor write the tiny
+# model's traffic into their lifetime store, nor take their llama-server's port.
+DEMO_SETTINGS = {
+    "LLAMA_URL": "http://127.0.0.1:8088",  # not 8080: leave a real llama-server alone
+    "LLAMA_MODEL": "",  # the tiny model, generated on start
+    "LLAMA_CTX": "32768",
+    "LLAMA_THREADS": "1",
+    "LLAMA_EXTRA_ARGS": "",
+    "DB_PATH": str(ROOT / "data" / "demo.db"),
+}
+
+
+def stack_env(environ: Mapping[str, str], demo: bool) -> tuple[dict[str, str], str | None]:
+    """The services' environment, and the `.env` file it read, if any.
+
+    Each setting comes from the first of: the process environment, DEMO_SETTINGS (`make demo`
+    only), `.env`, RUN_DEFAULTS. An empty value counts as unset, as it does for the services
+    themselves: `.env.example` ships `LLAMA_URL=` to mean "the default", and copied to `.env` it
+    must not become an empty URL.
+    """
+    own = DEMO_SETTINGS.keys() | RUN_DEFAULTS.keys()
+    env = {name: value for name, value in environ.items() if value or name not in own}
+    if demo:
+        env.update((name, value) for name, value in DEMO_SETTINGS.items() if name not in env)
+    env_file = load_env_file(env)
+    for name, value in RUN_DEFAULTS.items():
+        if not env.get(name):
+            env[name] = value
+    return env, env_file
 
 
 class Stack:
@@ -101,22 +137,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", action="store_true", help="serve the tiny generated test model")
     args = parser.parse_args()
-    env = dict(os.environ)
-    if load_env_file(env):
-        print("[stack    ] settings from .env (the environment wins over it)", flush=True)
+    env, env_file = stack_env(os.environ, demo=args.demo)
+    if env_file:
+        print(f"[stack    ] settings from {env_file} (the environment wins over it)", flush=True)
     stack = Stack()
-    signal.signal(signal.SIGINT, lambda *_: stack.stopping.set())
-    signal.signal(signal.SIGTERM, lambda *_: stack.stopping.set())
+    # Closing the terminal (SIGHUP) stops the stack too, rather than leaving it running unseen:
+    # the services run in sessions of their own, so the hangup reaches only this process.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda *_: stack.stopping.set())
 
-    if args.demo:
-        env.setdefault("LLAMA_URL", "http://127.0.0.1:8088")  # not 8080: leave a real llama-server alone
-        env.setdefault("LLAMA_CTX", "32768")
-        env.setdefault("LLAMA_THREADS", "1")
-        env.setdefault("DB_PATH", str(ROOT / "data" / "demo.db"))
-        if not env.get("LLAMA_MODEL"):
-            stack.say("generating the tiny demo model (random weights: its words are noise, its plumbing is real)")
-            env["LLAMA_MODEL"] = last_line([sys.executable, "llama/tiny_model.py"])
-    llama_url = env.setdefault("LLAMA_URL", "http://127.0.0.1:8080").rstrip("/")
+    if args.demo and not env.get("LLAMA_MODEL"):
+        stack.say("generating the tiny demo model (random weights: its words are noise, its plumbing is real)")
+        env["LLAMA_MODEL"] = last_line([sys.executable, "llama/tiny_model.py"])
+    llama_url = env["LLAMA_URL"].rstrip("/")
 
     try:
         if healthy(llama_url):
@@ -128,7 +161,7 @@ def main() -> int:
                 return 2
             binary = last_line(["bash", "llama/build.sh"])
             cmd = [binary, "-m", env["LLAMA_MODEL"], "--host", "127.0.0.1", "--port", str(parsed.port or 8080),
-                   "--jinja", "--metrics", "-c", env.get("LLAMA_CTX", "65536"), "--no-webui"]
+                   "--jinja", "--metrics", "-c", env["LLAMA_CTX"], "--no-webui"]
             if env.get("LLAMA_THREADS"):
                 cmd += ["-t", env["LLAMA_THREADS"]]
             cmd += env.get("LLAMA_EXTRA_ARGS", "").split()

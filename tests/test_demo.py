@@ -1,12 +1,17 @@
-"""`make demo`, as a new user runs it: the whole stack comes up on the tiny model, serves the
-real Claude Code CLI end to end, and Ctrl-C stops every process it started."""
+"""`make demo` and `make run` (scripts/run_stack.py), as a new user runs them: the whole stack comes
+up on the tiny model, serves the real Claude Code CLI end to end, and Ctrl-C or closing the
+terminal stops every process it started; a `.env` copied from `.env.example` changes none of it."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import signal
 import subprocess
+import sys
 
+import psutil
 import pytest
 import requests
 
@@ -16,12 +21,77 @@ from tests.test_claude_code import run_claude
 
 pytestmark = pytest.mark.integration
 
+spec = importlib.util.spec_from_file_location("run_stack", processes.ROOT / "scripts" / "run_stack.py")
+run_stack = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_stack)
 
-def test_make_demo_serves_claude_code_and_stops_cleanly(claude_bin, tiny_model, llama_server_bin, tmp_path):
+
+@pytest.fixture
+def example_env_file(tmp_path) -> str:
+    """`cp .env.example .env`, as the README's Docker steps tell a user to do."""
+    path = tmp_path / ".env"
+    shutil.copy(processes.ROOT / ".env.example", path)
+    return str(path)
+
+
+def test_a_copied_env_example_means_the_defaults(example_env_file):
+    env, read = run_stack.stack_env({"LLAMABRIDGE_ENV_FILE": example_env_file}, demo=False)
+    assert read == example_env_file
+    # `LLAMA_URL=` in the file is "unset", not an empty URL (which crashed `make run`)
+    assert env["LLAMA_URL"] == "http://127.0.0.1:8080"
+    assert env["LLAMA_CTX"] == "65536" and env["DB_PATH"] == "data/llamabridge.db"
+
+
+def test_the_demo_keeps_its_own_model_port_and_store_over_env_but_not_over_the_environment(example_env_file, tmp_path):
+    with open(example_env_file, "a") as f:
+        f.write("LLAMA_URL=http://127.0.0.1:8080\nLLAMA_MODEL=/models/mine.gguf\nLLAMA_EXTRA_ARGS=-ngl 99\nPROXY_PORT=9999\n")
+    env, _ = run_stack.stack_env({"LLAMABRIDGE_ENV_FILE": example_env_file}, demo=True)
+    assert {name: env[name] for name in run_stack.DEMO_SETTINGS} == run_stack.DEMO_SETTINGS
+    assert env["PROXY_PORT"] == "9999"  # everything else in .env still applies
+    mine = str(tmp_path / "mine.db")
+    env, _ = run_stack.stack_env({"LLAMABRIDGE_ENV_FILE": example_env_file, "DB_PATH": mine, "LLAMA_CTX": ""},
+                                 demo=True)
+    assert env["DB_PATH"] == mine and env["LLAMA_CTX"] == "32768"
+
+
+def test_closing_the_terminal_stops_the_stack(llama, tmp_path, example_env_file):
+    """A hangup (the terminal closed) stops the services like Ctrl-C: they run in sessions of their
+    own, so nothing else would end them."""
+    proxy_port, collector_port = processes.free_port(), processes.free_port()
+    env = dict(os.environ, LLAMA_URL=llama.url, PROXY_PORT=str(proxy_port), COLLECTOR_PORT=str(collector_port),
+               DB_PATH=str(tmp_path / "run.db"), LLAMABRIDGE_ENV_FILE=example_env_file)
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        stack = subprocess.Popen([sys.executable, "scripts/run_stack.py"], cwd=processes.ROOT, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    children: list[psutil.Process] = []
+    try:
+        def up() -> bool:
+            assert stack.poll() is None, log_path.read_text()
+            return "llamabridge is up" in log_path.read_text()
+
+        wait_until(up, 60, what=lambda: "the stack to say it is up: " + log_path.read_text())
+        children = psutil.Process(stack.pid).children()
+        assert len(children) == 2, children  # the proxy and the collector
+        stack.send_signal(signal.SIGHUP)
+        assert stack.wait(30) == 0, log_path.read_text()
+        assert "[stack    ] stopping" in log_path.read_text()
+        assert not psutil.wait_procs(children, timeout=10)[1], "services left running after the hangup"
+    finally:
+        for proc in [stack, *children]:  # whatever is left after a failure: nothing must outlive the test
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stack.wait()
+
+
+def test_make_demo_serves_claude_code_and_stops_cleanly(claude_bin, tiny_model, llama_server_bin, tmp_path,
+                                                        example_env_file):
     llama_port, proxy_port, collector_port = processes.free_port(), processes.free_port(), processes.free_port()
     env = dict(os.environ, LLAMA_URL=f"http://127.0.0.1:{llama_port}", PROXY_PORT=str(proxy_port),
                COLLECTOR_PORT=str(collector_port), DB_PATH=str(tmp_path / "demo.db"), LLAMA_MODEL=tiny_model,
-               LLAMA_SERVER_BIN=llama_server_bin, COLLECT_INTERVAL="1")
+               LLAMA_SERVER_BIN=llama_server_bin, COLLECT_INTERVAL="1", LLAMABRIDGE_ENV_FILE=example_env_file)
     log = open(tmp_path / "demo.log", "w")
     demo = subprocess.Popen(["make", "-s", "demo"], cwd=processes.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
