@@ -7,6 +7,7 @@ One gunicorn process with threads (gthread), never several processes: per-sessio
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from types import SimpleNamespace
 
@@ -58,12 +59,21 @@ def print_env(settings: Settings) -> int:
     print(f"export ANTHROPIC_BASE_URL={base}")
     print("export ANTHROPIC_API_KEY=llamabridge  # any value; the proxy does not check it")
     if info and info.n_ctx:
-        # For a model name it does not know, Claude Code assumes a 1M-token window; this says the truth.
+        # The real window, for model names Claude Code does not know (it assumes 1M for those). For
+        # its own names it keeps its table (2.1.328: 200k for claude-sonnet-4-5, 1M for its default
+        # claude-opus-5-5), whatever this says.
         print(f"export CLAUDE_CODE_MAX_CONTEXT_TOKENS={info.n_ctx}")
         if info.n_ctx >= MIN_AUTO_COMPACT_WINDOW:
-            # When to compact; Claude Code 2.1 honours it from 100k tokens up.
+            # When to compact, and the window /context shows, for any model name; Claude Code 2.1
+            # honours it from 100k tokens up.
             print(f"export CLAUDE_CODE_AUTO_COMPACT_WINDOW={info.n_ctx}")
         else:
+            # Below 100k only a model name Claude Code does not know makes it use the real window;
+            # llama-server's own name for its model is one (the proxy serves any name).
+            name = (info.model or "").rstrip("/").rsplit("/", 1)[-1]
+            if not name or "claude" in name.lower():  # an alias like claude-sonnet-4-5 is a name it knows
+                name = "local-model"
+            print(f"export ANTHROPIC_MODEL={shlex.quote(name)}  # a name Claude Code does not know, so the line above applies")
             print(f"# This server's context ({info.n_ctx} tokens per slot) is below the {MIN_AUTO_COMPACT_WINDOW} tokens from which Claude Code")
             print("# compacts by itself: run /compact when /context nears it, or start llama-server with a larger -c.")
     # Not CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC: it also turns off session titles, which the

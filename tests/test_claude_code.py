@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.support import processes
 from tests.support.scripted_upstream import ScriptedUpstream
@@ -67,3 +71,26 @@ def test_claude_code_runs_a_bash_tool_call_and_finishes(claude_bin, tmp_path):
     assert tool_messages[-1]["tool_call_id"] == assistant["tool_calls"][0]["id"]
     # ... and printed the model's final answer.
     assert "The command printed: tool-output-42" in result.stdout
+
+
+def test_make_env_makes_claude_code_see_the_servers_real_context_window(claude_bin, proxy, llama, tmp_path):
+    """`make env`'s lines, pasted into a shell, are what Claude Code's `/context` shows as the window.
+
+    This server's 32768 tokens are below the 100k from which Claude Code honours
+    CLAUDE_CODE_AUTO_COMPACT_WINDOW, and for its own model names (its default among them) it
+    ignores CLAUDE_CODE_MAX_CONTEXT_TOKENS; so the lines must also name a model it does not know."""
+    n_ctx = requests.get(llama.url + "/props", timeout=5).json()["default_generation_settings"]["n_ctx"]
+    out = subprocess.run([sys.executable, "-m", "proxy", "env"], env=dict(os.environ, PROXY_PORT=str(proxy.port)),
+                         capture_output=True, text=True, timeout=60, cwd=processes.ROOT, check=True).stdout
+    exported = dict(word.split("=", 1) for line in out.splitlines() if line.startswith("export ")
+                    for word in shlex.split(line, comments=True)[1:])
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), **exported}
+    result = subprocess.run([claude_bin, "-p", "/context"], cwd=work, env=env, capture_output=True, text=True,
+                            timeout=240, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result
+    window = re.search(r"\*\*Tokens:\*\* \S+ / (\S+) ", result.stdout)
+    assert window, result.stdout
+    assert window.group(1) == f"{n_ctx / 1000:.1f}k", result.stdout  # "32.8k" for 32768
