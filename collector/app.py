@@ -38,7 +38,7 @@ def create_app(settings: CollectorSettings, start_jobs: bool = True) -> Flask:
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -23,7 +23,7 @@ from collector import api
 from . import errors, messages, relay, translate
 from .config import Settings
 from .disconnect import ClientDisconnected, ClientWatch
-from .errors import ApiError
+from .errors import ApiError, Rejected
 from .fastpath import FastPath, Reply, json_body
 from .metrics import Call
 from .services import Services
@@ -47,7 +47,7 @@ def parse_json_body() -> Any:
     """The request body as JSON, or an ApiError(400) that says exactly what is wrong with it."""
     raw = request.get_data(cache=True)  # raises 413 past MAX_CONTENT_LENGTH
     if not raw:
-        raise ApiError(400, "request body is empty; expected a JSON object")
+        raise Rejected(400, "request body is empty; expected a JSON object")
     return json_body(raw)
 
 
@@ -82,10 +82,12 @@ def new_call() -> Call:
     return g.call
 
 
-def _finish_call(services: Services, status: int, message: str) -> None:
+def _finish_call(services: Services, status: int, message: str, rejected: bool = False) -> None:
     call = getattr(g, "call", None)
     if call is not None and not call.recorded:
         call.status, call.error = status, message
+        if rejected:
+            call.handled = "rejected"
         services.metrics.record(call)
 
 
@@ -101,12 +103,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     def on_api_error(err: ApiError) -> Response:
         if err.status >= 500:
             log.warning("%s %s -> %s: %s", request.method, request.path, err.status, err.message)
-        _finish_call(services, err.status, err.message)
+        _finish_call(services, err.status, err.message, rejected=isinstance(err, errors.Rejected))
         return errors.render(flavor_of(request.path), err)
 
     @app.errorhandler(translate.InvalidRequest)
     def on_invalid(err: translate.InvalidRequest) -> Response:
-        _finish_call(services, 400, str(err))
+        _finish_call(services, 400, str(err), rejected=True)
         return errors.render(flavor_of(request.path), ApiError(400, str(err)))
 
     @app.errorhandler(HTTPException)
@@ -168,7 +170,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     @app.route("/metrics", methods=["GET"])
     def metrics() -> Response:
-        return Response(generate_latest(services.metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(services.metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
     def message(body: Any, raw: bytes, environ: dict, call: Call) -> Response:
         """POST /v1/messages once its body is JSON (here, or straight from the fast path)."""
@@ -205,7 +207,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         if request.method == "POST":
             parsed = parse_json_body()  # refuse bad JSON here, in a clear OpenAI error
             if not isinstance(parsed, dict):
-                raise ApiError(400, "request body must be a JSON object")
+                raise Rejected(400, "request body must be a JSON object")
             raw = request.get_data(cache=True)
         return relay.relay(request.method, request.path, parsed, raw, request.content_type, services,
                            ClientWatch(request.environ), call)

@@ -62,6 +62,11 @@ class ApiError(Exception):
         self.error_type = error_type
 
 
+class Rejected(ApiError):
+    """A request the proxy refuses by itself, before llama-server sees it (a body that is not
+    JSON, a prompt that cannot fit): counted as `handled="rejected"`, not as llama-server's."""
+
+
 def anthropic_body(status: int, message: str, error_type: str | None = None) -> dict[str, Any]:
     return {"type": "error", "error": {"type": error_type or ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
 

@@ -23,7 +23,7 @@ from flask import Flask, g
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wsgi import ClosingIterator
 
-from .errors import ApiError
+from .errors import ApiError, Rejected
 from .metrics import Call
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
@@ -96,10 +96,10 @@ def json_body(raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ApiError(400, f"request body is not valid UTF-8 (byte {exc.start})") from None
+        raise Rejected(400, f"request body is not valid UTF-8 (byte {exc.start})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise Rejected(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
-        raise ApiError(400, "request body is nested too deeply") from None
+        raise Rejected(400, "request body is nested too deeply") from None

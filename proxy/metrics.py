@@ -90,7 +90,7 @@ class Call:
     generated_tokens: int = 0
     slot: int | None = None
     model: str | None = None
-    handled: str = "upstream"  # upstream | local | background | shed | deduplicated
+    handled: str = "upstream"  # upstream | local | background | shed | deduplicated | rejected
     error: str | None = None
     recorded: bool = False
 

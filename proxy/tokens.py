@@ -19,7 +19,7 @@ from array import array
 from collections import OrderedDict
 
 from . import fastjson
-from .errors import ApiError
+from .errors import ApiError, Rejected
 from .flights import Flights
 from .upstream import Upstream
 
@@ -131,8 +131,8 @@ def fit_max_tokens(prompt_tokens: int, max_tokens: int, n_ctx: int, min_output: 
         return max_tokens
     room = n_ctx - prompt_tokens
     if room <= 0:
-        raise ApiError(400, f"prompt is too long: {prompt_tokens} tokens > {n_ctx} maximum")
+        raise Rejected(400, f"prompt is too long: {prompt_tokens} tokens > {n_ctx} maximum")
     if room >= min(min_output, max_tokens):
         return room
-    raise ApiError(400, f"input length and `max_tokens` exceed context limit: {prompt_tokens} + {max_tokens} > {n_ctx}, "
+    raise Rejected(400, f"input length and `max_tokens` exceed context limit: {prompt_tokens} + {max_tokens} > {n_ctx}, "
                         f"decrease input length or `max_tokens` and try again")

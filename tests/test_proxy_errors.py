@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from tests.support import processes
+from tests.support.prom import metric
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +73,29 @@ def test_bad_anthropic_bodies_get_a_400_naming_the_problem(small_proxy, data, ex
 def test_bad_openai_body_gets_an_openai_400(small_proxy):
     resp = requests.post(small_proxy.url + "/v1/chat/completions", data=b"{oops", timeout=10)
     assert "not valid JSON" in openai_error(resp, 400)
+
+
+def test_requests_the_proxy_refuses_are_counted_as_rejected_not_as_llama_servers(small_proxy):
+    """`handled="rejected"`: the proxy answered without llama-server (bad JSON, a body that does not
+    validate); an error llama-server gave stays `upstream`."""
+    def count(route: str, handled: str) -> float:
+        return metric(small_proxy.url, "llamabridge_proxy_requests_total",
+                      {"route": route, "status": "400", "handled": handled}, missing=0.0)
+
+    before = {(route, handled): count(route, handled) for route in ("/v1/messages", "/v1/chat/completions")
+              for handled in ("rejected", "upstream")}
+    requests.post(small_proxy.url + "/v1/messages", data=b"{oops", timeout=10)
+    requests.post(small_proxy.url + "/v1/messages", json={**GOOD, "messages": "hi"}, timeout=10)
+    requests.post(small_proxy.url + "/v1/chat/completions", data=b"{oops", timeout=10)
+    too_many = requests.post(small_proxy.url + "/v1/chat/completions", timeout=30, json={
+        "model": "m", "max_tokens": 10**12, "messages": [{"role": "user", "content": "hi"}]})
+    assert too_many.status_code == 400, too_many.text  # llama-server's own refusal, relayed
+    after = {key: count(*key) for key in before}
+    assert {key: after[key] - before[key] for key in before} == {
+        ("/v1/messages", "rejected"): 2, ("/v1/messages", "upstream"): 0,
+        ("/v1/chat/completions", "rejected"): 1, ("/v1/chat/completions", "upstream"): 1}
+    content_type = requests.get(small_proxy.url + "/metrics", timeout=10).headers["Content-Type"]
+    assert content_type.count("charset") == 1, content_type
 
 
 def test_huge_body_is_413_in_both_envelopes(small_proxy):
