@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request, send_file
+from flask import Flask, Response, g, jsonify, redirect, request, send_file
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException
 
@@ -167,6 +167,13 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     @app.route("/dashboard", methods=["GET"])
     def dashboard() -> Response:
         return send_file(DASHBOARD, mimetype="text/html", max_age=0)
+
+    @app.route("/dashboard/", methods=["GET"])
+    def dashboard_slash() -> Response:
+        # The page reads its JSON by relative URL (so that it works behind a path prefix), which
+        # under /dashboard/ would point into /dashboard/api/...: send the browser to the one URL.
+        # Relative, so the redirect keeps any prefix in front of the proxy too.
+        return redirect("../dashboard", 308)
 
     @app.route("/metrics", methods=["GET"])
     def metrics() -> Response:

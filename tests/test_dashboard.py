@@ -5,6 +5,7 @@ one store, after real traffic. Also writes the README's screenshots (light and d
 from __future__ import annotations
 
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -127,6 +128,14 @@ def test_request_log_updates_filters_and_escapes(stack, browser):
     page.close()
 
 
+class _KeepRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # urllib then raises the 3xx as an HTTPError, which is also the response
+
+
+NO_REDIRECTS = urllib.request.build_opener(_KeepRedirects)
+
+
 class PrefixProxy(LocalServer):
     """A path-prefix reverse proxy (what nginx or Traefik would be in front): /llm/x -> /x."""
 
@@ -139,10 +148,16 @@ class PrefixProxy(LocalServer):
                     outer.misses.append(self.path)
                     self.send_error(404)
                     return
-                with urllib.request.urlopen(target + self.path[len(prefix):]) as resp:
+                try:  # as a reverse proxy does: a redirect goes to the browser, not followed here
+                    resp = NO_REDIRECTS.open(target + self.path[len(prefix):])
+                except urllib.error.HTTPError as answer:
+                    resp = answer
+                with resp:
                     data = resp.read()
                     self.send_response(resp.status)
-                    self.send_header("Content-Type", resp.headers["Content-Type"])
+                    for name in ("Content-Type", "Location"):
+                        if resp.headers[name]:
+                            self.send_header(name, resp.headers[name])
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
@@ -154,10 +169,12 @@ class PrefixProxy(LocalServer):
 
 def test_works_behind_a_path_prefix(stack, browser):
     with PrefixProxy(stack.url) as front:
-        page = open_page(browser, front.prefixed + "/dashboard")
-        assert page.locator("#status").inner_text() == "llama-server up"
-        assert front.misses == [] and page.errors == []
-        page.close()
+        for typed in ("/dashboard", "/dashboard/"):  # the trailing slash leads to the same page
+            page = open_page(browser, front.prefixed + typed)
+            assert page.url == front.prefixed + "/dashboard"
+            assert page.locator("#status").inner_text() == "llama-server up"
+            assert front.misses == [] and page.errors == []
+            page.close()
 
 
 def test_screenshots_light_and_dark(stack, browser):
