@@ -1,9 +1,12 @@
 """The built-in dashboard in a real browser (Debian's headless Chromium, driven by Playwright)
 against the real stack: llama-server on the tiny model, the proxy and the collector sharing
-one store, after real traffic. Also writes the README's screenshots (light and dark)."""
+one store, after real traffic. Also takes the README's screenshots (light and dark): into a
+temporary directory, or over docs/screenshots/ with UPDATE_SCREENSHOTS=1, so that a test run
+leaves the working tree as it found it."""
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.error
 import urllib.request
@@ -177,12 +180,15 @@ def test_works_behind_a_path_prefix(stack, browser):
             page.close()
 
 
-def test_screenshots_light_and_dark(stack, browser):
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+def test_screenshots_light_and_dark(stack, browser, tmp_path):
+    into = SCREENSHOTS if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path
+    into.mkdir(parents=True, exist_ok=True)
     for scheme in ("light", "dark"):
         page = open_page(browser, stack.url + "/dashboard", scheme)
         page.wait_for_function("document.getElementById('lt-requests').textContent !== '–'")
         background = page.evaluate("getComputedStyle(document.body).backgroundColor")
         assert background == ("rgb(250, 250, 250)" if scheme == "light" else "rgb(20, 20, 23)")
-        page.screenshot(path=str(SCREENSHOTS / f"dashboard-{scheme}.png"), full_page=True)
+        shot = into / f"dashboard-{scheme}.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
         page.close()
