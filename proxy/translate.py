@@ -291,12 +291,20 @@ def convert_tools(tools: Any) -> list[dict]:
         return []
     _expect(tools, list, "tools", "an array of tools")
     out = []
+    seen: dict[str, int] = {}
     for i, tool in enumerate(tools):
         path = f"tools.{i}"
         _expect(tool, dict, path, "a tool object")
         if tool.get("type") not in (None, "custom") and "input_schema" not in tool:
             continue  # Anthropic server tools (web_search_…) run on Anthropic's side; a local model has none
         name = _expect(tool.get("name"), str, f"{path}.name", "a string")
+        if not name:
+            raise InvalidRequest(f"{path}.name: must not be empty")
+        if name in seen:
+            # The model's call names the tool; with two of one name the client could not tell
+            # which it meant (Anthropic's API refuses this too).
+            raise InvalidRequest(f"{path}.name: tool names must be unique, {name!r} is also tools.{seen[name]}")
+        seen[name] = i
         schema = tool.get("input_schema", {"type": "object", "properties": {}})
         _expect(schema, dict, f"{path}.input_schema", "a JSON schema object")
         function: dict[str, Any] = {"name": name}
@@ -317,6 +325,9 @@ def _apply_tool_choice(body: dict, out: dict) -> None:
     if kind == "auto":
         out["tool_choice"] = "auto"
     elif kind == "any":
+        if not out.get("tools"):
+            # Forcing a call with nothing to call: llama-server would quietly answer in text.
+            raise InvalidRequest("tool_choice: type 'any' needs at least one tool the model can call in tools")
         out["tool_choice"] = "required"
     elif kind == "none":
         out["tool_choice"] = "none"
@@ -419,6 +430,9 @@ def anthropic_to_openai(body: Any, options: Options = Options()) -> dict:
         _expect(stops, list, "stop_sequences", "an array of strings")
         for i, stop in enumerate(stops):
             _expect(stop, str, f"stop_sequences.{i}", "a string")
+            if not stop:
+                # An empty stop sequence matches before the first token: a 200 with no reply.
+                raise InvalidRequest(f"stop_sequences.{i}: each stop sequence must be non-empty")
         if stops:
             out["stop"] = list(stops)
             # OpenAI's finish_reason "stop" does not say which sequence (or end-of-turn) ended

@@ -64,6 +64,8 @@ GOOD = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "us
     (json.dumps({**GOOD, "messages": [{"role": "user", "content": [{"type": "hologram"}]}]}).encode(), "messages.0.content.0.type"),
     (json.dumps({**GOOD, "max_tokens": "lots"}).encode(), "max_tokens"),
     (json.dumps({k: v for k, v in GOOD.items() if k != "messages"}).encode(), "messages"),
+    # llama-server would answer 200 with an empty reply (the empty stop matches at once).
+    (json.dumps({**GOOD, "stop_sequences": [""]}).encode(), "stop_sequences.0: each stop sequence must be non-empty"),
 ])
 def test_bad_anthropic_bodies_get_a_400_naming_the_problem(small_proxy, data, expect):
     resp = requests.post(small_proxy.url + "/v1/messages", data=data, headers={"Content-Type": "application/json"}, timeout=10)

@@ -271,6 +271,11 @@ def test_assistant_thinking_blocks_become_reasoning_content():
     (minimal(thinking={"type": "deep"}), "thinking.type"),
     (minimal(temperature=7), "temperature"),
     (minimal(stop_sequences="END"), "stop_sequences"),
+    (minimal(stop_sequences=["END", ""]), "stop_sequences.1"),
+    (minimal(tools=[{"name": ""}]), "tools.0.name"),
+    (minimal(tools=TOOLS + TOOLS[:1]), f"tools.{len(TOOLS)}.name"),
+    (minimal(tool_choice={"type": "any"}), "tool_choice"),
+    (minimal(tools=[{"type": "web_search_20250305", "name": "web_search"}], tool_choice={"type": "any"}), "tool_choice"),
     (minimal(output_config={"format": {"type": "regex"}}), "output_config.format.type"),
 ])
 def test_bad_requests_name_the_field(body, where):
