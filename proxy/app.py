@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 
 from collector import api
 
-from . import errors, messages, relay, translate
+from . import errors, messages, models, relay, translate
 from .config import Settings
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import ApiError, Rejected
@@ -39,8 +39,14 @@ OPENAI_ROUTES = {
 }
 
 
-def flavor_of(path: str) -> str:
-    return errors.ANTHROPIC if path.startswith("/v1/messages") else errors.OPENAI
+def flavor_of(path: str, headers: Any = None) -> str:
+    """Anthropic's envelope on `/v1/messages*`, and on `/v1/models*` for Anthropic's clients
+    (the path both APIs share; see models.py); OpenAI's elsewhere."""
+    if path.startswith("/v1/messages"):
+        return errors.ANTHROPIC
+    if path.startswith("/v1/models") and headers is not None and models.wants_anthropic(headers):
+        return errors.ANTHROPIC
+    return errors.OPENAI
 
 
 def parse_json_body() -> Any:
@@ -104,12 +110,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         if err.status >= 500:
             log.warning("%s %s -> %s: %s", request.method, request.path, err.status, err.message)
         _finish_call(services, err.status, err.message, rejected=isinstance(err, errors.Rejected))
-        return errors.render(flavor_of(request.path), err)
+        return errors.render(flavor_of(request.path, request.headers), err)
 
     @app.errorhandler(translate.InvalidRequest)
     def on_invalid(err: translate.InvalidRequest) -> Response:
         _finish_call(services, 400, str(err), rejected=True)
-        return errors.render(flavor_of(request.path), ApiError(400, str(err)))
+        return errors.render(flavor_of(request.path, request.headers), ApiError(400, str(err)))
 
     @app.errorhandler(HTTPException)
     def on_http_error(err: HTTPException) -> Response:
@@ -122,7 +128,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
             message = f"{request.method} is not allowed on {request.path}"
         else:
             message = err.description or err.name
-        return errors.render(flavor_of(request.path), ApiError(status, message))
+        return errors.render(flavor_of(request.path, request.headers), ApiError(status, message))
 
     @app.errorhandler(ClientDisconnected)
     def on_client_gone(err: ClientDisconnected) -> Response:
@@ -136,7 +142,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         # A bug, not the client's fault: log the traceback, keep the worker, answer in envelope.
         log.exception("unhandled error on %s %s", request.method, request.path)
         _finish_call(services, 500, type(err).__name__)
-        return errors.render(flavor_of(request.path), ApiError(500, f"llamabridge internal error: {type(err).__name__}"))
+        return errors.render(flavor_of(request.path, request.headers), ApiError(500, f"llamabridge internal error: {type(err).__name__}"))
 
     @app.after_request
     def prepare_connections(response: Response) -> Response:
@@ -197,16 +203,23 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         body = translate.validate_common(parse_json_body(), need_max_tokens=False)
         return messages.count_tokens(body, services, native=mode.get() == "anthropic", call=call)
 
-    @app.route("/v1/models", methods=["GET"])
-    def models() -> Response:
+    def model_entries() -> tuple[Any, list[dict]]:
         """llama-server's model list, each with the context window a request really gets (per slot)."""
         listing = upstream.json("GET", "/v1/models", timeout=10)
         info = services.main.info(settings.upstream_slots)
-        for model in listing.get("data") or []:
-            if isinstance(model, dict):
-                model["context_window"] = info.n_ctx
-                model["slots"] = info.total_slots
+        return listing, models.openai_entries(listing, info.n_ctx, info.total_slots)
+
+    @app.route("/v1/models", methods=["GET"])
+    def list_models() -> Response:
+        listing, entries = model_entries()
+        if models.wants_anthropic(request.headers):
+            return jsonify(models.anthropic_page(entries, request.args))
         return jsonify(listing)
+
+    @app.route("/v1/models/<path:model_id>", methods=["GET"])
+    def get_model(model_id: str) -> Response:
+        model = models.find(model_entries()[1], model_id)
+        return jsonify(models.anthropic_entry(model) if models.wants_anthropic(request.headers) else model)
 
     def openai_relay() -> Response:
         call = new_call()

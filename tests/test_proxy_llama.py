@@ -214,6 +214,26 @@ def test_openai_legacy_completions_and_models(oai, llama):
     assert raw["data"][0]["meta"]["n_ctx"] > 0
 
 
+def test_both_sdks_list_and_retrieve_the_model_with_its_real_window(claude, oai, llama):
+    """One path, two shapes: the Anthropic SDK reads ModelInfo pages, the OpenAI SDK its list."""
+    n_ctx = requests.get(llama.url + "/props", timeout=5).json()["default_generation_settings"]["n_ctx"]
+    served = requests.get(llama.url + "/v1/models", timeout=5).json()["data"][0]["id"]
+    page = claude.models.list()
+    assert [m.id for m in page.data] == [served] and page.has_more is False and page.first_id == served
+    info = page.data[0]
+    assert info.type == "model" and info.max_input_tokens == n_ctx and info.created_at.year >= 2025
+    assert claude.models.retrieve(served).max_input_tokens == n_ctx
+    assert oai.models.retrieve(served).id == served
+    with pytest.raises(anthropic.NotFoundError) as err:
+        claude.models.retrieve("claude-sonnet-4-5")
+    assert err.value.body["error"]["type"] == "not_found_error" and served in err.value.message
+    with pytest.raises(openai.NotFoundError) as err2:
+        oai.models.retrieve("gpt-4o")
+    assert served in err2.value.body["message"]
+    with pytest.raises(anthropic.BadRequestError, match="limit"):
+        claude.models.list(limit=0)
+
+
 def test_openai_disconnect_frees_the_slot(proxy, llama):
     wait_slots_idle(llama)
     before = metric(llama.url, "llamacpp:tokens_predicted_total")
