@@ -6,7 +6,7 @@
 # binary from the platform package directly.
 set -euo pipefail
 
-CLAUDE_CODE_VERSION="${CLAUDE_CODE_VERSION:-2.1.328}"
+CLAUDE_CODE_VERSION="${CLAUDE_CODE_VERSION:-2.1.332}"
 CACHE_DIR="${LLAMABRIDGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llamabridge}"
 PREFIX="$CACHE_DIR/claude-code-$CLAUDE_CODE_VERSION"
 
