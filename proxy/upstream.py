@@ -62,6 +62,9 @@ _SKIP_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "cont
 # llama-server (cpp-httplib) closes a connection after 5 s idle; one idle for less than this is
 # reused, an older one is closed rather than raced against the server's timer.
 IDLE_REUSE_SECONDS = 2.0
+# How often a request still waiting for its answer checks that llama-server is still there
+# (`Upstream.stopped`).
+STOPPED_CHECK_SECONDS = 1.0
 # Errors that mean a kept-alive connection was closed by the server before it read our request.
 _STALE = (ConnectionResetError, BrokenPipeError, RemoteDisconnected)
 # What a broken connection to llama-server raises while a request is sent or its answer read.
@@ -202,16 +205,53 @@ class Upstream:
         """Wait for the answer's headers, watching the client while llama-server works."""
         sock = conn.sock
         assert sock is not None
-        deadline = time.monotonic() + self.settings.read_timeout
+        now = time.monotonic()
+        deadline, next_check = now + self.settings.read_timeout, now + STOPPED_CHECK_SECONDS
         while not select.select([sock], [], [], 0.2)[0]:
             if watch.gone():
                 conn.close()
                 raise ClientDisconnected()
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 conn.close()
                 raise ApiError(504, f"llama-server sent nothing for {self.settings.read_timeout:.0f}s (UPSTREAM_READ_TIMEOUT)")
+            if now >= next_check:
+                why = self.stopped()
+                if why:
+                    conn.close()
+                    raise ApiError(529, f"{why} while this request waited for its answer; retry", retry_after=5)
+                next_check = time.monotonic() + STOPPED_CHECK_SECONDS
         sock.settimeout(self.settings.read_timeout)  # was the connect timeout
         return Answer(conn, self.connections, head_only=method == "HEAD")
+
+    def stopped(self) -> str | None:
+        """Why llama-server will never answer a request it has taken, or None if it still may.
+
+        Stopped (SIGTERM, Ctrl-C), llama-server closes its port and its idle connections at once,
+        but a request it is working on gets neither an answer nor a close: the old process waits
+        for the client to hang up, and the proxy would wait UPSTREAM_READ_TIMEOUT, holding the
+        slot and every request queued behind it. So a request waiting for its answer asks every
+        STOPPED_CHECK_SECONDS on a new connection: a port that refuses it, or a new llama-server
+        there still loading its model, means this answer will never come. A server slow to
+        answer means nothing (it may be prefilling a long prompt), nor does any other failure.
+        Not seen: a new llama-server that has loaded its model within one check.
+        """
+        conn = self._new_connection()
+        try:
+            conn.connect()
+        except ConnectionRefusedError:
+            return f"llama-server at {self.base} stopped (its port refuses connections)"
+        except OSError:
+            return None
+        finally:
+            conn.close()
+        try:
+            resp = self.request("GET", "/health", timeout=STOPPED_CHECK_SECONDS)
+        except ApiError:
+            return None
+        if resp.status_code == 503 and b"Loading model" in resp.content:
+            return f"llama-server at {self.base} was restarted (a new one is loading its model)"
+        return None
 
     # -- facts about the server ---------------------------------------------------------------
 

@@ -104,6 +104,55 @@ class EndlessStream(FakeServer):
             self.hung_up.set()
 
 
+class RestartedWhileLoading(FakeServer):
+    """The moment after a fast restart: the generation request this connection carried is never
+    answered (the old llama-server's), and `/health` on a new connection answers as a new
+    llama-server does while it loads its model. The real one is too quick to load the tiny
+    model to be caught in that state (test_llama_restart.py covers a stop)."""
+
+    health = (b"503 Service Unavailable", b'{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}')
+
+    def __init__(self) -> None:
+        self.health_checks = 0
+        super().__init__()
+
+    def _connection(self, conn: socket.socket) -> None:
+        with conn:
+            data = conn.recv(65536)
+            if data.startswith(b"GET /health "):
+                self.health_checks += 1
+                status, body = self.health
+                conn.sendall(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (status, len(body), body))
+                return
+            while conn.recv(65536):
+                pass
+
+
+class BusyPrefilling(RestartedWhileLoading):
+    """A llama-server alive and busy: the answer is slow, and `/health` says ok."""
+
+    health = (b"200 OK", b'{"status":"ok"}')
+
+
+def test_a_request_whose_llama_server_was_restarted_under_it_fails_instead_of_waiting():
+    with RestartedWhileLoading() as server:
+        upstream = Upstream(Settings(llama_url=server.url, read_timeout=120))
+        with pytest.raises(ApiError) as err:
+            upstream.open("POST", "/v1/chat/completions", b'{"prompt":"x"}', ClientWatch({}))
+    assert err.value.status == 529 and err.value.retry_after == 5
+    assert "was restarted (a new one is loading its model) while this request waited" in err.value.message
+
+
+def test_a_busy_llama_server_is_not_taken_for_a_stopped_one():
+    with BusyPrefilling() as server:
+        upstream = Upstream(Settings(llama_url=server.url, read_timeout=3))
+        with pytest.raises(ApiError) as err:
+            upstream.open("POST", "/v1/chat/completions", b'{"prompt":"x"}', ClientWatch({}))
+    assert err.value.status == 504 and "UPSTREAM_READ_TIMEOUT" in err.value.message
+    assert server.health_checks >= 1
+
+
 def call(upstream: Upstream) -> bytes:
     answer = upstream.open("POST", "/v1/chat/completions", b'{"prompt":"x"}', ClientWatch({}))
     try:
