@@ -39,12 +39,12 @@ OPENAI_ROUTES = {
 }
 
 
-def flavor_of(path: str, headers: Any = None) -> str:
+def flavor_of(path: str, headers: Any) -> str:
     """Anthropic's envelope on `/v1/messages*`, and on `/v1/models*` for Anthropic's clients
     (the path both APIs share; see models.py); OpenAI's elsewhere."""
     if path.startswith("/v1/messages"):
         return errors.ANTHROPIC
-    if path.startswith("/v1/models") and headers is not None and models.wants_anthropic(headers):
+    if path.startswith("/v1/models") and models.wants_anthropic(headers):
         return errors.ANTHROPIC
     return errors.OPENAI
 

@@ -24,7 +24,8 @@ def wants_anthropic(headers: Mapping[str, str]) -> bool:
 
 
 def openai_entries(listing: Any, n_ctx: int, slots: int) -> list[dict]:
-    """llama-server's entries (OpenAI's shape, with its `meta`), each told the per-slot window."""
+    """llama-server's entries (OpenAI's shape, with its `meta`), each told the per-slot window
+    in place, so `listing` carries it too."""
     entries = [m for m in (listing.get("data") if isinstance(listing, dict) else None) or []
                if isinstance(m, dict) and isinstance(m.get("id"), str)]
     for model in entries:

@@ -138,29 +138,33 @@ class Upstream:
 
         Raises ApiError(529) when llama-server cannot be reached at all, or does not answer.
         """
-        body = None if json_body is None else fastjson.dumps(json_body)
-        data = self._request_bytes(method, path, body, "application/json" if body is not None else None, close=True)
         conn = self._new_connection()
         try:
             try:
                 conn.connect()
             except OSError as exc:
                 raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
-            try:
-                conn.send(data)
-                assert conn.sock is not None
-                conn.sock.settimeout(timeout or self.settings.read_timeout)
-                answer = Answer(conn, None, head_only=method == "HEAD")
-                try:
-                    return Reply(answer.status, read_all(answer, _NO_CLIENT))
-                finally:
-                    answer.close()
-            except TimeoutError:
-                raise ApiError(529, f"llama-server at {self.base} did not answer in time", retry_after=5) from None
-            except BROKEN_CONNECTION as exc:
-                raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
+            return self._ask(conn, method, path, json_body, timeout)
         finally:
             conn.close()
+
+    def _ask(self, conn: "_Connection", method: str, path: str, json_body: Any, timeout: float | None) -> "Reply":
+        """`request()` on a connection already open (the caller closes it)."""
+        body = None if json_body is None else fastjson.dumps(json_body)
+        data = self._request_bytes(method, path, body, "application/json" if body is not None else None, close=True)
+        try:
+            conn.send(data)
+            assert conn.sock is not None
+            conn.sock.settimeout(timeout or self.settings.read_timeout)
+            answer = Answer(conn, None, head_only=method == "HEAD")
+            try:
+                return Reply(answer.status, read_all(answer, _NO_CLIENT))
+            finally:
+                answer.close()
+        except TimeoutError:
+            raise ApiError(529, f"llama-server at {self.base} did not answer in time", retry_after=5) from None
+        except BROKEN_CONNECTION as exc:
+            raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
 
     def json(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
         """A small JSON call; a non-2xx answer raises the ApiError a client should see."""
@@ -239,16 +243,13 @@ class Upstream:
         conn = self._new_connection()
         try:
             conn.connect()
+            resp = self._ask(conn, "GET", "/health", None, STOPPED_CHECK_SECONDS)
         except ConnectionRefusedError:
             return f"llama-server at {self.base} stopped (its port refuses connections)"
-        except OSError:
+        except (OSError, ApiError):
             return None
         finally:
             conn.close()
-        try:
-            resp = self.request("GET", "/health", timeout=STOPPED_CHECK_SECONDS)
-        except ApiError:
-            return None
         if resp.status_code == 503 and b"Loading model" in resp.content:
             return f"llama-server at {self.base} was restarted (a new one is loading its model)"
         return None
