@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from proxy.config import load_env_file
-from proxy.metrics import ClientLabels, client_family
+from proxy.metrics import Call, ClientLabels, client_family
 from tests.support.waiting import wait_until
 
 
@@ -26,6 +26,16 @@ def test_client_labels_are_bounded():
     labels = ClientLabels(limit=3)
     assert [labels(f"agent{i}/1.0") for i in range(5)] == ["agent0", "agent1", "agent2", "other", "other"]
     assert labels("agent1/2.0") == "agent1"  # a known family stays itself
+
+
+def test_a_request_names_its_session_the_way_its_agent_does():
+    claude_code = {"HTTP_X_CLAUDE_CODE_SESSION_ID": " 3f2a ", "HTTP_SESSION_ID": "other"}
+    codex = {"HTTP_SESSION_ID": "01a2457f", "HTTP_USER_AGENT": "codex_exec/0.171.0"}
+    assert Call.of("/v1/messages", claude_code).session == Call.of("/v1/chat/completions", claude_code).session == "3f2a"
+    assert Call.of("/v1/responses", codex).session == "01a2457f"
+    # On the Anthropic routes a named session means Claude Code to the classifier: Codex's header is not one.
+    assert Call.of("/v1/messages", codex).session is None
+    assert Call.of("/v1/responses", {}).session is None
 
 
 def test_env_file_fills_only_unset_variables(tmp_path):
