@@ -34,6 +34,9 @@ log = logging.getLogger("llamabridge.proxy")
 OPENAI_ROUTES = {
     "/v1/chat/completions": ("POST",),
     "/v1/completions": ("POST",),
+    "/v1/responses": ("POST",),
+    "/completion": ("POST",),
+    "/infill": ("POST",),
     "/v1/embeddings": ("POST",),
     "/v1/models": ("GET",),
 }

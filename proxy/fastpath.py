@@ -1,10 +1,10 @@
 """The busiest routes' ordinary requests, served in front of Flask's request handling.
 
-`POST /v1/messages`, `/v1/chat/completions` and `/v1/completions` are what agents send on every
-turn. On a small machine Flask's part of such a request (request and response objects, URL
-matching, context push and pop, after-request hooks) costs 0.35 to 0.5 ms, more than the
-relay's own work: the benchmark's reference rows (`make bench`, bench/floor.py) measure it.
-So a POST to one of those routes with a body that is a JSON object within the size limit goes
+`POST /v1/messages` and the generation routes (`/v1/chat/completions`, `/v1/completions`,
+`/v1/responses`, `/completion`, `/infill`) are what agents send on every turn. On a small
+machine Flask's part of such a request (request and response objects, URL matching, context
+push and pop, after-request hooks) costs 0.35 to 0.5 ms, more than the relay's own work: the
+benchmark's reference rows (`make bench`, bench/floor.py) measure it. So a POST to one of those routes with a body that is a JSON object within the size limit goes
 from WSGI straight to the route's handler, the same function its Flask view calls.
 
 Everything else is Flask's, so its answers stay the only ones: other routes and methods, and a

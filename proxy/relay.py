@@ -1,7 +1,10 @@
 """OpenAI routes, relayed to llama-server as they are and streamed without buffering.
 
-Cline, Continue, Aider, Cursor and the OpenAI SDKs already speak llama-server's dialect; the
-proxy adds one port for every agent, the admission gate (generation requests wait for a slot
+Cline, Continue, Aider, Cursor and the OpenAI SDKs already speak llama-server's dialect, and
+so do the clients of its other generation routes: the Responses API (the OpenAI SDK's
+`responses.create`, Codex CLI, the OpenAI Agents SDK) and llama-server's native `/completion`
+and `/infill` (Continue's llama.cpp provider, llama.vscode's code completion). The proxy adds
+one port for every agent, the admission gate (generation requests wait for a slot
 with Claude Code's, at interactive priority), uniform errors when llama-server is down, and
 closing the upstream request the moment the client leaves. The one change to a body: with
 more than one slot, `id_slot` names the slot the gate admitted it to. The one change to an
@@ -13,6 +16,7 @@ report it instead of retrying.
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
 from typing import Iterator
 
@@ -28,8 +32,11 @@ from .upstream import BROKEN_CONNECTION, read_all, relay_headers, stream_chunks
 
 log = logging.getLogger("llamabridge.relay")
 
-# Routes that run a generation on a slot, and so go through the gate.
-GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+# Routes that run a generation on a slot, and so go through the gate: a client that reached
+# llama-server some other way would take the slot from under a Claude Code turn, or wait in
+# llama-server's own queue where no priority applies. llama-server reads `id_slot` on all of
+# them (the Responses API's body is converted to a chat completion with every other field kept).
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/completion", "/infill")
 
 
 def relay(method: str, path: str, parsed: dict | None, raw_body: bytes | None, content_type: str | None,
@@ -79,9 +86,19 @@ def generation(path: str, parsed: dict, raw_body: bytes, services: Services, wat
     return answer.status, headers, gen.relay(chunks, broken)
 
 
+# The two objects the request log's usage comes from, found by their keys near the end of an
+# answer (a JSON string cannot hold `"timings":` unescaped, so a match is the real key). Flat
+# `timings`; `usage` holds one level of details.
+_TIMINGS = re.compile(rb'"timings":\s*(\{[^{}]*\})')
+_USAGE = re.compile(rb'"usage":\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
+
+
 def _noting_usage(chunks: Iterator[bytes], call: Call, keep: int = 16384) -> Iterator[bytes]:
     """Relay bytes untouched, then read the usage for the request log from the tail of the
-    answer: llama-server puts `timings` in the JSON body, or in the last chunks of a stream."""
+    answer. llama-server ends every answer with it: `timings` at the end of a JSON body or in a
+    stream's last chunks, or only `usage` in a non-streamed Responses answer. The object is
+    found by its key rather than by parsing the whole last line, which can be larger than the
+    tail kept (a Responses stream's last event repeats the whole reply)."""
     tail: deque[bytes] = deque()  # the last chunks, at least `keep` bytes of them
     size = 0
     for chunk in chunks:
@@ -90,16 +107,18 @@ def _noting_usage(chunks: Iterator[bytes], call: Call, keep: int = 16384) -> Ite
         while size - len(tail[0]) >= keep:
             size -= len(tail.popleft())
         yield chunk
-    for line in reversed(b"".join(tail).split(b"\n")):
-        payload = line[5:].strip() if line.startswith(b"data:") else line.strip()
-        if b'"timings"' not in payload:
+    end = b"".join(tail)
+    for name, pattern in (("timings", _TIMINGS), ("usage", _USAGE)):
+        at = end.rfind(b'"%s":' % name.encode())
+        found = pattern.match(end, at) if at >= 0 else None
+        if found is None:
             continue
         try:
-            answer = fastjson.loads(payload)
+            value = fastjson.loads(found.group(1))
         except ValueError:
             continue
-        if isinstance(answer, dict) and isinstance(answer.get("timings"), dict):
-            call.usage(translate.usage_from(answer))
+        if (usage := translate.usage_from({name: value})) is not None:
+            call.usage(usage)
             return
 
 

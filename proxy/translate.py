@@ -529,7 +529,8 @@ def _check_chunk(chunk: dict) -> None:
 
 
 def usage_from(chunk: dict) -> dict[str, int] | None:
-    """Anthropic usage from an OpenAI chunk's `timings` (preferred) or `usage`.
+    """Anthropic usage from an OpenAI chunk's `timings` (preferred) or `usage` (Chat
+    Completions' names, or the Responses API's).
 
     llama-server's `timings.prompt_n` counts only the prompt tokens it evaluated; `cache_n`
     those it reused from the slot's cache. Anthropic's `input_tokens` is the uncached part and
@@ -543,16 +544,23 @@ def usage_from(chunk: dict) -> dict[str, int] | None:
             "output_tokens": token_count(timings.get("predicted_n")),
         }
     usage = chunk.get("usage")
-    if isinstance(usage, dict):
-        prompt = token_count(usage.get("prompt_tokens"))
-        details = usage.get("prompt_tokens_details") or {}
-        cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0
-        return {
-            "input_tokens": max(prompt - cached, 0),
-            "cache_read_input_tokens": cached,
-            "output_tokens": token_count(usage.get("completion_tokens")),
-        }
-    return None
+    if not isinstance(usage, dict):
+        return None
+    # Chat Completions' names, or the Responses API's; either way the prompt count includes the
+    # cached tokens.
+    names = _RESPONSES_USAGE if "input_tokens" in usage else _CHAT_USAGE
+    prompt = token_count(usage.get(names[0]))
+    details = usage.get(names[1]) or {}
+    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    return {
+        "input_tokens": max(prompt - cached, 0),
+        "cache_read_input_tokens": cached,
+        "output_tokens": token_count(usage.get(names[2])),
+    }
+
+
+_CHAT_USAGE = ("prompt_tokens", "prompt_tokens_details", "completion_tokens")
+_RESPONSES_USAGE = ("input_tokens", "input_tokens_details", "output_tokens")
 
 
 class UpstreamStreamError(Exception):

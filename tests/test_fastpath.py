@@ -60,6 +60,9 @@ HEADERS = {"User-Agent": "claude-cli/2.1.328 (external, cli)", "X-Claude-Code-Se
 @pytest.mark.parametrize("path, data, status, says", [
     ("/v1/chat/completions", COMPLETION, "503", "llama-server is unreachable"),
     ("/v1/completions", COMPLETION, "503", "llama-server is unreachable"),
+    ("/v1/responses", json.dumps({"model": "m", "input": "hi"}).encode(), "503", "llama-server is unreachable"),
+    ("/completion", json.dumps({"prompt": "hi", "n_predict": 1}).encode(), "503", "llama-server is unreachable"),
+    ("/infill", json.dumps({"input_prefix": "a", "input_suffix": "b"}).encode(), "503", "llama-server is unreachable"),
     ("/v1/messages", MESSAGE, "529", "llama-server is unreachable"),
     ("/v1/messages", json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": []}).encode(), "400", "at least one message"),
 ])

@@ -116,17 +116,25 @@ OPENAI_CHAT = {
     ],
 }
 OPENAI_BODIES = [("/v1/chat/completions", OPENAI_CHAT), ("/v1/chat/completions", dict(OPENAI_CHAT, stream=True)),
-                 ("/v1/completions", {"model": "any", "prompt": "def f(", "max_tokens": 8})]
+                 ("/v1/completions", {"model": "any", "prompt": "def f(", "max_tokens": 8}),
+                 ("/v1/responses", {"model": "any", "instructions": "Be brief.", "max_output_tokens": 8, "input": [
+                     {"role": "user", "content": [{"type": "input_text", "text": "Read it."}]},
+                     {"type": "function_call", "call_id": "call_1", "name": "read_file", "arguments": "{\"path\": \"a\"}"},
+                     {"type": "function_call_output", "call_id": "call_1", "output": "hello"}],
+                  "tools": [{"type": "function", "name": "read_file", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}]}),
+                 ("/v1/responses", {"model": "any", "input": "hi", "max_output_tokens": 8, "stream": True}),
+                 ("/completion", {"prompt": "def f(", "n_predict": 8, "stream": True})]
 
 
 def bounded(path: str, body: Any) -> Any:
     """Keep generations short (the tiny model may not stop before its context is full): a large
-    max_tokens becomes 64, and an OpenAI body that lost it gets it back; any other change to it
-    stays, being what is tested."""
+    max_tokens (max_output_tokens, n_predict) becomes 64, and an OpenAI body that lost it gets it
+    back; any other change to it stays, being what is tested."""
     if isinstance(body, dict):
-        if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 64:
-            body["max_tokens"] = 64
-        if "max_tokens" not in body and not path.startswith("/v1/messages"):
+        for limit in ("max_tokens", "max_output_tokens", "n_predict"):
+            if isinstance(body.get(limit), int) and body[limit] > 64:
+                body[limit] = 64
+        if not path.startswith("/v1/messages") and not any(limit in body for limit in ("max_tokens", "max_output_tokens", "n_predict")):
             body["max_tokens"] = 64
     return body
 

@@ -214,6 +214,52 @@ def test_openai_legacy_completions_and_models(oai, llama):
     assert raw["data"][0]["meta"]["n_ctx"] > 0
 
 
+def generated_tokens(proxy) -> float:
+    return metric(proxy.url, "llamabridge_proxy_tokens_total", {"kind": "generated"})
+
+
+def test_openai_sdk_responses_streamed_and_not_with_their_usage_recorded(oai, proxy):
+    """The Responses API (the OpenAI SDK's responses.create, Codex CLI) goes through the gate
+    like a chat completion, and its usage reaches the proxy's metrics and request log."""
+    before = generated_tokens(proxy)
+    session = f"codex-{time.time_ns()}"  # Codex CLI names its session in this header
+    out = oai.responses.create(model="anything", input="hi", instructions="Be brief.", max_output_tokens=8,
+                               extra_headers={"session-id": session})
+    assert out.status == "completed" and isinstance(out.output_text, str)
+    wait_until(lambda: generated_tokens(proxy) - before == out.usage.output_tokens >= 1, what="the usage to be recorded")
+    wait_until(lambda: f"/v1/responses class=openai status=200 handled=upstream session={session} " in proxy.log_text(),
+               what="the request log line naming the session")
+
+    before = generated_tokens(proxy)
+    events = list(oai.responses.create(model="anything", input=[{"role": "user", "content": "hi"}], max_output_tokens=8, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed" and "response.output_text.delta" in kinds
+    done = events[-1].response
+    assert done.output_text == "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    wait_until(lambda: generated_tokens(proxy) - before == done.usage.output_tokens >= 1, what="the usage to be recorded")
+    assert metric(proxy.url, "llamabridge_proxy_requests_total", {"route": "/v1/responses", "class": "openai", "status": "200"}) >= 2
+
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):  # llama-server's own refusal, relayed
+        oai.responses.create(model="anything", input="hi", previous_response_id="resp_1")
+
+
+def test_native_completion_and_infill_are_relayed(proxy, llama):
+    """llama-server's own routes that editors use: /completion (Continue's llama.cpp provider)
+    and /infill (llama.vscode's code completion)."""
+    before = generated_tokens(proxy)
+    chunks = []
+    with requests.post(proxy.url + "/completion", json={"prompt": "def f(", "n_predict": 6, "stream": True}, stream=True, timeout=60) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith(b"data: ")]
+    assert chunks[-1]["stop"] is True and chunks[-1]["timings"]["predicted_n"] >= 1
+    wait_until(lambda: generated_tokens(proxy) - before == chunks[-1]["timings"]["predicted_n"], what="the usage to be recorded")
+    # The tiny model has no fill-in-the-middle tokens, so llama-server refuses: its answer, not a 404 of the proxy's.
+    infill = requests.post(proxy.url + "/infill", json={"input_prefix": "def f(", "input_suffix": ")", "n_predict": 4}, timeout=60)
+    direct = requests.post(llama.url + "/infill", json={"input_prefix": "def f(", "input_suffix": ")", "n_predict": 4}, timeout=60)
+    assert (infill.status_code, infill.json()) == (direct.status_code, direct.json())
+    assert infill.json()["error"]["type"] == "not_supported_error"
+
+
 def test_both_sdks_list_and_retrieve_the_model_with_its_real_window(claude, oai, llama):
     """One path, two shapes: the Anthropic SDK reads ModelInfo pages, the OpenAI SDK its list."""
     n_ctx = requests.get(llama.url + "/props", timeout=5).json()["default_generation_settings"]["n_ctx"]

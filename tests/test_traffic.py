@@ -218,6 +218,25 @@ def test_queued_requests_are_served_by_priority_then_arrival(pass_proxy, llama):
     assert admitted == ["main-1", "main-2", "subagent-1", "subagent-2", "background-1", "background-2"]
 
 
+def test_every_generation_route_waits_for_the_slot_in_the_proxy(pass_proxy, llama):
+    """The Responses API and llama-server's native /completion and /infill queue in the gate
+    like chat completions, so llama-server never holds a second request in its own queue."""
+    routes = [("/v1/responses", {"input": "hi", "max_output_tokens": 4}),
+              ("/v1/completions", {"prompt": "hi", "max_tokens": 4}),
+              ("/completion", {"prompt": "hi", "n_predict": 4}),
+              ("/infill", {"input_prefix": "def f(", "input_suffix": ")", "n_predict": 4})]
+    with UpstreamMonitor(llama) as upstream, concurrent.futures.ThreadPoolExecutor(len(routes) + 1) as pool:
+        holder = pool.submit(requests.post, pass_proxy.url + "/v1/chat/completions", json=LONG_HOLD, timeout=120)
+        wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_in_flight") == 1, what="the holder to run")
+        waiting = {path: pool.submit(requests.post, pass_proxy.url + path, json=body, timeout=120) for path, body in routes}
+        wait_until(lambda: proxy_metric(pass_proxy, "llamabridge_proxy_queue_depth") == len(routes), what="every route to queue")
+        assert not any(f.done() for f in waiting.values()) and not holder.done()
+        assert holder.result(timeout=120).status_code == 200
+        statuses = {path: f.result(timeout=120).status_code for path, f in waiting.items()}
+    assert statuses == {"/v1/responses": 200, "/v1/completions": 200, "/completion": 200, "/infill": 501}  # no FIM tokens in the tiny model
+    assert upstream.samples > 0 and upstream.max_deferred == 0 and upstream.max_processing <= 1
+
+
 @pytest.fixture()
 def tight_proxy(llama):
     with processes.proxy(llama.url, QUEUE_MAX="1", QUEUE_TIMEOUT="1.5") as server:
