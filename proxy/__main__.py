@@ -7,6 +7,7 @@ One gunicorn process with threads (gthread), never several processes: per-sessio
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from types import SimpleNamespace
@@ -43,7 +44,8 @@ def context_from_proxy(base: str) -> SimpleNamespace | None:
 
 
 def print_env(settings: Settings) -> int:
-    """The environment that points Claude Code and OpenAI clients at this proxy."""
+    """What points Claude Code, OpenAI clients and Codex at this proxy: shell exports, and lines
+    to copy into settings and config files."""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}"
     info = context_from_proxy(base)
@@ -85,6 +87,14 @@ def print_env(settings: Settings) -> int:
     print("# Aider, OpenAI SDKs")
     print(f"export OPENAI_BASE_URL={base}/v1")
     print("export OPENAI_API_KEY=llamabridge")
+    # Codex takes a provider only from its config file, and speaks only the Responses API. Its
+    # context meter and compaction go by model_context_window for a model it has no metadata for.
+    print("# Codex CLI: these lines in ~/.codex/config.toml (the model name is any; llama-server serves its own)")
+    name = (info.model or "").rstrip("/").rsplit("/", 1)[-1] if info else ""
+    for line in (f"model = {json.dumps(name or 'local')}", 'model_provider = "llamabridge"',
+                 *([f"model_context_window = {info.n_ctx}"] if info and info.n_ctx else []),
+                 "[model_providers.llamabridge]", 'name = "llamabridge"', f'base_url = "{base}/v1"', 'wire_api = "responses"'):
+        print(f"#   {line}")
     if info:
         print(f"# model: {info.model}  context: {info.n_ctx} tokens  slots: {info.total_slots}")
     return 0

@@ -1,7 +1,7 @@
 """Shared fixtures: the real llama-server on the tiny generated model, the real proxy, captures.
 
 The binaries and the model come from the Makefile (`make test` sets LLAMA_SERVER_BIN,
-TINY_MODEL and CLAUDE_BIN). A missing prerequisite fails, naming the target that provides it:
+TINY_MODEL, CLAUDE_BIN and CODEX_BIN). A missing prerequisite fails, naming the target that provides it:
 nothing in this suite is skipped.
 """
 
@@ -52,6 +52,11 @@ def tiny_model() -> str:
 @pytest.fixture(scope="session")
 def claude_bin() -> str:
     return _required_path("CLAUDE_BIN", "claude-code")
+
+
+@pytest.fixture(scope="session")
+def codex_bin() -> str:
+    return _required_path("CODEX_BIN", "codex")
 
 
 @pytest.fixture(scope="session")
