@@ -44,7 +44,7 @@ def context_from_proxy(base: str) -> SimpleNamespace | None:
 
 
 def print_env(settings: Settings) -> int:
-    """What points Claude Code, OpenAI clients and Codex at this proxy: shell exports, and lines
+    """What points Claude Code, OpenAI clients, Aider and Codex at this proxy: shell exports, and lines
     to copy into settings and config files."""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}"
@@ -84,13 +84,26 @@ def print_env(settings: Settings) -> int:
     print("# Cline (settings, API Provider \"OpenAI Compatible\"); Continue and Cursor take the same values")
     print(f"#   Base URL: {base}/v1   API Key: llamabridge   Model ID: {info.model if info else '<any>'}"
           + (f"   Context Window Size: {info.n_ctx}" if info and info.n_ctx else ""))
-    print("# Aider, OpenAI SDKs")
+    print("# OpenAI SDKs and Aider")
     print(f"export OPENAI_BASE_URL={base}/v1")
     print("export OPENAI_API_KEY=llamabridge")
+    # The model's short name (llama-server's may be the GGUF's path): any name is served.
+    name = (info.model or "").rstrip("/").rsplit("/", 1)[-1] if info else ""
+    # Aider reaches an OpenAI-compatible server through litellm's `openai/` prefix; without a
+    # model it takes gpt-4o and that model's 128k window. It learns another model's window only
+    # from a metadata file. Without one it never warns before a prompt llama-server will refuse,
+    # and keeps just 1k tokens of chat history before summarizing it with the model (a generation
+    # on the slot); with one, a sixteenth of the window (1k to 8k).
+    aider_model = f"openai/{name or 'local'}"
+    print(f"export AIDER_MODEL={shlex.quote(aider_model)}")
+    if info and info.n_ctx:
+        print("# Aider's context window (its /tokens meter and its warnings): this line as ~/.aider.model.metadata.json")
+        metadata = {aider_model: {"max_input_tokens": info.n_ctx, "max_output_tokens": info.n_ctx, "input_cost_per_token": 0,
+                                  "output_cost_per_token": 0, "litellm_provider": "openai", "mode": "chat"}}
+        print(f"#   {json.dumps(metadata)}")
     # Codex takes a provider only from its config file, and speaks only the Responses API. Its
     # context meter and compaction go by model_context_window for a model it has no metadata for.
     print("# Codex CLI: these lines in ~/.codex/config.toml (the model name is any; llama-server serves its own)")
-    name = (info.model or "").rstrip("/").rsplit("/", 1)[-1] if info else ""
     for line in (f"model = {json.dumps(name or 'local')}", 'model_provider = "llamabridge"',
                  *([f"model_context_window = {info.n_ctx}"] if info and info.n_ctx else []),
                  "[model_providers.llamabridge]", 'name = "llamabridge"', f'base_url = "{base}/v1"', 'wire_api = "responses"'):

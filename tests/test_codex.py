@@ -30,14 +30,6 @@ def codex_config(proxy) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(scope="module")
-def bounded_stack(llama_server_bin, tiny_model):
-    """Codex sends no output limit, and the tiny model's words sometimes never end: this
-    llama-server caps every reply at 64 tokens (-n)."""
-    with processes.llama_server(llama_server_bin, tiny_model, extra=["-n", "64"]) as llama, processes.proxy(llama.url) as proxy:
-        yield proxy
-
-
 def run_codex(codex_bin: str, config: str, home: Path, cwd: Path, prompt: str) -> subprocess.CompletedProcess:
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(config)
@@ -47,8 +39,8 @@ def run_codex(codex_bin: str, config: str, home: Path, cwd: Path, prompt: str) -
                           capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
 
 
-def test_codex_exec_through_the_proxy_to_llama_server(codex_bin, bounded_stack, tmp_path):
-    proxy = bounded_stack
+def test_codex_exec_through_the_proxy_to_llama_server(codex_bin, bounded_proxy, tmp_path):
+    proxy = bounded_proxy
     work = tmp_path / "work"
     work.mkdir()
     config = codex_config(proxy)
