@@ -82,6 +82,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed-test pyproject.toml
 	touch $@
 
 test-unit: $(VENV)/.installed-test ## only the tests that need no llama-server
+	@bash scripts/system-deps.sh  # promtool checks Prometheus' config
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
 up: ## the docker compose stack: llama-server (GPU; LLAMA_DEVICE=cpu for the CPU image; none with LLAMA_URL), proxy, collector, Prometheus, Grafana
