@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import processes
+from tests.support import make_env
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -23,23 +21,20 @@ pytestmark = pytest.mark.integration
 API_KEY = "sk-aider-test-not-a-real-key"
 
 
-def aider_env(proxy, home: Path, grammar: str | None = 'root ::= "Done."') -> dict[str, str]:
+def aider_env(proxy, home: Path) -> dict[str, str]:
     """A user's environment after following `make env`: every export, and the metadata file.
 
     Not the user's: the tiny model's words are noise that may not end before the server's cap
     (Aider then reports a token limit instead of the usage), so a grammar, passed through Aider's
     own model settings file to llama-server, makes every reply one fixed word that ends in a stop."""
-    out = subprocess.run([sys.executable, "-m", "proxy", "env"], env=dict(os.environ, PROXY_PORT=str(proxy.port)),
-                         capture_output=True, text=True, timeout=60, cwd=processes.ROOT, check=True).stdout
-    exported = dict(word.split("=", 1) for line in out.splitlines() if line.startswith("export ")
-                    for word in shlex.split(line, comments=True)[1:])
+    out = make_env.output(proxy.port)
+    exported = make_env.exports(out)
     metadata = out.split("# Aider's context window")[1].splitlines()[1]
     assert metadata.startswith("#   {"), out
     home.mkdir(exist_ok=True)
     (home / ".aider.model.metadata.json").write_text(metadata.removeprefix("#   ") + "\n")
-    if grammar is not None:
-        settings = [{"name": exported["AIDER_MODEL"], "extra_params": {"extra_body": {"grammar": grammar}}}]
-        (home / ".aider.model.settings.yml").write_text(json.dumps(settings))  # JSON is YAML
+    settings = [{"name": exported["AIDER_MODEL"], "extra_params": {"extra_body": {"grammar": 'root ::= "Done."'}}}]
+    (home / ".aider.model.settings.yml").write_text(json.dumps(settings))  # JSON is YAML
     # The user's own key (any value does) must not reach the proxy's log.
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), **exported, "OPENAI_API_KEY": API_KEY}
 

@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.support import processes
+from tests.support import make_env, processes
 from tests.support.scripted_upstream import ScriptedUpstream
 
 pytestmark = pytest.mark.integration
@@ -80,10 +78,7 @@ def test_make_env_makes_claude_code_see_the_servers_real_context_window(claude_b
     CLAUDE_CODE_AUTO_COMPACT_WINDOW, and for its own model names (its default among them) it
     ignores CLAUDE_CODE_MAX_CONTEXT_TOKENS; so the lines must also name a model it does not know."""
     n_ctx = requests.get(llama.url + "/props", timeout=5).json()["default_generation_settings"]["n_ctx"]
-    out = subprocess.run([sys.executable, "-m", "proxy", "env"], env=dict(os.environ, PROXY_PORT=str(proxy.port)),
-                         capture_output=True, text=True, timeout=60, cwd=processes.ROOT, check=True).stdout
-    exported = dict(word.split("=", 1) for line in out.splitlines() if line.startswith("export ")
-                    for word in shlex.split(line, comments=True)[1:])
+    exported = make_env.exports(make_env.output(proxy.port))
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()
     work.mkdir()

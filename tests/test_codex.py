@@ -9,12 +9,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import processes
+from tests.support import make_env
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -22,8 +21,7 @@ pytestmark = pytest.mark.integration
 
 def codex_config(proxy) -> str:
     """The config.toml lines `make env` prints for Codex (`python -m proxy env`), as a user copies them."""
-    out = subprocess.run([sys.executable, "-m", "proxy", "env"], env=dict(os.environ, PROXY_PORT=str(proxy.port)),
-                         capture_output=True, text=True, timeout=60, cwd=processes.ROOT).stdout
+    out = make_env.output(proxy.port)
     block = out.split("# Codex CLI")[1].split("\n", 1)[1]
     lines = [line.removeprefix("#   ") for line in block.splitlines() if line.startswith("#   ")]
     assert lines, out

@@ -1,0 +1,22 @@
+"""What `make env` (`python -m proxy env`) prints for a running proxy, read as a user would use it:
+the exports pasted into a shell, the commented lines copied into a client's config file."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+from tests.support import processes
+
+
+def output(proxy_port: int) -> str:
+    return subprocess.run([sys.executable, "-m", "proxy", "env"], env=dict(os.environ, PROXY_PORT=str(proxy_port)),
+                          capture_output=True, text=True, timeout=60, cwd=processes.ROOT, check=True).stdout
+
+
+def exports(out: str) -> dict[str, str]:
+    """Every `export NAME=value` line, as a shell would set them."""
+    return dict(word.split("=", 1) for line in out.splitlines() if line.startswith("export ")
+                for word in shlex.split(line, comments=True)[1:])
