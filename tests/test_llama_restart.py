@@ -8,6 +8,8 @@ wait UPSTREAM_READ_TIMEOUT with the slot, and every request queued behind it, he
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,6 +34,36 @@ def generating(llama_url: str) -> bool:
         return False
 
 
+def accept_thread(pid: int) -> int | None:
+    """The id of llama-server's thread waiting in accept(), or None while it is between calls."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                if f.read().strip() == "inet_csk_accept":
+                    return int(tid)
+        except FileNotFoundError:  # a thread that just ended
+            continue
+    return None
+
+
+def sigterm(pid: int) -> None:
+    """Stop llama-server as `kill` does, but with the signal handed to its accept() thread.
+
+    llama-server's handler (server.cpp signal_handler -> server_queue::terminate) locks the task
+    queue's mutex. `kill` gives a signal to the main thread whenever that thread can take it, and
+    when that thread holds the same mutex at that instant (server_queue::yield_to_queue, on every
+    decode) the handler waits for its own lock: llama-server deadlocks with its port open and
+    never stops (1 run in 60 here with the CPU busy, once in CI; the gdb backtrace shows
+    signal_handler -> terminate -> pthread_mutex_lock under yield_to_queue). That is
+    llama-server's bug, not what this test is about, so the signal goes to the one thread that
+    never takes the mutex. (A user's second Ctrl-C, `make run`'s SIGKILL after its grace period
+    and `docker stop`'s after ten seconds all end such a llama-server.)
+    """
+    tid = wait_until(lambda: accept_thread(pid), what="llama-server's thread waiting in accept()")
+    if ctypes.CDLL(None, use_errno=True).tgkill(pid, tid, signal.SIGTERM) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
 def test_a_request_in_flight_when_llama_server_stops_is_answered_and_the_next_one_reaches_its_successor(
         llama_server_bin, tiny_model):
     port = processes.free_port()
@@ -42,7 +74,7 @@ def test_a_request_in_flight_when_llama_server_stops_is_answered_and_the_next_on
             pending = pool.submit(requests.post, proxy.url + "/v1/chat/completions", json=LONG, timeout=300)
             wait_until(lambda: generating(old.url), what="llama-server generating the long request")
             assert old.proc is not None
-            old.proc.send_signal(signal.SIGTERM)
+            sigterm(old.proc.pid)
             resp = pending.result()
             assert resp.status_code == 503, resp.text
             assert "stopped (its port refuses connections) while this request waited" in resp.json()["error"]["message"]
