@@ -26,6 +26,8 @@ SERVER_OPTIONS = {"timeout": 120, "graceful_timeout": 10, "keepalive": 75}
 # Claude Code 2.1.328 refuses CLAUDE_CODE_AUTO_COMPACT_WINDOW below this ("set it to a size of
 # at least 100k"), so a smaller local context cannot make it compact early.
 MIN_AUTO_COMPACT_WINDOW = 100_000
+# OpenCode (1.18) never asks for more output than this, whatever a model's limit says.
+OPENCODE_MAX_OUTPUT = 32_000
 
 
 def context_from_proxy(base: str) -> SimpleNamespace | None:
@@ -43,8 +45,24 @@ def context_from_proxy(base: str) -> SimpleNamespace | None:
     return SimpleNamespace(model=model.get("id"), n_ctx=int(model["context_window"]), total_slots=model.get("slots"))
 
 
+def opencode_config(base: str, model: str, n_ctx: int) -> dict:
+    """OpenCode's config for this proxy: one provider (OpenCode's OpenAI-compatible adapter) with
+    one model and its real window, chosen as the default model."""
+    output = min(OPENCODE_MAX_OUTPUT, n_ctx // 4)
+    return {
+        "$schema": "https://opencode.ai/config.json",
+        "model": f"llamabridge/{model}",
+        "provider": {"llamabridge": {
+            "npm": "@ai-sdk/openai-compatible",
+            "name": "llamabridge",
+            "options": {"baseURL": f"{base}/v1", "apiKey": "llamabridge"},
+            "models": {model: {"name": model, "limit": {"context": n_ctx, "output": output}}},
+        }},
+    }
+
+
 def print_env(settings: Settings) -> int:
-    """What points Claude Code, OpenAI clients, Aider and Codex at this proxy: shell exports, and lines
+    """What points Claude Code, OpenAI clients, Aider, OpenCode and Codex at this proxy: shell exports, and lines
     to copy into settings and config files."""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}"
@@ -101,6 +119,14 @@ def print_env(settings: Settings) -> int:
         metadata = {aider_model: {"max_input_tokens": info.n_ctx, "max_output_tokens": info.n_ctx, "input_cost_per_token": 0,
                                   "output_cost_per_token": 0, "litellm_provider": "openai", "mode": "chat"}}
         print(f"#   {json.dumps(metadata)}")
+    # OpenCode takes a local server only as a provider in its config file. Without a model limit
+    # it never compacts, and the turn that outgrows the window is refused by llama-server. A limit
+    # needs both the window and the output it keeps free for the reply: it compacts once a step
+    # has used the window less that output, so a large output on a small window would compact
+    # after every turn. A quarter of the window: it compacts at three quarters, and a reply fits.
+    if info and info.n_ctx:
+        print("# OpenCode: this line as opencode.json in the project, or as ~/.config/opencode/opencode.json")
+        print(f"#   {json.dumps(opencode_config(base, name or 'local', info.n_ctx))}")
     # Codex takes a provider only from its config file, and speaks only the Responses API. Its
     # context meter and compaction go by model_context_window for a model it has no metadata for.
     print("# Codex CLI: these lines in ~/.codex/config.toml (the model name is any; llama-server serves its own)")

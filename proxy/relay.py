@@ -1,6 +1,6 @@
 """OpenAI routes, relayed to llama-server as they are and streamed without buffering.
 
-Cline, Continue, Aider, Cursor and the OpenAI SDKs already speak llama-server's dialect, and
+Cline, Continue, Aider, OpenCode, Cursor and the OpenAI SDKs already speak llama-server's dialect, and
 so do the clients of its other generation routes: the Responses API (the OpenAI SDK's
 `responses.create`, Codex CLI, the OpenAI Agents SDK) and llama-server's native `/completion`
 and `/infill` (Continue's llama.cpp provider, llama.vscode's code completion). The proxy adds

@@ -1,7 +1,7 @@
 """Shared fixtures: the real llama-server on the tiny generated model, the real proxy, captures.
 
 The binaries and the model come from the Makefile (`make test` sets LLAMA_SERVER_BIN,
-TINY_MODEL, CLAUDE_BIN, CODEX_BIN and AIDER_BIN). A missing prerequisite fails, naming the target that provides it:
+TINY_MODEL, CLAUDE_BIN, CODEX_BIN, AIDER_BIN and OPENCODE_BIN). A missing prerequisite fails, naming the target that provides it:
 nothing in this suite is skipped.
 """
 
@@ -65,6 +65,11 @@ def aider_bin() -> str:
 
 
 @pytest.fixture(scope="session")
+def opencode_bin() -> str:
+    return _required_path("OPENCODE_BIN", "opencode")
+
+
+@pytest.fixture(scope="session")
 def llama(llama_server_bin, tiny_model):
     """One real llama-server for the session: 1 slot, 32768 tokens of context (Claude Code's prompt is ~20k), -t 1."""
     with processes.llama_server(llama_server_bin, tiny_model) as server:
@@ -80,7 +85,7 @@ def proxy(llama):
 @pytest.fixture(scope="module")
 def bounded_proxy(llama_server_bin, tiny_model):
     """A proxy on a llama-server of its own that caps every reply at 64 tokens (-n), for agents
-    that send no output limit (Codex, Aider): the tiny model's words sometimes never end."""
+    that send no output limit (Codex, Aider) or a large one (OpenCode): the tiny model's words sometimes never end."""
     with processes.llama_server(llama_server_bin, tiny_model, extra=["-n", "64"]) as llama, processes.proxy(llama.url) as proxy:
         yield proxy
 
