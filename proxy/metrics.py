@@ -30,9 +30,10 @@ log = logging.getLogger("llamabridge.request")
 # key on it.
 SESSION_HEADER = "X-Claude-Code-Session-Id"
 _SESSION_KEY = "HTTP_" + SESSION_HEADER.upper().replace("-", "_")
-# Codex CLI names its session in `session-id`. Read on the OpenAI routes only: on /v1/messages a
-# named session is what tells the classifier a request is Claude Code's.
-_OPENAI_SESSION_KEY = "HTTP_SESSION_ID"
+# Codex CLI names its session in `session-id`, OpenCode in `X-Session-Id`. Read on the OpenAI
+# routes only: on /v1/messages a named session is what tells the classifier a request is Claude
+# Code's.
+_OPENAI_SESSION_KEYS = ("HTTP_SESSION_ID", "HTTP_X_SESSION_ID")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -113,7 +114,7 @@ class Call:
         """A new record for the request in this WSGI environ (its agent and Claude Code session)."""
         session = environ.get(_SESSION_KEY, "").strip()[:100] or None
         if session is None and not route.startswith("/v1/messages"):
-            session = environ.get(_OPENAI_SESSION_KEY, "").strip()[:100] or None
+            session = next((value for key in _OPENAI_SESSION_KEYS if (value := environ.get(key, "").strip()[:100])), None)
         return cls(route=route, client=environ.get("HTTP_USER_AGENT", "-"), session=session)
 
 

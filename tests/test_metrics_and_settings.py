@@ -33,8 +33,12 @@ def test_a_request_names_its_session_the_way_its_agent_does():
     codex = {"HTTP_SESSION_ID": "01a2457f", "HTTP_USER_AGENT": "codex_exec/0.171.0"}
     assert Call.of("/v1/messages", claude_code).session == Call.of("/v1/chat/completions", claude_code).session == "3f2a"
     assert Call.of("/v1/responses", codex).session == "01a2457f"
-    # On the Anthropic routes a named session means Claude Code to the classifier: Codex's header is not one.
+    opencode = {"HTTP_X_SESSION_ID": "ses_db7e", "HTTP_X_SESSION_AFFINITY": "ses_db7e", "HTTP_USER_AGENT": "opencode/1.18.33"}
+    assert Call.of("/v1/chat/completions", opencode).session == "ses_db7e"
+    # On the Anthropic routes a named session means Claude Code to the classifier: Codex's and
+    # OpenCode's headers are not one.
     assert Call.of("/v1/messages", codex).session is None
+    assert Call.of("/v1/messages", opencode).session is None
     assert Call.of("/v1/responses", {}).session is None
 
 

@@ -19,7 +19,7 @@ from tests.support.waiting import wait_until
 pytestmark = pytest.mark.integration
 
 API_KEY = "sk-opencode-test-not-a-real-key"
-LOGGED = re.compile(r" status=(\d+) handled=upstream .* prompt=(\d+) cached=(\d+) generated=(\d+) client='(opencode/[^']*)'")
+LOGGED = re.compile(r" status=(\d+) handled=upstream session=(\S+) .* prompt=(\d+) cached=(\d+) generated=(\d+) client='opencode/")
 
 
 def opencode_config(proxy) -> dict:
@@ -56,9 +56,10 @@ def events(result: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def logged(proxy) -> list[tuple[int, int, int, int]]:
-    """(status, prompt, cached, generated) of every OpenCode request in the proxy's request log."""
-    return [tuple(int(n) for n in m.groups()[:4]) for m in map(LOGGED.search, proxy.log_text().splitlines()) if m]
+def logged(proxy) -> list[tuple[int, str, int, int, int]]:
+    """(status, session, prompt, cached, generated) of every OpenCode request in the proxy's request log."""
+    return [(int(status), session, int(prompt), int(cached), int(generated))
+            for status, session, prompt, cached, generated in (m.groups() for m in map(LOGGED.search, proxy.log_text().splitlines()) if m)]
 
 
 def test_opencode_runs_through_the_proxy_with_the_servers_window_and_its_usage(opencode_bin, bounded_proxy, tmp_path):
@@ -77,14 +78,18 @@ def test_opencode_runs_through_the_proxy_with_the_servers_window_and_its_usage(o
     assert result.returncode == 0, f"{result}\nproxy log:\n{proxy.log_text()[-3000:]}"
     steps = [e["part"]["tokens"] for e in events(result) if e["type"] == "step_finish"]
     assert steps, result.stdout
+    session = events(result)[0]["sessionID"]
     # The session title and every step of the answer went through the proxy and were answered.
     wait_until(lambda: len(logged(proxy)) >= before + len(steps) + 1, what="the request log lines of OpenCode's turn")
     requests = logged(proxy)[before:]
     assert all(status == 200 for status, *_ in requests), requests
+    # Every request, the title's too, names OpenCode's session (X-Session-Id), as the request log
+    # and the dashboard's sessions show it, and as the gate keeps each session on its slot.
+    assert {s for _, s, *_ in requests} == {session}, (session, requests)
     # What OpenCode counts for each step is llama-server's usage, cache hits included, as the
     # proxy logged it: the streamed relay passes the final usage chunk on as it came.
     for tokens in steps:
-        assert (200, tokens["input"], tokens["cache"]["read"], tokens["output"]) in requests, (tokens, requests)
+        assert (200, session, tokens["input"], tokens["cache"]["read"], tokens["output"]) in requests, (tokens, requests)
     # OpenCode's system prompt and tools, not a stub.
     assert all(t["input"] + t["cache"]["read"] > 4000 for t in steps), steps
     assert API_KEY not in proxy.log_text()
