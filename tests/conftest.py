@@ -85,7 +85,7 @@ def proxy(llama):
 @pytest.fixture(scope="module")
 def bounded_proxy(llama_server_bin, tiny_model):
     """A proxy on a llama-server of its own that caps every reply at 64 tokens (-n), for agents
-    that send no output limit (Codex, Aider) or a large one (OpenCode): the tiny model's words sometimes never end."""
+    that send no output limit (Codex, Aider): the tiny model's words sometimes never end."""
     with processes.llama_server(llama_server_bin, tiny_model, extra=["-n", "64"]) as llama, processes.proxy(llama.url) as proxy:
         yield proxy
 
