@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # Everything slow (llama-server build, Claude Code CLI, tiny model) is cached here, by version.
 export LLAMABRIDGE_CACHE ?= $(HOME)/.cache/llamabridge
 
-.PHONY: help install install-test llama-server tiny-model claude-code codex aider opencode run demo proxy collector env test test-unit bench up down logs ps clean
+.PHONY: help install install-test llama-server tiny-model claude-code codex aider opencode continue-cli run demo proxy collector env test test-unit bench up down logs ps clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/\$$\$$/$$/g' | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ aider: ## install Aider (its own venv in the cache) used by the end-to-end tests
 opencode: ## install OpenCode used by the end-to-end tests; prints its path last
 	@bash scripts/opencode.sh
 
+continue-cli: ## install Continue's CLI (cn) used by the end-to-end tests; prints its path last
+	@bash scripts/continue.sh
+
 run: $(VENV)/.installed ## llama-server (LLAMA_MODEL=path.gguf, unless LLAMA_URL answers), proxy and collector; Ctrl-C stops all
 	@$(PY) scripts/run_stack.py
 
@@ -57,10 +60,10 @@ proxy: $(VENV)/.installed ## only the proxy, against $$LLAMA_URL
 collector: $(VENV)/.installed ## run the lifetime-metrics collector natively against $$LLAMA_URL (serves :9091)
 	$(PY) -m collector
 
-env: $(VENV)/.installed ## print the Claude Code / Cline / Codex / Aider / OpenCode settings for the running proxy (native or compose), with the real context window
+env: $(VENV)/.installed ## print the Claude Code / Cline / Codex / Aider / Continue / OpenCode settings for the running proxy (native or compose), with the real context window
 	@$(PY) -m proxy env
 
-# `make test` prepares everything it needs (tmux, venv, llama-server, tiny model, Claude Code, Codex, Aider and OpenCode)
+# `make test` prepares everything it needs (tmux, venv, llama-server, tiny model, Claude Code, Codex, Aider, OpenCode and Continue's CLI)
 # and then runs the whole suite against real processes on loopback.
 test: $(VENV)/.installed-test ## set everything up and run the whole test suite
 	@bash scripts/system-deps.sh
@@ -71,8 +74,9 @@ test: $(VENV)/.installed-test ## set everything up and run the whole test suite
 	CODEX_BIN="$$(bash scripts/codex.sh | tail -n 1)"; \
 	AIDER_BIN="$$(bash scripts/aider.sh | tail -n 1)"; \
 	OPENCODE_BIN="$$(bash scripts/opencode.sh | tail -n 1)"; \
-	export LLAMA_SERVER_BIN TINY_MODEL CLAUDE_BIN CODEX_BIN AIDER_BIN OPENCODE_BIN; \
-	echo "llama-server: $$LLAMA_SERVER_BIN"; echo "model: $$TINY_MODEL"; echo "claude: $$CLAUDE_BIN"; echo "codex: $$CODEX_BIN"; echo "aider: $$AIDER_BIN"; echo "opencode: $$OPENCODE_BIN"; \
+	CONTINUE_BIN="$$(bash scripts/continue.sh | tail -n 1)"; \
+	export LLAMA_SERVER_BIN TINY_MODEL CLAUDE_BIN CODEX_BIN AIDER_BIN OPENCODE_BIN CONTINUE_BIN; \
+	echo "llama-server: $$LLAMA_SERVER_BIN"; echo "model: $$TINY_MODEL"; echo "claude: $$CLAUDE_BIN"; echo "codex: $$CODEX_BIN"; echo "aider: $$AIDER_BIN"; echo "opencode: $$OPENCODE_BIN"; echo "continue: $$CONTINUE_BIN"; \
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Not part of `make test`: timings belong in a benchmark, measured against direct llama-server in

@@ -62,7 +62,7 @@ def opencode_config(base: str, model: str, n_ctx: int) -> dict:
 
 
 def print_env(settings: Settings) -> int:
-    """What points Claude Code, OpenAI clients, Aider, OpenCode and Codex at this proxy: shell exports, and lines
+    """What points Claude Code, OpenAI clients, Aider, Continue, OpenCode and Codex at this proxy: shell exports, and lines
     to copy into settings and config files."""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}"
@@ -99,7 +99,7 @@ def print_env(settings: Settings) -> int:
     # Not CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC: it also turns off session titles, which the
     # proxy answers at once without the model.
     print("export DISABLE_AUTOUPDATER=1 DISABLE_TELEMETRY=1 DISABLE_ERROR_REPORTING=1")
-    print("# Cline (settings, API Provider \"OpenAI Compatible\"); Continue and Cursor take the same values")
+    print("# Cline (settings, API Provider \"OpenAI Compatible\"); Cursor takes the same values")
     print(f"#   Base URL: {base}/v1   API Key: llamabridge   Model ID: {info.model if info else '<any>'}"
           + (f"   Context Window Size: {info.n_ctx}" if info and info.n_ctx else ""))
     print("# OpenAI SDKs and Aider")
@@ -119,6 +119,14 @@ def print_env(settings: Settings) -> int:
         metadata = {aider_model: {"max_input_tokens": info.n_ctx, "max_output_tokens": info.n_ctx, "input_cost_per_token": 0,
                                   "output_cost_per_token": 0, "litellm_provider": "openai", "mode": "chat"}}
         print(f"#   {json.dumps(metadata)}")
+    # Continue (its IDE extensions and its `cn` CLI share ~/.continue/config.yaml) budgets a chat by
+    # the model's contextLength (200,000 in cn when none is given): with the real window it
+    # shortens the chat to fit, or refuses a message that cannot, before llama-server has to.
+    print("# Continue (VS Code, JetBrains, the cn CLI): this model in ~/.continue/config.yaml")
+    for line in ("models:", "  - name: llamabridge", "    provider: openai", f"    model: {json.dumps(name or 'local')}",
+                 f"    apiBase: {base}/v1", "    apiKey: llamabridge", "    roles: [chat, edit, apply]",
+                 *(["    defaultCompletionOptions:", f"      contextLength: {info.n_ctx}"] if info and info.n_ctx else [])):
+        print(f"#   {line}")
     # OpenCode takes a local server only as a provider in its config file. Without a model limit
     # it never compacts, and the turn that outgrows the window is refused by llama-server. A limit
     # needs both the window and the output it keeps free for the reply: it compacts once a step

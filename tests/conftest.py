@@ -1,7 +1,7 @@
 """Shared fixtures: the real llama-server on the tiny generated model, the real proxy, captures.
 
 The binaries and the model come from the Makefile (`make test` sets LLAMA_SERVER_BIN,
-TINY_MODEL, CLAUDE_BIN, CODEX_BIN, AIDER_BIN and OPENCODE_BIN). A missing prerequisite fails, naming the target that provides it:
+TINY_MODEL, CLAUDE_BIN, CODEX_BIN, AIDER_BIN, OPENCODE_BIN and CONTINUE_BIN). A missing prerequisite fails, naming the target that provides it:
 nothing in this suite is skipped.
 """
 
@@ -67,6 +67,11 @@ def aider_bin() -> str:
 @pytest.fixture(scope="session")
 def opencode_bin() -> str:
     return _required_path("OPENCODE_BIN", "opencode")
+
+
+@pytest.fixture(scope="session")
+def continue_bin() -> str:
+    return _required_path("CONTINUE_BIN", "continue-cli")
 
 
 @pytest.fixture(scope="session")
