@@ -32,46 +32,25 @@ CAPTURE_CANDIDATES = [
 ]
 
 
-def _required_path(var: str, target: str) -> str:
-    value = os.environ.get(var, "")
-    if not value or not Path(value).exists():
-        pytest.fail(f"{var} is not set to an existing file: run `make test`, or `make {target}` and export {var}", pytrace=False)
-    return value
+def _prerequisite(name: str, var: str, target: str):
+    """A session fixture `name`: the path in $var (which `make test` sets), or a failure naming the
+    make target that provides it."""
+    def path() -> str:
+        value = os.environ.get(var, "")
+        if not value or not Path(value).exists():
+            pytest.fail(f"{var} is not set to an existing file: run `make test`, or `make {target}` and export {var}", pytrace=False)
+        return value
+
+    return pytest.fixture(scope="session", name=name)(path)
 
 
-@pytest.fixture(scope="session")
-def llama_server_bin() -> str:
-    return _required_path("LLAMA_SERVER_BIN", "llama-server")
-
-
-@pytest.fixture(scope="session")
-def tiny_model() -> str:
-    return _required_path("TINY_MODEL", "tiny-model")
-
-
-@pytest.fixture(scope="session")
-def claude_bin() -> str:
-    return _required_path("CLAUDE_BIN", "claude-code")
-
-
-@pytest.fixture(scope="session")
-def codex_bin() -> str:
-    return _required_path("CODEX_BIN", "codex")
-
-
-@pytest.fixture(scope="session")
-def aider_bin() -> str:
-    return _required_path("AIDER_BIN", "aider")
-
-
-@pytest.fixture(scope="session")
-def opencode_bin() -> str:
-    return _required_path("OPENCODE_BIN", "opencode")
-
-
-@pytest.fixture(scope="session")
-def continue_bin() -> str:
-    return _required_path("CONTINUE_BIN", "continue-cli")
+llama_server_bin = _prerequisite("llama_server_bin", "LLAMA_SERVER_BIN", "llama-server")
+tiny_model = _prerequisite("tiny_model", "TINY_MODEL", "tiny-model")
+claude_bin = _prerequisite("claude_bin", "CLAUDE_BIN", "claude-code")
+codex_bin = _prerequisite("codex_bin", "CODEX_BIN", "codex")
+aider_bin = _prerequisite("aider_bin", "AIDER_BIN", "aider")
+opencode_bin = _prerequisite("opencode_bin", "OPENCODE_BIN", "opencode")
+continue_bin = _prerequisite("continue_bin", "CONTINUE_BIN", "continue-cli")
 
 
 @pytest.fixture(scope="session")
