@@ -60,8 +60,8 @@ proxy: $(VENV)/.installed ## only the proxy, against $$LLAMA_URL
 collector: $(VENV)/.installed ## run the lifetime-metrics collector natively against $$LLAMA_URL (serves :9091)
 	$(PY) -m collector
 
-env: $(VENV)/.installed ## print the Claude Code / Cline / Codex / Aider / Continue / OpenCode settings for the running proxy (native or compose), with the real context window
-	@$(PY) -m proxy env
+env: $(VENV)/.installed ## print the Claude Code / Cline / Codex / Aider / Continue / OpenCode settings for the running proxy (native or compose), with the real context window; FILE=aider|continue|opencode|codex prints that config file alone
+	@$(PY) -m proxy env $(if $(FILE),--file $(FILE))
 
 # `make test` prepares everything it needs (tmux, venv, llama-server, tiny model, Claude Code, Codex, Aider, OpenCode and Continue's CLI)
 # and then runs the whole suite against real processes on loopback.

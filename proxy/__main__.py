@@ -47,7 +47,13 @@ def context_from_proxy(base: str) -> SimpleNamespace | None:
 
 def opencode_config(base: str, model: str, n_ctx: int) -> dict:
     """OpenCode's config for this proxy: one provider (OpenCode's OpenAI-compatible adapter) with
-    one model and its real window, chosen as the default model."""
+    one model and its real window, chosen as the default model.
+
+    OpenCode takes a local server only as a provider in its config file. Without a model limit it
+    never compacts, and the turn that outgrows the window is refused by llama-server. A limit needs
+    both the window and the output it keeps free for the reply: it compacts once a step has used
+    the window less that output, so a large output on a small window leaves no room for a step. A
+    quarter of the window: it compacts at three quarters, and a reply fits."""
     output = min(OPENCODE_MAX_OUTPUT, n_ctx // 4)
     return {
         "$schema": "https://opencode.ai/config.json",
@@ -61,9 +67,43 @@ def opencode_config(base: str, model: str, n_ctx: int) -> dict:
     }
 
 
-def print_env(settings: Settings) -> int:
-    """What points Claude Code, OpenAI clients, Aider, Continue, OpenCode and Codex at this proxy: shell exports, and lines
-    to copy into settings and config files."""
+def aider_metadata(model: str, n_ctx: int) -> dict:
+    """Aider's model metadata (~/.aider.model.metadata.json) for litellm's `openai/<model>`.
+
+    Without a model Aider takes gpt-4o and that model's 128k window, and it learns another model's
+    window only from this file. Without it, it never warns before a prompt llama-server will refuse,
+    and keeps just 1k tokens of chat history before summarizing it with the model (a generation on
+    the slot); with it, a sixteenth of the window (1k to 8k)."""
+    return {model: {"max_input_tokens": n_ctx, "max_output_tokens": n_ctx, "input_cost_per_token": 0,
+                    "output_cost_per_token": 0, "litellm_provider": "openai", "mode": "chat"}}
+
+
+def continue_models(base: str, model: str, n_ctx: int) -> list[str]:
+    """The `models:` section of Continue's ~/.continue/config.yaml (its IDE extensions and its `cn`
+    CLI share it). Continue budgets a chat by the model's contextLength (200,000 in cn when none is
+    given): with the real window it shortens the chat to fit, or refuses a message that cannot,
+    before llama-server has to."""
+    return ["models:", "  - name: llamabridge", "    provider: openai", f"    model: {json.dumps(model)}",
+            f"    apiBase: {base}/v1", "    apiKey: llamabridge", "    roles: [chat, edit, apply]",
+            *(["    defaultCompletionOptions:", f"      contextLength: {n_ctx}"] if n_ctx else [])]
+
+
+def codex_config(base: str, model: str, n_ctx: int) -> list[str]:
+    """Codex's ~/.codex/config.toml lines. Codex takes a provider only from its config file, and
+    speaks only the Responses API; its context meter and compaction go by model_context_window
+    for a model it has no metadata for."""
+    return [f"model = {json.dumps(model)}", 'model_provider = "llamabridge"',
+            *([f"model_context_window = {n_ctx}"] if n_ctx else []),
+            "", "[model_providers.llamabridge]", 'name = "llamabridge"', f'base_url = "{base}/v1"', 'wire_api = "responses"']
+
+
+# `python -m proxy env --file NAME`: a client's whole config file, to redirect into place.
+FILES = ("aider", "continue", "opencode", "codex")
+
+
+def server_context(settings: Settings) -> tuple[str, SimpleNamespace | None, str]:
+    """The proxy's base URL for clients, what it serves (None when neither the proxy nor llama-server
+    answers), and the model's short name (llama-server's may be the GGUF's path; any name is served)."""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}"
     info = context_from_proxy(base)
@@ -75,85 +115,95 @@ def print_env(settings: Settings) -> int:
             print(f"# neither the proxy at {base} nor llama-server at {settings.upstream_base} answered ({exc}); "
                   "context window unknown", file=sys.stderr)
             info = None
+    name = (info.model or "").rstrip("/").rsplit("/", 1)[-1] if info else ""
+    return base, info, name or "local"
+
+
+def print_file(settings: Settings, which: str) -> int:
+    """One client's config file, whole, for `> file`: nothing else goes to stdout."""
+    base, info, name = server_context(settings)
+    n_ctx = info.n_ctx if info else 0
+    if not n_ctx:
+        print("the context window is unknown (is the proxy or llama-server running?): not writing a config without it",
+              file=sys.stderr)
+        return 1
+    if which == "aider":
+        print(json.dumps(aider_metadata(f"openai/{name}", n_ctx), indent=2))
+    elif which == "continue":
+        print("\n".join(["name: llamabridge", "version: 1.0.0", "schema: v1", *continue_models(base, name, n_ctx)]))
+    elif which == "opencode":
+        print(json.dumps(opencode_config(base, name, n_ctx), indent=2))
+    else:
+        print("\n".join(codex_config(base, name, n_ctx)))
+    return 0
+
+
+def print_env(settings: Settings) -> int:
+    """What points Claude Code, OpenAI clients, Aider, Continue, OpenCode and Codex at this proxy:
+    shell exports, and lines to copy into settings and config files."""
+    base, info, name = server_context(settings)
+    n_ctx = info.n_ctx if info else 0
     print("# Claude Code")
     print(f"export ANTHROPIC_BASE_URL={base}")
     print("export ANTHROPIC_API_KEY=llamabridge  # any value; the proxy does not check it")
-    if info and info.n_ctx:
+    if n_ctx:
         # The real window, for model names Claude Code does not know (it assumes 1M for those). For
         # its own names it keeps its table (2.1.328: 200k for claude-sonnet-4-5, 1M for its default
         # claude-opus-5-5), whatever this says.
-        print(f"export CLAUDE_CODE_MAX_CONTEXT_TOKENS={info.n_ctx}")
-        if info.n_ctx >= MIN_AUTO_COMPACT_WINDOW:
+        print(f"export CLAUDE_CODE_MAX_CONTEXT_TOKENS={n_ctx}")
+        if n_ctx >= MIN_AUTO_COMPACT_WINDOW:
             # When to compact, and the window /context shows, for any model name; Claude Code 2.1
             # honours it from 100k tokens up.
-            print(f"export CLAUDE_CODE_AUTO_COMPACT_WINDOW={info.n_ctx}")
+            print(f"export CLAUDE_CODE_AUTO_COMPACT_WINDOW={n_ctx}")
         else:
             # Below 100k only a model name Claude Code does not know makes it use the real window;
             # llama-server's own name for its model is one (the proxy serves any name).
-            name = (info.model or "").rstrip("/").rsplit("/", 1)[-1]
-            if not name or "claude" in name.lower():  # an alias like claude-sonnet-4-5 is a name it knows
-                name = "local-model"
-            print(f"export ANTHROPIC_MODEL={shlex.quote(name)}  # a name Claude Code does not know, so the line above applies")
-            print(f"# This server's context ({info.n_ctx} tokens per slot) is below the {MIN_AUTO_COMPACT_WINDOW} tokens from which Claude Code")
+            claude_name = "local-model" if name == "local" or "claude" in name.lower() else name  # claude-*: a name it knows
+            print(f"export ANTHROPIC_MODEL={shlex.quote(claude_name)}  # a name Claude Code does not know, so the line above applies")
+            print(f"# This server's context ({n_ctx} tokens per slot) is below the {MIN_AUTO_COMPACT_WINDOW} tokens from which Claude Code")
             print("# compacts by itself: run /compact when /context nears it, or start llama-server with a larger -c.")
     # Not CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC: it also turns off session titles, which the
     # proxy answers at once without the model.
     print("export DISABLE_AUTOUPDATER=1 DISABLE_TELEMETRY=1 DISABLE_ERROR_REPORTING=1")
     print("# Cline (settings, API Provider \"OpenAI Compatible\"); Cursor takes the same values")
     print(f"#   Base URL: {base}/v1   API Key: llamabridge   Model ID: {info.model if info else '<any>'}"
-          + (f"   Context Window Size: {info.n_ctx}" if info and info.n_ctx else ""))
+          + (f"   Context Window Size: {n_ctx}" if n_ctx else ""))
     print("# OpenAI SDKs and Aider")
     print(f"export OPENAI_BASE_URL={base}/v1")
     print("export OPENAI_API_KEY=llamabridge")
-    # The model's short name (llama-server's may be the GGUF's path): any name is served.
-    name = (info.model or "").rstrip("/").rsplit("/", 1)[-1] if info else ""
-    # Aider reaches an OpenAI-compatible server through litellm's `openai/` prefix; without a
-    # model it takes gpt-4o and that model's 128k window. It learns another model's window only
-    # from a metadata file. Without one it never warns before a prompt llama-server will refuse,
-    # and keeps just 1k tokens of chat history before summarizing it with the model (a generation
-    # on the slot); with one, a sixteenth of the window (1k to 8k).
-    aider_model = f"openai/{name or 'local'}"
-    print(f"export AIDER_MODEL={shlex.quote(aider_model)}")
-    if info and info.n_ctx:
-        print("# Aider's context window (its /tokens meter and its warnings): this line as ~/.aider.model.metadata.json")
-        metadata = {aider_model: {"max_input_tokens": info.n_ctx, "max_output_tokens": info.n_ctx, "input_cost_per_token": 0,
-                                  "output_cost_per_token": 0, "litellm_provider": "openai", "mode": "chat"}}
-        print(f"#   {json.dumps(metadata)}")
-    # Continue (its IDE extensions and its `cn` CLI share ~/.continue/config.yaml) budgets a chat by
-    # the model's contextLength (200,000 in cn when none is given): with the real window it
-    # shortens the chat to fit, or refuses a message that cannot, before llama-server has to.
-    print("# Continue (VS Code, JetBrains, the cn CLI): this model in ~/.continue/config.yaml")
-    for line in ("models:", "  - name: llamabridge", "    provider: openai", f"    model: {json.dumps(name or 'local')}",
-                 f"    apiBase: {base}/v1", "    apiKey: llamabridge", "    roles: [chat, edit, apply]",
-                 *(["    defaultCompletionOptions:", f"      contextLength: {info.n_ctx}"] if info and info.n_ctx else [])):
+    # Aider reaches an OpenAI-compatible server through litellm's `openai/` prefix.
+    print(f"export AIDER_MODEL={shlex.quote(f'openai/{name}')}")
+    if n_ctx:
+        print("# Aider's context window (its /tokens meter and its warnings): this line as ~/.aider.model.metadata.json"
+              " (or: make env FILE=aider > ~/.aider.model.metadata.json)")
+        print(f"#   {json.dumps(aider_metadata(f'openai/{name}', n_ctx))}")
+    print("# Continue (VS Code, JetBrains, the cn CLI): this model in ~/.continue/config.yaml (or, for a new file: make env FILE=continue)")
+    for line in continue_models(base, name, n_ctx):
         print(f"#   {line}")
-    # OpenCode takes a local server only as a provider in its config file. Without a model limit
-    # it never compacts, and the turn that outgrows the window is refused by llama-server. A limit
-    # needs both the window and the output it keeps free for the reply: it compacts once a step
-    # has used the window less that output, so a large output on a small window would compact
-    # after every turn. A quarter of the window: it compacts at three quarters, and a reply fits.
-    if info and info.n_ctx:
-        print("# OpenCode: this line as opencode.json in the project, or as ~/.config/opencode/opencode.json")
-        print(f"#   {json.dumps(opencode_config(base, name or 'local', info.n_ctx))}")
-    # Codex takes a provider only from its config file, and speaks only the Responses API. Its
-    # context meter and compaction go by model_context_window for a model it has no metadata for.
-    print("# Codex CLI: these lines in ~/.codex/config.toml (the model name is any; llama-server serves its own)")
-    for line in (f"model = {json.dumps(name or 'local')}", 'model_provider = "llamabridge"',
-                 *([f"model_context_window = {info.n_ctx}"] if info and info.n_ctx else []),
-                 "[model_providers.llamabridge]", 'name = "llamabridge"', f'base_url = "{base}/v1"', 'wire_api = "responses"'):
-        print(f"#   {line}")
+    if n_ctx:
+        print("# OpenCode: this line as opencode.json in the project, or as ~/.config/opencode/opencode.json"
+              " (or: make env FILE=opencode > opencode.json)")
+        print(f"#   {json.dumps(opencode_config(base, name, n_ctx))}")
+    print("# Codex CLI: these lines in ~/.codex/config.toml (the model name is any; llama-server serves its own;"
+          " for a new file: make env FILE=codex)")
+    for line in codex_config(base, name, n_ctx):
+        if line:
+            print(f"#   {line}")
     if info:
-        print(f"# model: {info.model}  context: {info.n_ctx} tokens  slots: {info.total_slots}")
+        print(f"# model: {info.model}  context: {n_ctx} tokens  slots: {info.total_slots}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proxy", description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", choices=["serve", "env"], default="serve")
+    parser.add_argument("--file", choices=FILES, help="with env: print only this client's config file, whole")
     args = parser.parse_args(argv)
+    if args.file and args.command != "env":
+        parser.error("--file goes with env")
     settings = settings_or_exit("proxy", from_env)
     if args.command == "env":
-        return print_env(settings)
+        return print_file(settings, args.file) if args.file else print_env(settings)
     if settings.db_path:
         store_or_exit("proxy", settings.db_path)
     serve(
