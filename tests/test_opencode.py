@@ -106,8 +106,7 @@ def test_opencode_compacts_before_the_window_is_full(opencode_bin, llama_server_
         assert limit == {"context": 12288, "output": 3072}, limit
         first = run_opencode(opencode_bin, env, work, "run", "--format", "json", "Say hello.")
         assert first.returncode == 0, first
-        assert all(e["part"]["tokens"]["total"] < 12288 - 3072 for e in events(first) if e["type"] == "step_finish")
-        long = " ".join(f"item {i} is on the list." for i in range(250))  # about 1,750 tokens
+        long = " ".join(f"item {i} is on the list." for i in range(250))  # about 2,400 tokens
         second = run_opencode(opencode_bin, env, work, "run", "--continue", "--format", "json", f"Remember these: {long}")
         assert second.returncode == 0, f"{second}\nproxy log:\n{proxy.log_text()[-3000:]}"
         used = [e["part"]["tokens"]["total"] for e in events(second) if e["type"] == "step_finish"]
