@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import make_env
+from tests.support import make_env, request_log
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -29,10 +29,10 @@ def aider_env(proxy, home: Path) -> dict[str, str]:
     own model settings file to llama-server, makes every reply one fixed word that ends in a stop."""
     out = make_env.output(proxy.port)
     exported = make_env.exports(out)
-    metadata = out.split("# Aider's context window")[1].splitlines()[1]
-    assert metadata.startswith("#   {"), out
+    metadata = make_env.block(out, "# Aider's context window")
+    assert len(metadata) == 1 and metadata[0].startswith("{"), out
     home.mkdir(exist_ok=True)
-    (home / ".aider.model.metadata.json").write_text(metadata.removeprefix("#   ") + "\n")
+    (home / ".aider.model.metadata.json").write_text(metadata[0] + "\n")
     settings = [{"name": exported["AIDER_MODEL"], "extra_params": {"extra_body": {"grammar": 'root ::= "Done."'}}}]
     (home / ".aider.model.settings.yml").write_text(json.dumps(settings))  # JSON is YAML
     # The user's own key (any value does) must not reach the proxy's log.
@@ -57,8 +57,8 @@ def workdir(tmp_path) -> Path:
     return work
 
 
-def request_lines(proxy) -> list[str]:
-    return [line for line in proxy.log_text().splitlines() if "llamabridge.request: /v1/chat/completions" in line]
+def request_lines(proxy) -> list[request_log.Entry]:
+    return request_log.entries(proxy, route="/v1/chat/completions")
 
 
 def test_aider_sees_the_servers_context_window(aider_bin, bounded_proxy, workdir, tmp_path):
@@ -77,7 +77,7 @@ def test_aider_edits_through_the_proxy_and_reports_llama_servers_usage(aider_bin
     streamed = run_aider(aider_bin, env, workdir, "Add a docstring to add.", "calc.py")
     assert streamed.returncode == 0, f"{streamed}\nproxy log:\n{proxy.log_text()[-3000:]}"
     wait_until(lambda: len(request_lines(proxy)) > before, what="the request log line of Aider's streamed turn")
-    assert " status=200 " in request_lines(proxy)[-1], request_lines(proxy)[-1]
+    assert request_lines(proxy)[-1].status == 200, request_lines(proxy)[-1]
 
     # Without streaming, Aider prints the usage litellm was given, which is llama-server's: the
     # proxy's request log must say the same.
@@ -86,9 +86,8 @@ def test_aider_edits_through_the_proxy_and_reports_llama_servers_usage(aider_bin
     assert plain.returncode == 0, f"{plain}\nproxy log:\n{proxy.log_text()[-3000:]}"
     wait_until(lambda: len(request_lines(proxy)) > before, what="the request log line of Aider's turn")
     line = request_lines(proxy)[-1]
-    logged = re.search(r" status=200 handled=upstream .* prompt=(\d+) cached=(\d+) generated=(\d+) client='OpenAI/Python ", line)
-    assert logged, line
-    prompt, cached, generated = (int(n) for n in logged.groups())
+    assert (line.status, line.handled) == (200, "upstream") and line.client.startswith("OpenAI/Python "), line
+    prompt, cached, generated = line.prompt, line.cached, line.generated
     report = re.search(r"Tokens: (\d+) sent, (?:(\d+) cache hit, )?(\d+) received\.", plain.stdout)
     assert report, plain.stdout
     assert int(report.group(1)) == prompt + cached and int(report.group(3)) == generated, (report.group(0), line)
@@ -108,4 +107,4 @@ def test_aider_warns_before_a_prompt_too_large_and_shows_llama_servers_refusal(a
     assert "exceeds the 32,768 token limit for openai/" in said, said[-3000:]
     assert "exceeds the available context size (32768 tokens)" in said, said[-3000:]
     wait_until(lambda: len(request_lines(proxy)) > before, what="the request log line of the refused turn")
-    assert [" status=400 " in line for line in request_lines(proxy)[before:]] == [True], request_lines(proxy)[before:]
+    assert [line.status == 400 for line in request_lines(proxy)[before:]] == [True], request_lines(proxy)[before:]

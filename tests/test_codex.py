@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.support import make_env
+from tests.support import make_env, request_log
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -22,8 +21,7 @@ pytestmark = pytest.mark.integration
 def codex_config(proxy) -> str:
     """The config.toml lines `make env` prints for Codex (`python -m proxy env`), as a user copies them."""
     out = make_env.output(proxy.port)
-    block = out.split("# Codex CLI")[1].split("\n", 1)[1]
-    lines = [line.removeprefix("#   ") for line in block.splitlines() if line.startswith("#   ")]
+    lines = make_env.block(out, "# Codex CLI")
     assert lines, out
     return "\n".join(lines) + "\n"
 
@@ -53,10 +51,12 @@ def test_codex_exec_through_the_proxy_to_llama_server(codex_bin, bounded_proxy, 
 
     # Codex names its session in a header; the proxy's request log keys the turn on it, with the
     # tokens llama-server reported, which are what Codex was told.
-    pattern = re.compile(rf"llamabridge\.request: /v1/responses class=openai status=200 handled=upstream session={re.escape(thread)} "
-                         r".* prompt=(\d+) cached=(\d+) generated=(\d+) client='codex_exec/")
-    wait_until(lambda: pattern.search(proxy.log_text()), what="the request log line of Codex's turn")
-    prompt, cached, generated = (int(n) for n in pattern.search(proxy.log_text()).groups())
+    def turn() -> list[request_log.Entry]:
+        return [e for e in request_log.entries(proxy, route="/v1/responses", client="codex_exec/")
+                if (e.klass, e.status, e.handled, e.session) == ("openai", 200, "upstream", thread)]
+
+    entry = wait_until(turn, what="the request log line of Codex's turn")[0]
+    prompt, cached, generated = entry.prompt, entry.cached, entry.generated
     usage = next(e["usage"] for e in events if e["type"] == "turn.completed")
     assert (usage["input_tokens"], usage["cached_input_tokens"], usage["output_tokens"]) == (prompt + cached, cached, generated)
     assert usage["input_tokens"] > 3000  # Codex's own prompt and tools, not a stub

@@ -7,27 +7,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.support import make_env
+from tests.support import make_env, request_log
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 API_KEY = "sk-continue-test-not-a-real-key"
-LOGGED = re.compile(r" status=(\d+) handled=upstream .* prompt=(\d+) cached=(\d+) generated=(\d+) ")
 
 
 def setup(proxy, tmp_path: Path, *, window: bool = True) -> tuple[dict[str, str], Path, Path]:
     """A home whose ~/.continue/config.yaml holds `make env`'s Continue lines (without its
     contextLength when `window` is false), with the user's own key (any value does)."""
     out = make_env.output(proxy.port)
-    block = out.split("# Continue (")[1].splitlines()[1:]
-    lines = [line.removeprefix("#   ") for line in block[:next(i for i, line in enumerate(block) if not line.startswith("#   "))]]
+    lines = make_env.block(out, "# Continue (")
     assert lines[0] == "models:" and any("contextLength: 32768" in line for line in lines), out
     if not window:
         lines = [line for line in lines if "defaultCompletionOptions" not in line and "contextLength" not in line]
@@ -47,8 +44,8 @@ def run_cn(continue_bin: str, env: dict[str, str], cwd: Path, config: Path, *arg
 
 def logged(proxy) -> list[tuple[int, int, int, int]]:
     """(status, prompt, cached, generated) of every generation in the proxy's request log."""
-    return [tuple(int(n) for n in m.groups()) for m in map(LOGGED.search, proxy.log_text().splitlines())
-            if m and "/v1/chat/completions" in m.string]
+    return [(e.status, e.prompt, e.cached, e.generated) for e in request_log.entries(proxy, route="/v1/chat/completions")
+            if e.handled == "upstream"]
 
 
 def test_continue_answers_through_the_proxy_and_records_llama_servers_usage(continue_bin, bounded_proxy, tmp_path):

@@ -23,13 +23,6 @@ def env_file(port: int, which: str, **overrides: str) -> subprocess.CompletedPro
                           timeout=60, cwd=processes.ROOT, env=dict(os.environ, PROXY_PORT=str(port), **overrides))
 
 
-def block(out: str, header: str) -> list[str]:
-    """The commented lines under the line starting with `header` in `make env`'s output."""
-    lines = out.split(header, 1)[1].splitlines()[1:]
-    taken = lines[:next((i for i, line in enumerate(lines) if not line.startswith("#   ")), len(lines))]
-    return [line.removeprefix("#   ") for line in taken]
-
-
 @pytest.fixture(scope="module")
 def full(proxy) -> str:
     return make_env.output(proxy.port)
@@ -43,7 +36,7 @@ def full(proxy) -> str:
 def test_a_config_file_says_what_make_env_prints_for_it(proxy, full, which, header, parse):
     result = env_file(proxy.port, which)
     assert result.returncode == 0, result
-    assert parse(result.stdout) == parse("\n".join(block(full, header)))
+    assert parse(result.stdout) == parse("\n".join(make_env.block(full, header)))
 
 
 def test_continues_file_is_a_whole_config_with_the_model_make_env_prints(proxy, full):
@@ -51,7 +44,7 @@ def test_continues_file_is_a_whole_config_with_the_model_make_env_prints(proxy, 
     assert result.returncode == 0, result
     config = yaml.safe_load(result.stdout)
     assert {key: config[key] for key in ("name", "version", "schema")} == {"name": "llamabridge", "version": "1.0.0", "schema": "v1"}
-    assert config["models"] == yaml.safe_load("\n".join(block(full, "# Continue (")))["models"]
+    assert config["models"] == yaml.safe_load("\n".join(make_env.block(full, "# Continue (")))["models"]
     assert config["models"][0]["defaultCompletionOptions"] == {"contextLength": 32768}
     assert config["models"][0]["apiBase"] == f"http://127.0.0.1:{proxy.port}/v1"
 

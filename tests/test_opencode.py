@@ -7,27 +7,25 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.support import make_env, processes
+from tests.support import make_env, processes, request_log
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 API_KEY = "sk-opencode-test-not-a-real-key"
-LOGGED = re.compile(r" status=(\d+) handled=upstream session=(\S+) .* prompt=(\d+) cached=(\d+) generated=(\d+) client='opencode/")
 
 
 def opencode_config(proxy) -> dict:
     """The config `make env` prints for OpenCode, with the user's own key (any value does) in it."""
     out = make_env.output(proxy.port)
-    line = out.split("# OpenCode:")[1].splitlines()[1]
-    assert line.startswith("#   {"), out
-    config = json.loads(line.removeprefix("#   "))
+    lines = make_env.block(out, "# OpenCode:")
+    assert len(lines) == 1, out
+    config = json.loads(lines[0])
     config["provider"]["llamabridge"]["options"]["apiKey"] = API_KEY
     return config
 
@@ -58,8 +56,8 @@ def events(result: subprocess.CompletedProcess) -> list[dict]:
 
 def logged(proxy) -> list[tuple[int, str, int, int, int]]:
     """(status, session, prompt, cached, generated) of every OpenCode request in the proxy's request log."""
-    return [(int(status), session, int(prompt), int(cached), int(generated))
-            for status, session, prompt, cached, generated in (m.groups() for m in map(LOGGED.search, proxy.log_text().splitlines()) if m)]
+    return [(e.status, e.session, e.prompt, e.cached, e.generated) for e in request_log.entries(proxy, client="opencode/")
+            if e.handled == "upstream"]
 
 
 def test_opencode_runs_through_the_proxy_with_the_servers_window_and_its_usage(opencode_bin, bounded_proxy, tmp_path):

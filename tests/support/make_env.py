@@ -3,6 +3,7 @@ the exports pasted into a shell, the commented lines copied into a client's conf
 
 from __future__ import annotations
 
+import itertools
 import os
 import shlex
 import subprocess
@@ -20,3 +21,11 @@ def exports(out: str) -> dict[str, str]:
     """Every `export NAME=value` line, as a shell would set them."""
     return dict(word.split("=", 1) for line in out.splitlines() if line.startswith("export ")
                 for word in shlex.split(line, comments=True)[1:])
+
+
+def block(out: str, header: str) -> list[str]:
+    """The lines a user copies for one client: the commented `#   ` lines right under the line
+    that starts with `header`, without the comment marker."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header)) + 1
+    return [line.removeprefix("#   ") for line in itertools.takewhile(lambda line: line.startswith("#   "), lines[start:])]
