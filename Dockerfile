@@ -9,6 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
+COPY llamabridge ./llamabridge
 COPY proxy ./proxy
 COPY collector ./collector
 COPY dashboard ./dashboard
@@ -21,7 +22,9 @@ RUN pip install -e . \
 USER llamabridge
 VOLUME ["/data"]
 # Inside a container the services must listen on every interface; compose publishes only the
-# proxy's port, and only on BIND_ADDR (127.0.0.1 by default).
+# proxy's port, and only on BIND_ADDR (127.0.0.1 by default), and tells the proxy so
+# (PUBLISHED_ADDR) for its start-up check. Run alone, say where you publish it, or add keys:
+#   docker run -e PUBLISHED_ADDR=127.0.0.1 -p 127.0.0.1:9090:9090 llamabridge:local
 ENV DB_PATH=/data/llamabridge.db \
     PROXY_HOST=0.0.0.0 \
     PROXY_PORT=9090 \

@@ -6,11 +6,16 @@ single process (see __main__.py), next to this app.
 
 from __future__ import annotations
 
+import json
 import time
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from flask import Flask, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from werkzeug.http import HTTP_STATUS_CODES
+
+from llamabridge.edge import Edge, required
+from llamabridge.keys import KeyFile
 
 from . import api
 from .config import CollectorSettings
@@ -22,7 +27,7 @@ from .store import Store
 def create_app(settings: CollectorSettings, start_jobs: bool = True) -> Flask:
     app = Flask("llamabridge-collector")
     store = Store(settings.db_path)
-    job = ScrapeJob(store, settings.llama_url, settings.interval)
+    job = ScrapeJob(store, settings.llama_url, settings.interval, settings.llama_api_key)
     registry = CollectorRegistry()
     registry.register(StoreCollector(store, job))
     if start_jobs:
@@ -46,7 +51,21 @@ def create_app(settings: CollectorSettings, start_jobs: bool = True) -> Flask:
 
     app.register_blueprint(api.blueprint(store, lambda: {"up": job.up, "collector": True}))
 
+    # The same checks as the proxy's, with the same keys: the JSON API holds the request log.
+    app.wsgi_app = Edge(app.wsgi_app, settings.edge, KeyFile(settings.edge.keys_file), _refuse,  # type: ignore[method-assign]
+                        required=required(settings.edge, settings.host),
+                        open_routes=frozenset({("GET", "/healthz"), ("HEAD", "/healthz")}),
+                        login_prefixes=("/api/", "/metrics"))
     return app
+
+
+def _refuse(environ: dict, start_response, status: int, message: str, code: str | None, headers: list):
+    """A refusal at the edge, in the OpenAI-style envelope the collector's readers (Prometheus,
+    curl, a browser) see."""
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": code or status}}).encode()
+    start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'Error')}",
+                   [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *headers])
+    return [body]
 
 
 def _now():  # APScheduler: run the first time right away

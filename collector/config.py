@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
-from proxy.config import ConfigError, env_float, env_int
+from llamabridge.edge import EdgeSettings
+from llamabridge.edge import settings_from_env as edge_from_env
+from llamabridge.settings import ConfigError, env_float, env_int
 
 DEFAULT_DB_PATH = "data/llamabridge.db"
 
@@ -14,11 +16,13 @@ DEFAULT_DB_PATH = "data/llamabridge.db"
 @dataclass(frozen=True)
 class CollectorSettings:
     llama_url: str = "http://127.0.0.1:8080"
+    llama_api_key: str = ""  # sent as a Bearer token: a llama-server started with --api-key refuses /metrics without it
     db_path: str = DEFAULT_DB_PATH
     interval: float = 10.0
     host: str = "127.0.0.1"
     port: int = 9091
     log_level: str = "info"
+    edge: EdgeSettings = field(default_factory=EdgeSettings)  # Host, Origin and key checks, as the proxy's
 
 
 def from_env(env: Mapping[str, str] | None = None) -> CollectorSettings:
@@ -26,11 +30,14 @@ def from_env(env: Mapping[str, str] | None = None) -> CollectorSettings:
     llama_url = (env.get("LLAMA_URL", "").strip() or CollectorSettings.llama_url).rstrip("/")
     if not llama_url.startswith(("http://", "https://")):
         raise ConfigError(f"LLAMA_URL={llama_url!r}: expected an http(s) URL such as http://127.0.0.1:8080")
+    db_path = env.get("DB_PATH", "").strip() or DEFAULT_DB_PATH
     return CollectorSettings(
         llama_url=llama_url,
-        db_path=env.get("DB_PATH", "").strip() or DEFAULT_DB_PATH,
+        llama_api_key=env.get("LLAMA_API_KEY", "").strip(),
+        db_path=db_path,
         interval=env_float(env, "COLLECT_INTERVAL", CollectorSettings.interval, 0.05, 3600),
         host=env.get("COLLECTOR_HOST", "").strip() or CollectorSettings.host,
         port=env_int(env, "COLLECTOR_PORT", CollectorSettings.port, 0, 65535),
         log_level=(env.get("LOG_LEVEL", "").strip() or "info").lower(),
+        edge=edge_from_env(env, db_path),
     )

@@ -22,7 +22,7 @@ log = logging.getLogger("llamabridge.collector")
 
 
 class ScrapeJob:
-    def __init__(self, store: Store, base_url: str, interval: float):
+    def __init__(self, store: Store, base_url: str, interval: float, api_key: str = ""):
         self.store = store
         self.base_url = base_url.rstrip("/")
         self.interval = interval
@@ -32,6 +32,9 @@ class ScrapeJob:
         # a connection kept between scrapes 10 s apart would hold one for nothing (see the
         # proxy's upstream.py for what that can cost when many connections arrive at once).
         self.session.headers["Connection"] = "close"
+        if api_key:
+            # A llama-server started with --api-key answers /metrics and /slots only with it.
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
         self.scrape_errors = 0
         self.last_success: float | None = None
         self.down_since: float | None = None

@@ -96,6 +96,9 @@ def read(base_url: str, session: requests.Session, timeout: float = 5.0) -> Read
         resp = session.get(f"{base_url}/metrics", timeout=timeout)
     except requests.RequestException as exc:
         raise ScrapeError(f"llama-server unreachable at {base_url}: {type(exc).__name__}") from None
+    if resp.status_code == 401:
+        raise ScrapeError("llama-server refused /metrics without its API key (HTTP 401): set LLAMA_API_KEY to the key "
+                          "it was started with (--api-key)")
     if resp.status_code != 200:
         raise ScrapeError(f"llama-server /metrics answered HTTP {resp.status_code}: {resp.text[:200]}")
     counters, gauges = parse_metrics(resp.text)

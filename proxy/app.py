@@ -7,18 +7,23 @@ error page or a bare 500.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
+import re
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
-from flask import Flask, Response, g, jsonify, redirect, request, send_file
+from flask import Flask, Response, g, jsonify, redirect, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException
 
 from collector import api
+from llamabridge.edge import Edge, required
+from llamabridge.keys import KeyFile
 
 from . import errors, messages, models, relay, translate
 from .config import Settings
@@ -83,6 +88,33 @@ class ApiMode:
 
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "dashboard" / "index.html"
+# Liveness answers anyone: Docker's health check and Claude Code's start-up check carry no key.
+OPEN_ROUTES = frozenset({("HEAD", "/"), ("HEAD", "/api/hello"), ("GET", "/healthz"), ("HEAD", "/healthz")})
+# What a browser opens: a 401 there asks it for the key (as the password of HTTP Basic).
+LOGIN_PREFIXES = ("/dashboard", "/api/", "/metrics")
+
+
+def dashboard_page() -> tuple[bytes, str]:
+    """The dashboard and the Content-Security-Policy it runs under: nothing but this origin, and
+    of inline code only the page's own script and style, by hash (a value injected into the page
+    could not run)."""
+    page = DASHBOARD.read_bytes()
+
+    def hashes(tag: bytes) -> str:
+        blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(block).digest()).decode()}'" for block in blocks)
+
+    policy = (f"default-src 'none'; script-src {hashes(b'script')}; style-src {hashes(b'style')}; connect-src 'self'; "
+              "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return page, policy
+
+
+def refusal(environ: dict, start_response: Callable, status: int, message: str, code: str | None,
+            headers: list) -> Iterable[bytes]:
+    """A request refused at the edge (llamabridge/edge.py), in its route's envelope."""
+    response = errors.render(flavor_of(environ.get("PATH_INFO", ""), EnvironHeaders(environ)), ApiError(status, message, code=code))
+    response.headers.extend(headers)
+    return response(environ, start_response)
 
 
 def new_call() -> Call:
@@ -173,9 +205,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         store = services.request_log.store
         app.register_blueprint(api.blueprint(store, lambda: {**api.stored_status(store), "queued": services.main.gate.depth()}))
 
+    page, policy = dashboard_page()
+
     @app.route("/dashboard", methods=["GET"])
     def dashboard() -> Response:
-        return send_file(DASHBOARD, mimetype="text/html", max_age=0)
+        return Response(page, mimetype="text/html", headers={"Content-Security-Policy": policy, "Cache-Control": "no-cache"})
 
     @app.route("/dashboard/", methods=["GET"])
     def dashboard_slash() -> Response:
@@ -244,5 +278,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     # The busiest routes' ordinary requests skip Flask's request handling (fastpath.py).
     fast_routes = {"/v1/messages": message, **{path: completion for path in relay.GENERATION_ROUTES}}
-    app.wsgi_app = FastPath(app, fast_routes, settings.max_request_bytes, services.prepare_connections)  # type: ignore[method-assign]
+    fast = FastPath(app, fast_routes, settings.max_request_bytes, services.prepare_connections)
+    # In front of everything, the fast path included: browser attacks refused, keys checked.
+    app.wsgi_app = Edge(fast, settings.edge, KeyFile(settings.edge.keys_file), refusal,  # type: ignore[method-assign]
+                        required=required(settings.edge, settings.host), open_routes=OPEN_ROUTES,
+                        login_prefixes=LOGIN_PREFIXES, refused=services.metrics.refused)
     return app

@@ -7,9 +7,13 @@ Nothing else in the proxy reads `os.environ`: a module that needs a knob takes t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import urlparse
+
+from llamabridge.edge import EdgeSettings
+from llamabridge.edge import settings_from_env as edge_from_env
+from llamabridge.settings import ConfigError, env_bool, env_float, env_int
 
 UPSTREAM_APIS = ("openai", "anthropic", "auto")
 
@@ -27,10 +31,6 @@ POLICY_CLASSES = {
     "probe": POLICIES,
     "background": ("pass", "route", "shed"),
 }
-
-
-class ConfigError(ValueError):
-    """A setting is present but unusable; the message names the variable and what it accepts."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class Settings:
     policies: tuple[tuple[str, str], ...] = ()
     min_output_tokens: int = 1024
     db_path: str = "data/llamabridge.db"  # the shared store; "" (DB_PATH=off) keeps no request log
+    edge: EdgeSettings = field(default_factory=EdgeSettings)  # Host, Origin and key checks (llamabridge/edge.py)
 
     def policy(self, klass: str) -> str:
         return dict(self.policies).get(klass, "pass")
@@ -61,60 +62,6 @@ class Settings:
     @property
     def upstream_base(self) -> str:
         return self.llama_url.rstrip("/")
-
-
-def load_env_file(env: "os._Environ[str] | dict[str, str] | None" = None) -> str | None:
-    """Fill unset variables from `.env` in the working directory (or $LLAMABRIDGE_ENV_FILE).
-
-    Variables already in the environment win, as with Docker Compose, so `X=1 make run` overrides
-    the file. Called by the entry points, never on import: tests and containers stay in control."""
-    from dotenv import dotenv_values  # python-dotenv: the quoting, escapes and `export` lines of real .env files
-
-    env = os.environ if env is None else env
-    path = env.get("LLAMABRIDGE_ENV_FILE") or ".env"
-    if not os.path.isfile(path):
-        return None
-    for name, value in dotenv_values(path).items():
-        if value is not None and name not in env:
-            env[name] = value
-    return path
-
-
-def env_int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected a whole number") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name}={value}: expected a number from {low} to {high}")
-    return value
-
-
-def env_float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected a number of seconds") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name}={value}: expected a number from {low} to {high}")
-    return value
-
-
-def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={raw!r}: expected true or false")
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -143,6 +90,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     log_level = (env.get("LOG_LEVEL", "").strip() or Settings.log_level).lower()
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"LOG_LEVEL={log_level!r}: expected debug, info, warning or error")
+    db_path = "" if env.get("DB_PATH", "").strip() == "off" else (env.get("DB_PATH", "").strip() or Settings.db_path)
     return Settings(
         llama_url=llama_url,
         llama_api_key=env.get("LLAMA_API_KEY", "").strip(),
@@ -162,5 +110,6 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         background_url=background_url,
         policies=tuple(policies),
         min_output_tokens=env_int(env, "CONTEXT_MIN_OUTPUT", Settings.min_output_tokens, 1, 1_000_000),
-        db_path="" if env.get("DB_PATH", "").strip() == "off" else (env.get("DB_PATH", "").strip() or Settings.db_path),
+        db_path=db_path,
+        edge=edge_from_env(env, db_path or Settings.db_path),
     )

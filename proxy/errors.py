@@ -28,6 +28,7 @@ ANTHROPIC_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "request_too_large",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "api_error",
     502: "api_error",
@@ -43,6 +44,7 @@ OPENAI_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     502: "server_error",
@@ -51,15 +53,22 @@ OPENAI_TYPES = {
 }
 
 
+# OpenAI's error codes with the type its API sends beside them (a wrong key is an
+# invalid_request_error there, not an authentication_error).
+OPENAI_CODE_TYPES = {"invalid_api_key": "invalid_request_error", "rate_limit_exceeded": "rate_limit_error"}
+
+
 class ApiError(Exception):
     """An error with the HTTP status a client should see. Raised anywhere; rendered by `render`."""
 
-    def __init__(self, status: int, message: str, *, retry_after: int | None = None, error_type: str | None = None):
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None, error_type: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message or "unknown error"
         self.retry_after = retry_after
         self.error_type = error_type
+        self.code = code  # OpenAI's `error.code` where it names one ("invalid_api_key"); else the status
 
 
 class Rejected(ApiError):
@@ -71,8 +80,8 @@ def anthropic_body(status: int, message: str, error_type: str | None = None) -> 
     return {"type": "error", "error": {"type": error_type or ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
 
 
-def openai_body(status: int, message: str, error_type: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type or OPENAI_TYPES.get(status, "server_error"), "code": status}}
+def openai_body(status: int, message: str, error_type: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type or OPENAI_TYPES.get(status, "server_error"), "code": code or status}}
 
 
 def protocol_body(status: int, message: str) -> dict[str, Any]:
@@ -95,7 +104,7 @@ def render(flavor: str, err: ApiError) -> Response:
     else:
         if status == 529:
             status = 503
-        body = openai_body(status, err.message)
+        body = openai_body(status, err.message, OPENAI_CODE_TYPES.get(err.code or ""), err.code)
     resp = Response(json.dumps(body), status=status, mimetype="application/json")
     if err.retry_after is not None:
         resp.headers["Retry-After"] = str(err.retry_after)

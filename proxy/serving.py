@@ -18,7 +18,7 @@ from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
-from .config import ConfigError, load_env_file
+from llamabridge.settings import ConfigError, load_env_file
 from .errors import protocol_body
 
 S = TypeVar("S")

@@ -56,8 +56,12 @@ from .errors import UPSTREAM_DOWN, ApiError, from_upstream
 
 log = logging.getLogger("llamabridge.upstream")
 
-# Hop-by-hop headers, and those the proxy's server sets itself, are never relayed.
-_SKIP_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
+# Hop-by-hop headers, and those the proxy's server sets itself, are never relayed; nor
+# llama-server's CORS headers (it allows every origin): which pages may call is the proxy's to
+# say (llamabridge/edge.py).
+_SKIP_RESPONSE_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date",
+                          "access-control-allow-origin", "access-control-allow-credentials", "access-control-allow-methods",
+                          "access-control-allow-headers", "access-control-expose-headers", "access-control-max-age", "vary"}
 
 # llama-server (cpp-httplib) closes a connection after 5 s idle; one idle for less than this is
 # reused, an older one is closed rather than raced against the server's timer.

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from proxy.config import load_env_file  # noqa: E402 - after making the repository importable
+from llamabridge.settings import load_env_file  # noqa: E402 - after making the repository importable
 STOP_GRACE_SECONDS = 10
 
 

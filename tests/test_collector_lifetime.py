@@ -165,7 +165,7 @@ def test_the_proxy_logs_every_request_to_the_shared_store(llama_server_bin, tiny
                                                                           "User-Agent": hostile}, timeout=60)
         r2 = requests.post(proxy.url + "/v1/chat/completions", timeout=60,
                            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
-        r3 = requests.post(proxy.url + "/v1/messages", data=b"{broken", timeout=60)
+        r3 = requests.post(proxy.url + "/v1/messages", data=b"{broken", headers={"Content-Type": "application/json"}, timeout=60)
         assert (r1.status_code, r2.status_code, r3.status_code) == (200, 200, 400)
         def logged() -> list[dict]:
             rows = requests.get(collector.url + "/api/requests", timeout=5).json()["requests"]

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from proxy import sse
-from proxy.config import ConfigError, from_env
+from llamabridge.settings import ConfigError
+from proxy.config import from_env
 from proxy.errors import from_upstream
 
 

@@ -37,7 +37,13 @@ def run(wsgi, environ: dict) -> tuple[str, dict[str, str], bytes]:
 
 
 def environ(method: str = "POST", path: str = "/v1/chat/completions", data: bytes | None = None, **headers: str) -> dict:
-    return EnvironBuilder(method=method, path=path, data=data, headers=headers).get_environ()
+    content_type = "application/json" if method == "POST" else None  # the edge in front refuses any other body
+    return EnvironBuilder(method=method, path=path, data=data, headers=headers, content_type=content_type).get_environ()
+
+
+def fast_path(app):
+    """The fast path, behind the edge checks (llamabridge/edge.py) that are the app's outermost layer."""
+    return app.wsgi_app.app
 
 
 class Recorder:
@@ -67,7 +73,7 @@ HEADERS = {"User-Agent": "claude-cli/2.1.328 (external, cli)", "X-Claude-Code-Se
     ("/v1/messages", json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": []}).encode(), "400", "at least one message"),
 ])
 def test_an_ordinary_request_skips_flask_and_is_answered_exactly_as_flask_would(app, path, data, status, says):
-    fast = app.wsgi_app
+    fast = fast_path(app)
     flask = fast.flask
     recorder = fast.flask = Recorder(flask)
     answer = run(fast, environ(path=path, data=data, **HEADERS))
@@ -100,7 +106,7 @@ def test_an_ordinary_request_skips_flask_and_is_answered_exactly_as_flask_would(
     (environ(path="/v1/messages/count_tokens", data=b'{"model": "m", "messages": []}'), "400", "at least one message"),
 ])
 def test_anything_else_goes_to_flask_with_its_body_intact(app, request_env, status, says):
-    recorder = app.wsgi_app.flask = Recorder(app.wsgi_app.flask)
+    recorder = fast_path(app).flask = Recorder(fast_path(app).flask)
     sent = request_env["wsgi.input"].getvalue()
     got, headers, body = run(app.wsgi_app, request_env)
     # Whole for Flask: read by the fast path and put back, or (past the limit) not read at all.
@@ -111,7 +117,7 @@ def test_anything_else_goes_to_flask_with_its_body_intact(app, request_env, stat
 
 def test_a_body_without_a_length_goes_to_flask(app):
     """Chunked uploads (no Content-Length) are Flask's: it reads them to the end, within the limit."""
-    recorder = app.wsgi_app.flask = Recorder(app.wsgi_app.flask)
+    recorder = fast_path(app).flask = Recorder(fast_path(app).flask)
     env = environ(data=COMPLETION)
     del env["CONTENT_LENGTH"]
     env["HTTP_TRANSFER_ENCODING"] = "chunked"

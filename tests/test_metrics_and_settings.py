@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from proxy.config import load_env_file
+from llamabridge.settings import load_env_file
 from proxy.metrics import Call, ClientLabels, client_family
 from tests.support.waiting import wait_until
 
@@ -99,3 +99,17 @@ def test_a_store_that_cannot_be_opened_stops_either_service_with_one_line(tmp_pa
             assert result.returncode == 2, (service, path, result.stderr[-2000:])
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith(f"llamabridge {service}: DB_PATH={path}: cannot open the store"), lines
+
+
+def test_every_setting_the_services_read_is_documented_in_env_example():
+    """What config.py and llamabridge/ read from the environment, each a line of .env.example
+    (set, or commented out where only the environment or compose sets it)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [root / "proxy/config.py", root / "collector/config.py", *sorted((root / "llamabridge").glob("*.py"))]
+    read = {name for path in sources for name in re.findall(r'env(?:\.get|_int|_float|_bool|_list)\((?:env, )?"([A-Z_]+)"', path.read_text())}
+    read |= {f"POLICY_{klass.upper()}" for klass in ("main", "subagent", "title", "probe", "background")}
+    documented = set(re.findall(r"^#? ?([A-Z_]+)=", (root / ".env.example").read_text(), re.M))
+    assert read and read <= documented, sorted(read - documented)

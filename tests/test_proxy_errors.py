@@ -52,6 +52,8 @@ def openai_error(resp: requests.Response, status: int) -> str:
     return body["error"]["message"]
 
 
+# What every client sends; without it the proxy refuses a body before reading it (415).
+JSON = {"Content-Type": "application/json"}
 GOOD = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -73,7 +75,7 @@ def test_bad_anthropic_bodies_get_a_400_naming_the_problem(small_proxy, data, ex
 
 
 def test_bad_openai_body_gets_an_openai_400(small_proxy):
-    resp = requests.post(small_proxy.url + "/v1/chat/completions", data=b"{oops", timeout=10)
+    resp = requests.post(small_proxy.url + "/v1/chat/completions", data=b"{oops", headers=JSON, timeout=10)
     assert "not valid JSON" in openai_error(resp, 400)
 
 
@@ -86,9 +88,9 @@ def test_requests_the_proxy_refuses_are_counted_as_rejected_not_as_llama_servers
 
     before = {(route, handled): count(route, handled) for route in ("/v1/messages", "/v1/chat/completions")
               for handled in ("rejected", "upstream")}
-    requests.post(small_proxy.url + "/v1/messages", data=b"{oops", timeout=10)
+    requests.post(small_proxy.url + "/v1/messages", data=b"{oops", headers=JSON, timeout=10)
     requests.post(small_proxy.url + "/v1/messages", json={**GOOD, "messages": "hi"}, timeout=10)
-    requests.post(small_proxy.url + "/v1/chat/completions", data=b"{oops", timeout=10)
+    requests.post(small_proxy.url + "/v1/chat/completions", data=b"{oops", headers=JSON, timeout=10)
     too_many = requests.post(small_proxy.url + "/v1/chat/completions", timeout=30, json={
         "model": "m", "max_tokens": 10**12, "messages": [{"role": "user", "content": "hi"}]})
     assert too_many.status_code == 400, too_many.text  # llama-server's own refusal, relayed
@@ -102,9 +104,9 @@ def test_requests_the_proxy_refuses_are_counted_as_rejected_not_as_llama_servers
 
 def test_huge_body_is_413_in_both_envelopes(small_proxy):
     big = json.dumps({**GOOD, "messages": [{"role": "user", "content": "x" * (LIMIT * 2)}]})
-    resp = requests.post(small_proxy.url + "/v1/messages", data=big, timeout=10)
+    resp = requests.post(small_proxy.url + "/v1/messages", data=big, headers=JSON, timeout=10)
     assert "MAX_REQUEST_BYTES" in anthropic_error(resp, 413, "request_too_large")
-    resp = requests.post(small_proxy.url + "/v1/chat/completions", data=big, timeout=10)
+    resp = requests.post(small_proxy.url + "/v1/chat/completions", data=big, headers=JSON, timeout=10)
     assert "MAX_REQUEST_BYTES" in openai_error(resp, 413)
 
 
@@ -141,7 +143,7 @@ def test_requests_the_http_server_cannot_parse_get_json_both_sdks_read(small_pro
 def test_the_worker_survives_bad_input(small_proxy):
     """After all of the above (and a burst more), the same single worker still serves real requests."""
     for _ in range(20):
-        requests.post(small_proxy.url + "/v1/messages", data=b"\xff\xfe", timeout=10)
+        requests.post(small_proxy.url + "/v1/messages", data=b"\xff\xfe", headers=JSON, timeout=10)
     resp = requests.post(small_proxy.url + "/v1/messages", json=GOOD, timeout=60)
     assert resp.status_code == 200 and resp.json()["content"]
     log = small_proxy.log_text()

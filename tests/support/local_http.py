@@ -25,11 +25,11 @@ class QuietHandler(BaseHTTPRequestHandler):
 
 
 class LocalServer:
-    """`handler` served on 127.0.0.1 by a thread per request, from the moment it is built
-    until `close()` (or the end of its `with` block)."""
+    """`handler` served on 127.0.0.1 (on `port`, or one the OS picks) by a thread per request,
+    from the moment it is built until `close()` (or the end of its `with` block)."""
 
-    def __init__(self, handler: type[BaseHTTPRequestHandler]):
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    def __init__(self, handler: type[BaseHTTPRequestHandler], port: int = 0):
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

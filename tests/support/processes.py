@@ -31,12 +31,13 @@ class Service:
     """A child process whose log announces the port it listens on."""
 
     def __init__(self, name: str, cmd: Sequence[str], ready: str, env: dict[str, str] | None = None,
-                 health_path: str | None = None, timeout: float = 60.0, cwd: Path | None = None):
+                 health_path: str | None = None, timeout: float = 60.0, cwd: Path | None = None, health_method: str = "GET"):
         self.name = name
         self.cmd = list(cmd)
         self.ready = re.compile(ready)
         self.env = env
         self.health_path = health_path
+        self.health_method = health_method
         self.timeout = timeout
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
@@ -76,7 +77,7 @@ class Service:
         while True:
             self._check_alive()
             try:
-                if requests.get(self.url + self.health_path, timeout=2).status_code == 200:
+                if requests.request(self.health_method, self.url + self.health_path, timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass
@@ -139,8 +140,9 @@ def proxy(llama_url: str, **env_overrides: str) -> Service:
     env.update({"LLAMA_URL": llama_url, "PROXY_HOST": "127.0.0.1", "PROXY_PORT": "0", "PROXY_THREADS": "32",
                 "DB_PATH": tempfile.mktemp(prefix="llamabridge-", suffix=".db")})
     env.update(env_overrides)
+    # HEAD / is liveness: it answers without a key, whether or not llama-server does.
     return Service("proxy", [sys.executable, "-m", "proxy"], r"Listening at: http://127\.0\.0\.1:(?P<port>\d+)",
-                   env=env, health_path="/", cwd=ROOT)
+                   env=env, health_path="/", health_method="HEAD", cwd=ROOT)
 
 
 def collector(llama_url: str, db_path: str, interval: float = 0.2, **env_overrides: str) -> Service:
