@@ -68,8 +68,13 @@ def blueprint(store: Store, status: Callable[[], dict[str, Any]]) -> Blueprint:
         except ValueError:
             limit = 200
         rows = store.requests(limit, client=request.args.get("client"), klass=request.args.get("class"),
-                              session=request.args.get("session"))
+                              session=request.args.get("session"), user=request.args.get("user"))
         return jsonify({"requests": rows})
+
+    @api.get("/api/users")
+    def users():
+        """Requests and tokens per API key name, for as long as the store has counted them."""
+        return jsonify({"users": store.user_totals()})
 
     @api.get("/api/sessions")
     def sessions():

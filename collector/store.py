@@ -170,6 +170,28 @@ def m002_samples_by_ts(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX samples_by_ts ON samples (ts)")
 
 
+@migration
+def m003_request_users(db: sqlite3.Connection) -> None:
+    """Who made each request (the name of its API key), and running totals per user, advanced in
+    the same transaction as the rows they count, so they outlive the rows' retention."""
+    _run(
+        db,
+        """
+        ALTER TABLE requests ADD COLUMN user TEXT;
+        CREATE INDEX requests_by_user ON requests (user, ts);
+        CREATE TABLE user_totals (
+            user TEXT PRIMARY KEY,
+            requests INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            cached_tokens INTEGER NOT NULL DEFAULT 0,
+            generated_tokens INTEGER NOT NULL DEFAULT 0,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL
+        )
+        """,
+    )
+
+
 class Store:
     """Thread-safe access to one connection (the collector and the proxy each open their own)."""
 
@@ -260,7 +282,7 @@ class Store:
     # -- the proxy's request log ----------------------------------------------------------------
 
     REQUEST_COLUMNS = ("ts", "client", "session", "route", "class", "model", "status", "handled", "queue_wait", "ttft",
-                       "total_time", "prompt_tokens", "cached_tokens", "generated_tokens", "tokens_per_second", "error")
+                       "total_time", "prompt_tokens", "cached_tokens", "generated_tokens", "tokens_per_second", "error", "user")
 
     def add_requests(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
@@ -271,14 +293,23 @@ class Store:
             try:
                 self.db.executemany(f"INSERT INTO requests ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                                     [tuple(r.get(c) for c in cols) for r in rows])
+                self.db.executemany(
+                    "INSERT INTO user_totals VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT(user) DO UPDATE SET "
+                    "requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                    "cached_tokens = cached_tokens + excluded.cached_tokens, "
+                    "generated_tokens = generated_tokens + excluded.generated_tokens, "
+                    "last_seen = MAX(last_seen, excluded.last_seen)",
+                    [(r["user"], r.get("prompt_tokens") or 0, r.get("cached_tokens") or 0, r.get("generated_tokens") or 0,
+                      r["ts"], r["ts"]) for r in rows if r.get("user")])
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
 
-    def requests(self, limit: int = 200, client: str | None = None, klass: str | None = None, session: str | None = None) -> list[dict[str, Any]]:
+    def requests(self, limit: int = 200, client: str | None = None, klass: str | None = None, session: str | None = None,
+                 user: str | None = None) -> list[dict[str, Any]]:
         where, args = [], []
-        for column, value in (("client", client), ("class", klass), ("session", session)):
+        for column, value in (("client", client), ("class", klass), ("session", session), ("user", user)):
             if value:
                 where.append(f"{column} = ?")
                 args.append(value)
@@ -292,6 +323,11 @@ class Store:
                                   "COALESCE(SUM(cached_tokens), 0) AS cached, COALESCE(SUM(generated_tokens), 0) AS generated "
                                   "FROM requests").fetchone()
             return dict(row)
+
+    def user_totals(self) -> list[dict[str, Any]]:
+        """Requests and tokens per user (API key name) since the store began, most recent first."""
+        with self.lock:
+            return [dict(r) for r in self.db.execute("SELECT * FROM user_totals ORDER BY last_seen DESC")]
 
     # -- retention --------------------------------------------------------------------------------
 

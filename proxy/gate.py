@@ -3,8 +3,10 @@
 llama-server queues what it cannot run, but blindly: a background request can take the only
 slot ahead of the conversation and evict its prompt cache. The gate admits at most `slots`
 requests, hands each a slot id (passed upstream as `id_slot`), and keeps the others in a
-bounded queue ordered by class priority, then arrival. Requests of one session go back to the
-slot that holds their cache when it is free.
+bounded queue ordered by class priority; within a class, users (API key names) take turns,
+the one served longest ago first, then arrival: one user's burst of subagents cannot starve
+another's main turn. Requests of one session go back to the slot that holds their cache when
+it is free.
 
 Waiting is step-wise (`wait(waiter, timeout)`), so a streamed response can send pings to its
 client between steps and notice when that client has gone.
@@ -12,7 +14,6 @@ client between steps and notice when that client has gone.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import threading
 import time
@@ -40,15 +41,16 @@ class Ticket:
     previous: str | None = None  # who used this slot last: a session id, or "<class>" if none
 
 
-@dataclass(order=True)
+@dataclass(eq=False)
 class Waiter:
     priority: int
     seq: int
-    klass: str = field(compare=False)
-    session: str | None = field(compare=False)
-    enqueued: float = field(compare=False)
-    ticket: Ticket | None = field(default=None, compare=False)
-    cancelled: bool = field(default=False, compare=False)
+    klass: str
+    session: str | None
+    enqueued: float
+    user: str | None = None
+    ticket: Ticket | None = None
+    cancelled: bool = False
 
 
 class Gate:
@@ -61,8 +63,10 @@ class Gate:
         self._owner: dict[int, str] = {}  # slot -> session whose cache it holds
         self._last_used: dict[int, float] = {}
         self._last_user: dict[int, str] = {}
-        self._heap: list[Waiter] = []
+        self._queue: list[Waiter] = []
         self._seq = itertools.count()
+        self._turn: dict[str | None, int] = {}  # user -> when they were last granted a slot (a grant count)
+        self._grants = itertools.count()
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -81,7 +85,7 @@ class Gate:
 
     def depth(self) -> int:
         with self._cond:
-            return sum(1 for w in self._heap if not w.cancelled and w.ticket is None)
+            return sum(1 for w in self._queue if not w.cancelled and w.ticket is None)
 
     def in_flight(self) -> int:
         with self._cond:
@@ -92,15 +96,15 @@ class Gate:
         with self._cond:
             return any(s not in self._busy and s not in self._owner for s in range(self._slots))
 
-    def enqueue(self, klass: str, priority: int, session: str | None) -> Waiter:
+    def enqueue(self, klass: str, priority: int, session: str | None, user: str | None = None) -> Waiter:
         """Join the queue (granted at once if a slot is free). Raises QueueFull."""
         with self._cond:
-            waiting = sum(1 for w in self._heap if not w.cancelled and w.ticket is None)
+            waiting = sum(1 for w in self._queue if not w.cancelled and w.ticket is None)
             free = self._slots - len(self._busy)
             if waiting >= self.queue_max and free <= waiting:
                 raise QueueFull(waiting)
-            waiter = Waiter(priority, next(self._seq), klass, session, time.monotonic())
-            heapq.heappush(self._heap, waiter)
+            waiter = Waiter(priority, next(self._seq), klass, session, time.monotonic(), user)
+            self._queue.append(waiter)
             self._grant()
             return waiter
 
@@ -122,9 +126,10 @@ class Gate:
                 self._cond.wait(remaining)
             return waiter.ticket
 
-    def admit(self, klass: str, priority: int, session: str | None, check=lambda: None, step: float = 0.25) -> Ticket:
+    def admit(self, klass: str, priority: int, session: str | None, check=lambda: None, step: float = 0.25,
+              user: str | None = None) -> Ticket:
         """Enqueue and wait until admitted, calling `check()` (which may raise) between steps."""
-        waiter = self.enqueue(klass, priority, session)
+        waiter = self.enqueue(klass, priority, session, user)
         try:
             while True:
                 ticket = self.wait(waiter, step)
@@ -159,20 +164,25 @@ class Gate:
 
     def _drop(self, waiter: Waiter) -> None:
         waiter.cancelled = True
-        self._heap = [w for w in self._heap if w is not waiter]
-        heapq.heapify(self._heap)
+        self._queue = [w for w in self._queue if w is not waiter]
+
+    def _head(self) -> Waiter | None:
+        """Who is next: the best class; in it, the user whose last turn is oldest (never is
+        oldest); then the earliest. The queue is at most QUEUE_MAX long: a scan is cheap."""
+        self._queue = [w for w in self._queue if not w.cancelled and w.ticket is None]
+        if not self._queue:
+            return None
+        return min(self._queue, key=lambda w: (w.priority, self._turn.get(w.user, -1), w.seq))
 
     def _grant(self) -> None:
         """Give free slots to the waiters at the head of the queue."""
-        while self._heap:
-            head = self._heap[0]
-            if head.cancelled or head.ticket is not None:
-                heapq.heappop(self._heap)
-                continue
+        while (head := self._head()) is not None:
             slot = self._choose_slot(head.session)
             if slot is None:
                 return
-            heapq.heappop(self._heap)
+            if len(self._turn) > 1024:  # forget users with nothing queued (keys are few; this is a bound)
+                self._turn = {w.user: self._turn.get(w.user, -1) for w in self._queue}
+            self._turn[head.user] = next(self._grants)
             head.ticket = Ticket(slot, head.klass, head.session, time.monotonic() - head.enqueued, self._last_user.get(slot))
             self._busy[slot] = head.ticket
             self._last_user[slot] = head.session or f"<{head.klass}>"

@@ -47,11 +47,15 @@ class Generation:
         self.client_left = False
         self.completed = False
         self._closed = False
+        self._counted = False  # against the key's limits (quotas.py)
 
     # -- the slot ------------------------------------------------------------------------------
 
     def enqueue(self) -> None:
-        self.waiter = self.target.gate.enqueue(self.call.klass, classify.PRIORITY.get(self.call.klass, 0), self.call.session)
+        """Join the gate's queue, if the key's limits allow (raises Rejected(429) if not)."""
+        call = self.call
+        self._counted = self.services.quotas.acquire(call.user, call.limits)
+        self.waiter = self.target.gate.enqueue(call.klass, classify.PRIORITY.get(call.klass, 0), call.session, call.user)
 
     def wait(self, seconds: float) -> bool:
         """True once admitted; False if still queued after `seconds` (raises QueueTimeout)."""
@@ -155,6 +159,8 @@ class Generation:
         if self.client_left:
             self.call.status = 499
             self.call.error = self.call.error or "client disconnected"
+        if self._counted:
+            self.services.quotas.release(self.call.user, self.call.prompt_tokens + self.call.generated_tokens)
         self._check_prefix()
         self.services.metrics.record(self.call)
 

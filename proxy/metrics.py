@@ -18,6 +18,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from llamabridge.edge import LIMITS, USER
+from llamabridge.keys import Limits
+
 from .classify import CLASSES
 from .translate import token_count
 
@@ -52,13 +55,35 @@ def client_family(user_agent: str) -> str:
     return family or "unknown"
 
 
-class ClientLabels:
-    """Bounded `client` label values: the first MAX_CLIENT_FAMILIES families seen, then "other"."""
+# The `user` label: a key's name (bounded by the keys file, and capped here all the same), "-"
+# for requests without one.
+MAX_USERS = 64
+NO_USER = "-"
 
-    def __init__(self, limit: int = MAX_CLIENT_FAMILIES):
+
+class BoundedLabel:
+    """A label's values, bounded: the first `limit` distinct values seen, then "other"."""
+
+    def __init__(self, limit: int):
         self.limit = limit
         self._seen: set[str] = set()
         self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        with self._lock:
+            if value in self._seen or len(self._seen) < self.limit:
+                self._seen.add(value)
+                return value
+        return "other"
+
+
+class ClientLabels(BoundedLabel):
+    """Bounded `client` label values: the first MAX_CLIENT_FAMILIES families seen, then "other"."""
+
+    def __init__(self, limit: int = MAX_CLIENT_FAMILIES):
+        super().__init__(limit)
         # Each request's User-Agent, mapped once: an agent sends the same string every time.
         self._families: dict[str, str] = {}
 
@@ -68,13 +93,7 @@ class ClientLabels:
             family = client_family(user_agent)
             if len(self._families) < 4 * self.limit:
                 self._families[user_agent] = family
-        with self._lock:
-            if family in self._seen:
-                return family
-            if len(self._seen) < self.limit:
-                self._seen.add(family)
-                return family
-        return "other"
+        return super().__call__(family)
 
 
 @dataclass
@@ -84,6 +103,8 @@ class Call:
     route: str
     client: str
     session: str | None
+    user: str | None = None  # the name of the request's API key
+    limits: Limits = field(default_factory=Limits)  # that key's limits
     klass: str = "-"
     started: float = field(default_factory=time.monotonic)
     status: int = 200
@@ -115,7 +136,8 @@ class Call:
         session = environ.get(_SESSION_KEY, "").strip()[:100] or None
         if session is None and not route.startswith("/v1/messages"):
             session = next((value for key in _OPENAI_SESSION_KEYS if (value := environ.get(key, "").strip()[:100])), None)
-        return cls(route=route, client=environ.get("HTTP_USER_AGENT", "-"), session=session)
+        return cls(route=route, client=environ.get("HTTP_USER_AGENT", "-"), session=session, user=environ.get(USER),
+                   limits=environ.get(LIMITS) or Limits())
 
 
 class _StateCollector(Collector):
@@ -147,17 +169,20 @@ class ProxyMetrics:
         self.request_log = request_log
         r = self.registry
         self.clients = ClientLabels()
-        self.requests = Counter("llamabridge_proxy_requests", "Requests by client (User-Agent without versions), route, "
-                                "class, status and how they were answered.",
-                                ["client", "route", "class", "status", "handled"], registry=r)
+        self.users = BoundedLabel(MAX_USERS)
+        self.requests = Counter("llamabridge_proxy_requests", "Requests by client (User-Agent without versions), user "
+                                "(API key name), route, class, status and how they were answered.",
+                                ["client", "user", "route", "class", "status", "handled"], registry=r)
         self.queue_wait = Histogram("llamabridge_proxy_queue_wait_seconds", "Time spent waiting for a slot.", ["class"],
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("llamabridge_proxy_time_to_first_token_seconds", "Time to the first generated token.", ["class"],
                               buckets=LATENCY_BUCKETS, registry=r)
         self.duration = Histogram("llamabridge_proxy_request_duration_seconds", "Whole request time.", ["class"],
                                   buckets=LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter("llamabridge_proxy_tokens", "Tokens of proxied generations by kind (prompt = prefilled).",
-                              ["kind"], registry=r)
+        self.tokens = Counter("llamabridge_proxy_tokens", "Tokens of proxied generations by kind (prompt = prefilled) "
+                              "and user (API key name).", ["kind", "user"], registry=r)
+        self.refusals = Counter("llamabridge_proxy_refused_requests", "Requests refused before any route: a foreign Host "
+                                "or Origin, a body that is not JSON, a missing or wrong API key.", ["reason"], registry=r)
         self.reprefills = Counter("llamabridge_proxy_reprefills", "Turns that re-prefilled more than the session's history explains.",
                                   registry=r)
         self.reprefilled_tokens = Counter("llamabridge_proxy_reprefilled_tokens", "Tokens prefilled again by those turns.", registry=r)
@@ -173,7 +198,12 @@ class ProxyMetrics:
             for histogram in (self.queue_wait, self.ttft, self.duration):
                 histogram.labels(klass)
         for kind in ("prompt", "cached", "generated"):
-            self.tokens.labels(kind)
+            self.tokens.labels(kind, NO_USER)
+        for reason in ("host", "origin", "content_type", "key"):
+            self.refusals.labels(reason)
+
+    def refused(self, reason: str) -> None:
+        self._child(self.refusals, reason).inc()
 
     def _child(self, metric, *values: str):
         key = (id(metric), values)
@@ -191,19 +221,20 @@ class ProxyMetrics:
             return
         call.recorded = True
         total = time.monotonic() - call.started
-        self._child(self.requests, self.clients(call.client), call.route, call.klass, str(call.status), call.handled).inc()
+        user = self.users(call.user) if call.user else NO_USER
+        self._child(self.requests, self.clients(call.client), user, call.route, call.klass, str(call.status), call.handled).inc()
         if call.handled == "upstream" or call.handled == "background":
             self._child(self.queue_wait, call.klass).observe(call.queue_wait)
             if call.ttft is not None:
                 self._child(self.ttft, call.klass).observe(call.ttft)
-            self._child(self.tokens, "prompt").inc(call.prompt_tokens)
-            self._child(self.tokens, "cached").inc(call.cached_tokens)
-            self._child(self.tokens, "generated").inc(call.generated_tokens)
+            self._child(self.tokens, "prompt", user).inc(call.prompt_tokens)
+            self._child(self.tokens, "cached", user).inc(call.cached_tokens)
+            self._child(self.tokens, "generated", user).inc(call.generated_tokens)
         self._child(self.duration, call.klass).observe(total)
         if self.request_log is not None:
             generating = total - (call.ttft or total) if call.ttft is not None else 0.0
             self.request_log.add({
-                "ts": time.time() - total, "client": call.client[:200], "session": call.session, "route": call.route,
+                "ts": time.time() - total, "client": call.client[:200], "session": call.session, "user": call.user, "route": call.route,
                 "class": call.klass, "model": call.model, "status": call.status, "handled": call.handled,
                 "queue_wait": call.queue_wait, "ttft": call.ttft, "total_time": total, "prompt_tokens": call.prompt_tokens,
                 "cached_tokens": call.cached_tokens, "generated_tokens": call.generated_tokens,
@@ -211,8 +242,8 @@ class ProxyMetrics:
                 "error": call.error,
             })
         log.info(
-            "%s class=%s status=%s handled=%s session=%s slot=%s wait=%.3fs ttft=%s total=%.3fs prompt=%d cached=%d generated=%d client=%r%s",
-            call.route, call.klass, call.status, call.handled, call.session or "-", "-" if call.slot is None else call.slot,
+            "%s class=%s status=%s handled=%s session=%s user=%s slot=%s wait=%.3fs ttft=%s total=%.3fs prompt=%d cached=%d generated=%d client=%r%s",
+            call.route, call.klass, call.status, call.handled, call.session or "-", call.user or NO_USER, "-" if call.slot is None else call.slot,
             call.queue_wait, "-" if call.ttft is None else f"{call.ttft:.3f}s", total, call.prompt_tokens,
             call.cached_tokens, call.generated_tokens, call.client[:80], f" error={call.error!r}" if call.error else "",
         )

@@ -1,5 +1,5 @@
 """The proxy's long-lived state, built once per app: upstreams with their gates, the token
-counter, the prefix tracker, in-flight deduplication and metrics."""
+counter, the prefix tracker, in-flight deduplication, per-key limits and metrics."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .flights import Flights
 from .gate import Gate, Ticket
 from .metrics import ProxyMetrics
 from .prefix import PrefixTracker
+from .quotas import Quotas
 from .requestlog import RequestLog
 from .tokens import TokenCounter
 from .upstream import ServerInfo, Upstream
@@ -52,6 +53,7 @@ class Services:
             self.background = self._target("background llama-server", Settings(**{**settings.__dict__, "llama_url": settings.background_url}))
         self.tracker = PrefixTracker()
         self.flights = Flights()
+        self.quotas = Quotas()
         self.request_log = RequestLog(settings.db_path) if settings.db_path else None
         self.metrics = ProxyMetrics(registry, self.request_log)
         self.metrics.watch_gate(self.main.gate, self.main.upstream.connections)

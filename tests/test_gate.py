@@ -39,6 +39,21 @@ def test_priority_then_arrival_order():
                                                         key=lambda kw: ({"main": 0, "subagent": 1}.get(kw[0], 2), kw[1]))
 
 
+def test_users_take_turns_within_a_class_and_classes_still_come_first():
+    gate = Gate(slots=1, queue_max=20, queue_timeout=60)
+    ticket = gate.enqueue("main", 0, None, "ann").ticket
+    queued = [gate.enqueue("subagent", 1, None, "ann") for _ in range(5)]
+    queued += [gate.enqueue("subagent", 1, None, "ben"), gate.enqueue("main", 0, None, "ann"), gate.enqueue("subagent", 1, None, "cal")]
+    served = []
+    for _ in queued:
+        gate.release(ticket)
+        (granted,) = [w for w in queued if w.ticket is not None and w not in served]
+        served.append(granted)
+        ticket = granted.ticket
+    # ann's main turn first (its class), then cal and ben, who had no turn yet, then ann's subagents.
+    assert [(w.klass, w.user) for w in served] == [("main", "ann"), ("subagent", "ben"), ("subagent", "cal")] + [("subagent", "ann")] * 5
+
+
 def test_queue_full_is_overloaded():
     gate = Gate(slots=1, queue_max=2, queue_timeout=60)
     gate.enqueue("main", 0, None)
@@ -104,7 +119,8 @@ class GateModel(RuleBasedStateMachine):
     """Random sequences of what request threads do to the gate (join, leave, finish, and
     llama-server restarting with another slot count), checked after every step against what
     the gate promises: one generation per slot, no slot idle while someone waits, the queue
-    served by priority then arrival, a session back on the slot that holds its cache."""
+    served by priority, then users in turn (the one served longest ago first), then arrival, a
+    session back on the slot that holds its cache."""
 
     def __init__(self):
         super().__init__()
@@ -113,14 +129,21 @@ class GateModel(RuleBasedStateMachine):
         self.running: list[Waiter] = []
         self.owner: dict[int, str] = {}  # slot -> session whose cache it holds, by our own account
         self.asked: dict[int, int] = {}  # waiter.seq -> the priority it joined with
+        self.turn: dict[str | None, int] = {}  # user -> when they were last granted a slot, by our own count
+        self.grants = 0
 
     def _granted_since(self, before: list[Waiter]) -> None:
-        """Move what the gate granted to `running`, checking it took the head of the queue."""
+        """Move what the gate granted to `running`, checking it took the head of the queue each time."""
         granted = [w for w in self.waiting if w.ticket is not None]
-        order = lambda w: (self.asked[w.seq], w.seq)  # noqa: E731
-        expected = sorted(before, key=order)[:len(granted)]
+        pool, expected = list(before), []
+        for _ in granted:
+            head = min(pool, key=lambda w: (self.asked[w.seq], self.turn.get(w.user, -1), w.seq))
+            pool.remove(head)
+            expected.append(head)
+            self.grants += 1
+            self.turn[head.user] = self.grants
         assert sorted(granted, key=lambda w: w.seq) == sorted(expected, key=lambda w: w.seq), "the queue was not served in order"
-        for w in sorted(granted, key=order):
+        for w in expected:
             mine = [s for s, o in self.owner.items() if o == w.session and not self._busy(s, w)]
             if w.session is not None and mine and mine[0] < self.gate.slots:
                 assert w.ticket.slot == mine[0], "a session did not get the slot holding its cache"
@@ -133,15 +156,16 @@ class GateModel(RuleBasedStateMachine):
     def _busy(self, slot: int, other_than: Waiter) -> bool:
         return any(r.ticket.slot == slot for r in self.running if r is not other_than)
 
-    @rule(priority=st.sampled_from([0, 1, 2]), session=st.sampled_from([None, "a", "b", "c"]))
-    def join(self, priority: int, session: str | None) -> None:
+    @rule(priority=st.sampled_from([0, 1, 2]), session=st.sampled_from([None, "a", "b", "c"]),
+          user=st.sampled_from([None, "ann", "ben"]))
+    def join(self, priority: int, session: str | None, user: str | None) -> None:
         free = self.gate.slots - len(self.running)
         if len(self.waiting) >= self.gate.queue_max and free <= len(self.waiting):
             with pytest.raises(QueueFull):
-                self.gate.enqueue("x", priority, session)
+                self.gate.enqueue("x", priority, session, user)
             return
         before = list(self.waiting)
-        waiter = self.gate.enqueue("x", priority, session)
+        waiter = self.gate.enqueue("x", priority, session, user)
         self.asked[waiter.seq] = priority
         self.waiting.append(waiter)
         self._granted_since(before + [waiter])

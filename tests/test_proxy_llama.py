@@ -19,6 +19,7 @@ import requests
 
 from tests.support import processes
 from tests.support.anthropic_sse import check_order, parse
+from tests.support.hold import raw_post
 from tests.support.prom import metric
 from tests.support.waiting import wait_until
 from tests.test_malformed_requests import PIXEL
@@ -47,18 +48,6 @@ def claude(proxy) -> anthropic.Anthropic:
 @pytest.fixture()
 def oai(proxy) -> openai.OpenAI:
     return openai.OpenAI(base_url=proxy.url + "/v1", api_key="test-key", max_retries=0, timeout=120)
-
-
-def raw_post(base_url: str, path: str, body: dict, headers: dict[str, str] | None = None) -> socket.socket:
-    """A POST sent over a plain socket, which the test can close whenever it likes, the way a
-    killed client or a closed editor tab leaves."""
-    host, port = base_url.removeprefix("http://").split(":")
-    payload = json.dumps(body).encode()
-    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
-    sock = socket.create_connection((host, int(port)), timeout=60)
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
-                 f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-    return sock
 
 
 def stream_then_hang_up(base_url: str, path: str, body: dict, marker: bytes, count: int, while_open=None) -> None:

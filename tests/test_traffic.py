@@ -263,7 +263,7 @@ def test_queue_full_and_queue_timeout_are_overloaded_with_retry_after(tight_prox
 
 
 def test_disconnect_while_queued_leaves_the_queue(pass_proxy, llama):
-    from tests.test_proxy_llama import raw_post
+    from tests.support.hold import raw_post
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         holder = pool.submit(requests.post, pass_proxy.url + "/v1/chat/completions", json=LONG_HOLD, timeout=120)

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 LINE = re.compile(r"llamabridge\.request: (?P<route>\S+) class=(?P<klass>\S+) status=(?P<status>\S+) handled=(?P<handled>\S+) "
-                  r"session=(?P<session>\S+) .* prompt=(?P<prompt>\d+) cached=(?P<cached>\d+) generated=(?P<generated>\d+) "
+                  r"session=(?P<session>\S+) user=(?P<user>\S+) .* prompt=(?P<prompt>\d+) cached=(?P<cached>\d+) generated=(?P<generated>\d+) "
                   r"client='(?P<client>[^']*)'")
 
 
@@ -18,6 +18,7 @@ class Entry:
     status: int | None
     handled: str
     session: str  # "-" for none
+    user: str  # the API key's name; "-" for none
     prompt: int
     cached: int
     generated: int
@@ -30,5 +31,5 @@ def entries(proxy, route: str | None = None, client: str = "") -> list[Entry]:
     for m in map(LINE.search, proxy.log_text().splitlines()):
         if m and (route is None or m["route"] == route) and m["client"].startswith(client):
             found.append(Entry(m["route"], m["klass"], int(m["status"]) if m["status"].isdigit() else None, m["handled"],
-                               m["session"], int(m["prompt"]), int(m["cached"]), int(m["generated"]), m["client"]))
+                               m["session"], m["user"], int(m["prompt"]), int(m["cached"]), int(m["generated"]), m["client"]))
     return found
