@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # Everything slow (llama-server build, Claude Code CLI, tiny model) is cached here, by version.
 export LLAMABRIDGE_CACHE ?= $(HOME)/.cache/llamabridge
 
-.PHONY: help install install-test llama-server tiny-model claude-code codex aider opencode continue-cli run demo proxy collector env test test-unit bench up down logs ps clean
+.PHONY: help install install-test llama-server tiny-model claude-code codex aider opencode continue-cli cline run demo proxy collector env test test-unit bench up down logs ps keys clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/\$$\$$/$$/g' | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ opencode: ## install OpenCode used by the end-to-end tests; prints its path last
 continue-cli: ## install Continue's CLI (cn) used by the end-to-end tests; prints its path last
 	@bash scripts/continue.sh
 
+cline: ## install Cline's CLI used by the end-to-end tests; prints its path last
+	@bash scripts/cline.sh
+
 run: $(VENV)/.installed ## llama-server (LLAMA_MODEL=path.gguf, unless LLAMA_URL answers), proxy and collector; Ctrl-C stops all
 	@$(PY) scripts/run_stack.py
 
@@ -60,10 +63,10 @@ proxy: $(VENV)/.installed ## only the proxy, against $$LLAMA_URL
 collector: $(VENV)/.installed ## run the lifetime-metrics collector natively against $$LLAMA_URL (serves :9091)
 	$(PY) -m collector
 
-env: $(VENV)/.installed ## print the Claude Code / Cline / Codex / Aider / Continue / OpenCode settings for the running proxy (native or compose), with the real context window; FILE=aider|continue|opencode|codex prints that config file alone
-	@$(PY) -m proxy env $(if $(FILE),--file $(FILE))
+env: $(VENV)/.installed ## print the Claude Code / Cline / Codex / Aider / Continue / OpenCode settings for the running proxy (native or compose), with the real context window; FILE=aider|continue|opencode|codex prints that config file alone; KEY=<your key> fills it in
+	@$(if $(KEY),LLAMABRIDGE_API_KEY='$(KEY)' )$(PY) -m proxy env $(if $(FILE),--file $(FILE))
 
-# `make test` prepares everything it needs (tmux, venv, llama-server, tiny model, Claude Code, Codex, Aider, OpenCode and Continue's CLI)
+# `make test` prepares everything it needs (tmux, venv, llama-server, tiny model, Claude Code, Codex, Aider, OpenCode, Continue's and Cline's CLIs)
 # and then runs the whole suite against real processes on loopback.
 test: $(VENV)/.installed-test ## set everything up and run the whole test suite
 	@bash scripts/system-deps.sh
@@ -75,8 +78,9 @@ test: $(VENV)/.installed-test ## set everything up and run the whole test suite
 	AIDER_BIN="$$(bash scripts/aider.sh | tail -n 1)"; \
 	OPENCODE_BIN="$$(bash scripts/opencode.sh | tail -n 1)"; \
 	CONTINUE_BIN="$$(bash scripts/continue.sh | tail -n 1)"; \
-	export LLAMA_SERVER_BIN TINY_MODEL CLAUDE_BIN CODEX_BIN AIDER_BIN OPENCODE_BIN CONTINUE_BIN; \
-	echo "llama-server: $$LLAMA_SERVER_BIN"; echo "model: $$TINY_MODEL"; echo "claude: $$CLAUDE_BIN"; echo "codex: $$CODEX_BIN"; echo "aider: $$AIDER_BIN"; echo "opencode: $$OPENCODE_BIN"; echo "continue: $$CONTINUE_BIN"; \
+	CLINE_BIN="$$(bash scripts/cline.sh | tail -n 1)"; \
+	export LLAMA_SERVER_BIN TINY_MODEL CLAUDE_BIN CODEX_BIN AIDER_BIN OPENCODE_BIN CONTINUE_BIN CLINE_BIN; \
+	echo "llama-server: $$LLAMA_SERVER_BIN"; echo "model: $$TINY_MODEL"; echo "claude: $$CLAUDE_BIN"; echo "codex: $$CODEX_BIN"; echo "aider: $$AIDER_BIN"; echo "opencode: $$OPENCODE_BIN"; echo "continue: $$CONTINUE_BIN"; echo "cline: $$CLINE_BIN"; \
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Not part of `make test`: timings belong in a benchmark, measured against direct llama-server in
@@ -104,6 +108,9 @@ logs: ## follow the compose stack's logs
 
 ps: ## the compose stack's services and their health
 	@bash scripts/compose.sh ps
+
+keys: ## API keys: list them; ADD=name [CONCURRENT=n TPM=n] adds one (shown once), REMOVE=name revokes it (compose stack or native, as in use; KEYS_FOR=compose|native)
+	@ADD='$(ADD)' REMOVE='$(REMOVE)' CONCURRENT='$(CONCURRENT)' TPM='$(TPM)' KEYS_FOR='$(KEYS_FOR)' VENV='$(VENV)' MAKE='$(MAKE)' bash scripts/keys.sh
 
 clean: ## remove the virtual environment (the cache in $$LLAMABRIDGE_CACHE stays)
 	rm -rf $(VENV) .pytest_cache

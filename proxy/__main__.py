@@ -1,4 +1,5 @@
-"""`python -m proxy` serves the proxy under gunicorn; `python -m proxy env` prints client settings.
+"""`python -m proxy` serves the proxy under gunicorn; `python -m proxy env` prints client settings;
+`python -m proxy keys` manages the API keys.
 
 One gunicorn process with threads (gthread), never several processes: per-session state and
 (later) the admission gate that limits what reaches llama-server must live in one process.
@@ -8,11 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import requests
+
+from llamabridge import keys
+from llamabridge.edge import start_problem
 
 from .app import create_app
 from .config import Settings, from_env
@@ -30,22 +36,29 @@ MIN_AUTO_COMPACT_WINDOW = 100_000
 OPENCODE_MAX_OUTPUT = 32_000
 
 
-def context_from_proxy(base: str) -> SimpleNamespace | None:
-    """The model, context window and slots as the running proxy reports them (`/v1/models`).
+# What `make env` prints for the key while keys are on and none was given to it.
+KEY_PLACEHOLDER = "YOUR_LLAMABRIDGE_KEY"
+
+
+def context_from_proxy(base: str, key: str = "") -> tuple[SimpleNamespace | None, bool]:
+    """The model, context window and slots as the running proxy reports them (`/v1/models`), and
+    whether it asks for keys (it answered 401).
 
     Asked first because it is the one address that works for every way of running: in the compose
     stack llama-server is only reachable from inside Docker's network."""
     try:
-        answer = requests.get(f"{base}/v1/models", timeout=10)
+        answer = requests.get(f"{base}/v1/models", timeout=10, headers={"x-api-key": key} if key else {})
+        if answer.status_code == 401:
+            return None, True
         model = (answer.json().get("data") or [None])[0] if answer.ok else None
     except (requests.RequestException, ValueError, AttributeError):
-        return None
+        return None, False
     if not isinstance(model, dict) or not model.get("context_window"):
-        return None
-    return SimpleNamespace(model=model.get("id"), n_ctx=int(model["context_window"]), total_slots=model.get("slots"))
+        return None, False
+    return SimpleNamespace(model=model.get("id"), n_ctx=int(model["context_window"]), total_slots=model.get("slots")), False
 
 
-def opencode_config(base: str, model: str, n_ctx: int) -> dict:
+def opencode_config(base: str, model: str, n_ctx: int, key: str) -> dict:
     """OpenCode's config for this proxy: one provider (OpenCode's OpenAI-compatible adapter) with
     one model and its real window, chosen as the default model.
 
@@ -61,7 +74,7 @@ def opencode_config(base: str, model: str, n_ctx: int) -> dict:
         "provider": {"llamabridge": {
             "npm": "@ai-sdk/openai-compatible",
             "name": "llamabridge",
-            "options": {"baseURL": f"{base}/v1", "apiKey": "llamabridge"},
+            "options": {"baseURL": f"{base}/v1", "apiKey": key},
             "models": {model: {"name": model, "limit": {"context": n_ctx, "output": output}}},
         }},
     }
@@ -78,37 +91,63 @@ def aider_metadata(model: str, n_ctx: int) -> dict:
                     "output_cost_per_token": 0, "litellm_provider": "openai", "mode": "chat"}}
 
 
-def continue_models(base: str, model: str, n_ctx: int) -> list[str]:
+def continue_models(base: str, model: str, n_ctx: int, key: str) -> list[str]:
     """The `models:` section of Continue's ~/.continue/config.yaml (its IDE extensions and its `cn`
     CLI share it). Continue budgets a chat by the model's contextLength (200,000 in cn when none is
     given): with the real window it shortens the chat to fit, or refuses a message that cannot,
     before llama-server has to."""
     return ["models:", "  - name: llamabridge", "    provider: openai", f"    model: {json.dumps(model)}",
-            f"    apiBase: {base}/v1", "    apiKey: llamabridge", "    roles: [chat, edit, apply]",
+            f"    apiBase: {base}/v1", f"    apiKey: {key}", "    roles: [chat, edit, apply]",
             *(["    defaultCompletionOptions:", f"      contextLength: {n_ctx}"] if n_ctx else [])]
 
 
-def codex_config(base: str, model: str, n_ctx: int) -> list[str]:
+def codex_config(base: str, model: str, n_ctx: int, keyed: bool) -> list[str]:
     """Codex's ~/.codex/config.toml lines. Codex takes a provider only from its config file, and
     speaks only the Responses API; its context meter and compaction go by model_context_window
-    for a model it has no metadata for."""
+    for a model it has no metadata for. It sends a key only from the variable `env_key` names
+    (and refuses to start while that variable is unset, so it is named only when keys are on)."""
     return [f"model = {json.dumps(model)}", 'model_provider = "llamabridge"',
             *([f"model_context_window = {n_ctx}"] if n_ctx else []),
-            "", "[model_providers.llamabridge]", 'name = "llamabridge"', f'base_url = "{base}/v1"', 'wire_api = "responses"']
+            "", "[model_providers.llamabridge]", 'name = "llamabridge"', f'base_url = "{base}/v1"', 'wire_api = "responses"',
+            *(['env_key = "OPENAI_API_KEY"'] if keyed else [])]
+
+
+def cline_command(base: str, model: str, key: str) -> str:
+    """Cline's CLI setup in one line: its OpenAI-compatible provider (its Anthropic one takes no
+    base URL on the command line)."""
+    return f"cline auth -p openai -b {base}/v1 -k {shlex.quote(key)} -m {shlex.quote(model)}"
 
 
 # `python -m proxy env --file NAME`: a client's whole config file, to redirect into place.
 FILES = ("aider", "continue", "opencode", "codex")
 
 
-def server_context(settings: Settings) -> tuple[str, SimpleNamespace | None, str]:
-    """The proxy's base URL for clients, what it serves (None when neither the proxy nor llama-server
-    answers), and the model's short name (llama-server's may be the GGUF's path; any name is served)."""
+@dataclass(frozen=True)
+class Context:
+    """What `make env` knows of the running proxy."""
+
+    base: str  # the proxy's base URL for clients
+    info: SimpleNamespace | None  # model, n_ctx, total_slots; None when neither the proxy nor llama-server answers
+    name: str  # the model's short name (llama-server's may be the GGUF's path; any name is served)
+    keyed: bool  # the proxy asks for keys
+    key: str  # what the printed settings send as the key
+
+    @property
+    def n_ctx(self) -> int:
+        return self.info.n_ctx if self.info else 0
+
+
+def server_context(settings: Settings, key: str = "") -> Context:
+    """The running proxy as clients see it: asked with `key` if one is given."""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}"
-    info = context_from_proxy(base)
+    info, refused = context_from_proxy(base, key)
+    keyed = refused or bool(key) or keys.KeyFile(settings.edge.keys_file).configured()
+    if refused:
+        print(f"# the proxy at {base} asks for a key{' and refused this one' if key else ''}: "
+              "LLAMABRIDGE_API_KEY=<your key> make env prints these settings with it", file=sys.stderr)
     if info is None:
-        # No proxy running here yet (a native setup being prepared): ask llama-server itself.
+        # No proxy running here yet (a native setup being prepared), or it wants a key: ask llama-server itself.
         try:
             info = Upstream(settings).info()
         except Exception as exc:  # noqa: BLE001 - any failure is reported the same way
@@ -116,36 +155,41 @@ def server_context(settings: Settings) -> tuple[str, SimpleNamespace | None, str
                   "context window unknown", file=sys.stderr)
             info = None
     name = (info.model or "").rstrip("/").rsplit("/", 1)[-1] if info else ""
-    return base, info, name or "local"
+    return Context(base, info, name or "local", keyed, key or (KEY_PLACEHOLDER if keyed else "llamabridge"))
 
 
-def print_file(settings: Settings, which: str) -> int:
+def print_file(settings: Settings, which: str, key: str = "") -> int:
     """One client's config file, whole, for `> file`: nothing else goes to stdout."""
-    base, info, name = server_context(settings)
-    n_ctx = info.n_ctx if info else 0
-    if not n_ctx:
+    ctx = server_context(settings, key)
+    if not ctx.n_ctx:
         print("the context window is unknown (is the proxy or llama-server running?): not writing a config without it",
               file=sys.stderr)
         return 1
     if which == "aider":
-        print(json.dumps(aider_metadata(f"openai/{name}", n_ctx), indent=2))
+        print(json.dumps(aider_metadata(f"openai/{ctx.name}", ctx.n_ctx), indent=2))
     elif which == "continue":
-        print("\n".join(["name: llamabridge", "version: 1.0.0", "schema: v1", *continue_models(base, name, n_ctx)]))
+        print("\n".join(["name: llamabridge", "version: 1.0.0", "schema: v1", *continue_models(ctx.base, ctx.name, ctx.n_ctx, ctx.key)]))
     elif which == "opencode":
-        print(json.dumps(opencode_config(base, name, n_ctx), indent=2))
+        print(json.dumps(opencode_config(ctx.base, ctx.name, ctx.n_ctx, ctx.key), indent=2))
     else:
-        print("\n".join(codex_config(base, name, n_ctx)))
+        print("\n".join(codex_config(ctx.base, ctx.name, ctx.n_ctx, ctx.keyed)))
     return 0
 
 
-def print_env(settings: Settings) -> int:
-    """What points Claude Code, OpenAI clients, Aider, Continue, OpenCode and Codex at this proxy:
-    shell exports, and lines to copy into settings and config files."""
-    base, info, name = server_context(settings)
-    n_ctx = info.n_ctx if info else 0
+def print_env(settings: Settings, key: str = "") -> int:
+    """What points Claude Code, OpenAI clients, Aider, Continue, OpenCode, Codex and Cline at this
+    proxy: shell exports, and lines to copy into settings and config files."""
+    ctx = server_context(settings, key)
+    base, info, name, n_ctx = ctx.base, ctx.info, ctx.name, ctx.n_ctx
+    quoted = shlex.quote(ctx.key)
+    if not ctx.keyed:
+        print("# This proxy asks for no API key: any value works where one is asked for.")
+    elif ctx.key == KEY_PLACEHOLDER:
+        print(f"# This proxy asks for an API key: put yours in place of {KEY_PLACEHOLDER} (make keys ADD=<name> makes one),")
+        print("# or run LLAMABRIDGE_API_KEY=<your key> make env to have it filled in.")
     print("# Claude Code")
     print(f"export ANTHROPIC_BASE_URL={base}")
-    print("export ANTHROPIC_API_KEY=llamabridge  # any value; the proxy does not check it")
+    print(f"export ANTHROPIC_API_KEY={quoted}")
     if n_ctx:
         # The real window, for model names Claude Code does not know (it assumes 1M for those). For
         # its own names it keeps its table (2.1.328: 200k for claude-sonnet-4-5, 1M for its default
@@ -165,12 +209,15 @@ def print_env(settings: Settings) -> int:
     # Not CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC: it also turns off session titles, which the
     # proxy answers at once without the model.
     print("export DISABLE_AUTOUPDATER=1 DISABLE_TELEMETRY=1 DISABLE_ERROR_REPORTING=1")
+    model_id = info.model if info else "<any>"
     print("# Cline (settings, API Provider \"OpenAI Compatible\"); Cursor takes the same values")
-    print(f"#   Base URL: {base}/v1   API Key: llamabridge   Model ID: {info.model if info else '<any>'}"
+    print(f"#   Base URL: {base}/v1   API Key: {ctx.key}   Model ID: {model_id}"
           + (f"   Context Window Size: {n_ctx}" if n_ctx else ""))
+    print("# Cline's CLI (npm cline), once:")
+    print(f"#   {cline_command(base, name, ctx.key)}")
     print("# OpenAI SDKs and Aider")
     print(f"export OPENAI_BASE_URL={base}/v1")
-    print("export OPENAI_API_KEY=llamabridge")
+    print(f"export OPENAI_API_KEY={quoted}")
     # Aider reaches an OpenAI-compatible server through litellm's `openai/` prefix.
     print(f"export AIDER_MODEL={shlex.quote(f'openai/{name}')}")
     if n_ctx:
@@ -178,15 +225,15 @@ def print_env(settings: Settings) -> int:
               " (or: make env FILE=aider > ~/.aider.model.metadata.json)")
         print(f"#   {json.dumps(aider_metadata(f'openai/{name}', n_ctx))}")
     print("# Continue (VS Code, JetBrains, the cn CLI): this model in ~/.continue/config.yaml (or, for a new file: make env FILE=continue)")
-    for line in continue_models(base, name, n_ctx):
+    for line in continue_models(base, name, n_ctx, ctx.key):
         print(f"#   {line}")
     if n_ctx:
         print("# OpenCode: this line as opencode.json in the project, or as ~/.config/opencode/opencode.json"
               " (or: make env FILE=opencode > opencode.json)")
-        print(f"#   {json.dumps(opencode_config(base, name, n_ctx))}")
+        print(f"#   {json.dumps(opencode_config(base, name, n_ctx, ctx.key))}")
     print("# Codex CLI: these lines in ~/.codex/config.toml (the model name is any; llama-server serves its own;"
-          " for a new file: make env FILE=codex)")
-    for line in codex_config(base, name, n_ctx):
+          " for a new file: make env FILE=codex)" + ("; it sends $OPENAI_API_KEY, exported above" if ctx.keyed else ""))
+    for line in codex_config(base, name, n_ctx, ctx.keyed):
         if line:
             print(f"#   {line}")
     if info:
@@ -195,17 +242,30 @@ def print_env(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m proxy", description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", choices=["serve", "env"], default="serve")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        # Its own sub-commands and options (llamabridge/keys.py); only the file's path comes from the settings.
+        return keys.main(argv[1:], settings_or_exit("proxy", from_env).edge.keys_file)
+    parser = argparse.ArgumentParser(prog="python -m proxy", description=__doc__.splitlines()[0],
+                                     epilog="python -m proxy keys add|list|remove: the API keys (python -m proxy keys -h)")
+    parser.add_argument("command", nargs="?", choices=["serve", "env", "check"], default="serve",
+                        help="serve (the default); env: print the clients' settings; check: validate the settings and exit")
     parser.add_argument("--file", choices=FILES, help="with env: print only this client's config file, whole")
+    parser.add_argument("--key", default=os.environ.get("LLAMABRIDGE_API_KEY", ""),
+                        help="with env: your API key, to ask the proxy with and to fill in (default: $LLAMABRIDGE_API_KEY)")
     args = parser.parse_args(argv)
     if args.file and args.command != "env":
         parser.error("--file goes with env")
     settings = settings_or_exit("proxy", from_env)
     if args.command == "env":
-        return print_file(settings, args.file) if args.file else print_env(settings)
+        return print_file(settings, args.file, args.key) if args.file else print_env(settings, args.key)
     if settings.db_path:
         store_or_exit("proxy", settings.db_path)
+    if problem := start_problem(settings.edge, "PROXY_HOST", settings.host):
+        print(f"llamabridge proxy: {problem}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        return 0
     serve(
         lambda: create_app(settings),
         bind=bind_address(settings.host, settings.port),

@@ -1,5 +1,5 @@
 # Sourced by the scripts that install a command-line agent from npm for the end-to-end tests
-# (claude-code.sh, codex.sh, opencode.sh, continue.sh). Not run on its own.
+# (claude-code.sh, codex.sh, opencode.sh, continue.sh, cline.sh). Not run on its own.
 #
 # npm_tool PACKAGE VERSION NAME CANDIDATE...
 #   Prints the first CANDIDATE (a path relative to the install) that is executable, installing

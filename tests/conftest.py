@@ -1,7 +1,7 @@
 """Shared fixtures: the real llama-server on the tiny generated model, the real proxy, captures.
 
 The binaries and the model come from the Makefile (`make test` sets LLAMA_SERVER_BIN,
-TINY_MODEL, CLAUDE_BIN, CODEX_BIN, AIDER_BIN, OPENCODE_BIN and CONTINUE_BIN). A missing prerequisite fails, naming the target that provides it:
+TINY_MODEL, CLAUDE_BIN, CODEX_BIN, AIDER_BIN, OPENCODE_BIN, CONTINUE_BIN and CLINE_BIN). A missing prerequisite fails, naming the target that provides it:
 nothing in this suite is skipped.
 """
 
@@ -51,6 +51,7 @@ codex_bin = _prerequisite("codex_bin", "CODEX_BIN", "codex")
 aider_bin = _prerequisite("aider_bin", "AIDER_BIN", "aider")
 opencode_bin = _prerequisite("opencode_bin", "OPENCODE_BIN", "opencode")
 continue_bin = _prerequisite("continue_bin", "CONTINUE_BIN", "continue-cli")
+cline_bin = _prerequisite("cline_bin", "CLINE_BIN", "cline")
 
 
 @pytest.fixture(scope="session")

@@ -8,23 +8,27 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.support import make_env, processes
+from tests.support import make_env, processes, request_log
+from tests.support.prom import metric_in
 from tests.support.scripted_upstream import ScriptedUpstream
 
 pytestmark = pytest.mark.integration
 
 
-def run_claude(claude_bin: str, base_url: str, home: Path, cwd: Path, prompt: str, *extra: str, timeout: float = 240):
+def run_claude(claude_bin: str, base_url: str, home: Path, cwd: Path, prompt: str, *extra: str, timeout: float = 240,
+               key: dict[str, str] | None = None):
+    """`claude -p prompt`; `key` is how it is given its API key (ANTHROPIC_API_KEY by default)."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(home),
         "ANTHROPIC_BASE_URL": base_url,
-        "ANTHROPIC_API_KEY": "sk-test-not-a-real-key",
+        **(key or {"ANTHROPIC_API_KEY": "sk-test-not-a-real-key"}),
         "DISABLE_AUTOUPDATER": "1",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         # The tiny model's words are random and sometimes never end: bound each reply.
@@ -89,3 +93,43 @@ def test_make_env_makes_claude_code_see_the_servers_real_context_window(claude_b
     window = re.search(r"\*\*Tokens:\*\* \S+ / (\S+) ", result.stdout)
     assert window, result.stdout
     assert window.group(1) == f"{n_ctx / 1000:.1f}k", result.stdout  # "32.8k" for 32768
+
+
+@pytest.fixture(scope="module")
+def keyed_proxy(llama, tmp_path_factory):
+    """A proxy with one key, as a shared box runs it."""
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
+    added = subprocess.run([sys.executable, "-m", "proxy", "keys", "add", "claude-user"], cwd=processes.ROOT, text=True,
+                           env=dict(os.environ, API_KEYS_FILE=str(keys_file), LLAMABRIDGE_ENV_FILE=os.devnull),
+                           capture_output=True, check=True, timeout=60)
+    with processes.proxy(llama.url, API_KEYS_FILE=str(keys_file)) as proxy:
+        proxy.key = added.stdout.splitlines()[-1]
+        yield proxy
+
+
+@pytest.mark.parametrize("variable", ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN"])
+def test_claude_code_with_its_key_completes_through_a_keyed_proxy(claude_bin, keyed_proxy, tmp_path, variable):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    result = run_claude(claude_bin, keyed_proxy.url, tmp_path / "home", tmp_path / "work", "Say hello in one word.",
+                        key={variable: keyed_proxy.key})
+    assert result.returncode == 0, f"stdout={result.stdout!r}\nstderr={result.stderr!r}\nproxy log:\n{keyed_proxy.log_text()[-3000:]}"
+    assert result.stdout.strip() and "API Error" not in result.stdout
+    turns = [e for e in request_log.entries(keyed_proxy, route="/v1/messages", client="claude-cli/") if e.status == 200]
+    assert turns and {e.user for e in turns} == {"claude-user"}
+    assert keyed_proxy.key not in keyed_proxy.log_text()
+
+
+def test_claude_code_with_a_wrong_key_says_so_and_stops_at_once(claude_bin, keyed_proxy, tmp_path):
+    """A 401 says it is final (X-Should-Retry): Claude Code reports the key and exits, instead of
+    retrying it with backoff for minutes."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    refused = lambda: metric_in(requests.get(keyed_proxy.url + "/metrics", headers={"x-api-key": keyed_proxy.key}, timeout=10).text,  # noqa: E731
+                                "llamabridge_proxy_refused_requests_total", {"reason": "key"})
+    before = refused()
+    result = run_claude(claude_bin, keyed_proxy.url, tmp_path / "home", tmp_path / "work", "Say hello in one word.",
+                        key={"ANTHROPIC_API_KEY": "llb-not-this-one"}, timeout=120)
+    assert result.returncode != 0
+    assert "Failed to authenticate" in result.stdout + result.stderr and "API key is not valid" in result.stdout + result.stderr
+    assert refused() - before <= 2, "Claude Code retried the refused key"

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.integration
 
 
 def env_file(port: int, which: str, **overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PROXY_PORT=str(port), API_KEYS_FILE=str(processes.ROOT / "tests" / "no-such-keys.json"))
     return subprocess.run([sys.executable, "-m", "proxy", "env", "--file", which], capture_output=True, text=True,
-                          timeout=60, cwd=processes.ROOT, env=dict(os.environ, PROXY_PORT=str(port), **overrides))
+                          timeout=60, cwd=processes.ROOT, env={**env, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +57,34 @@ def test_no_config_file_without_the_window():
     result = env_file(port, "opencode", LLAMA_URL=f"http://127.0.0.1:{port}")
     assert result.returncode == 1 and result.stdout == "", result
     assert "context window is unknown" in result.stderr
+
+
+def test_with_keys_it_names_the_key_everywhere_a_client_takes_one(llama, tmp_path):
+    """Once the proxy has keys, every client's lines carry the key (a placeholder until you give
+    yours as LLAMABRIDGE_API_KEY), Codex's provider names the variable it sends it from, and
+    Cline's CLI gets its one-line setup."""
+    keys_file = tmp_path / "keys.json"
+    added = subprocess.run([sys.executable, "-m", "proxy", "keys", "add", "env-user"], cwd=processes.ROOT, text=True, timeout=60,
+                           env=dict(os.environ, API_KEYS_FILE=str(keys_file), LLAMABRIDGE_ENV_FILE=os.devnull),
+                           capture_output=True, check=True)
+    key = added.stdout.splitlines()[-1]
+    with processes.proxy(llama.url, API_KEYS_FILE=str(keys_file)) as proxy:
+        for given, expected in (("", "YOUR_LLAMABRIDGE_KEY"), (key, key)):
+            out = make_env.output(proxy.port, API_KEYS_FILE=str(tmp_path / "elsewhere.json"), LLAMABRIDGE_API_KEY=given, LLAMA_URL=llama.url)
+            exported = make_env.exports(out)
+            assert exported["ANTHROPIC_API_KEY"] == exported["OPENAI_API_KEY"] == expected
+            assert exported["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] == "32768"  # asked with the key, or of llama-server
+            assert f"-k {expected} -m " in make_env.block(out, "# Cline's CLI")[0]
+            assert f"API Key: {expected}" in out
+            assert yaml.safe_load("\n".join(make_env.block(out, "# Continue (")))["models"][0]["apiKey"] == expected
+            assert json.loads(make_env.block(out, "# OpenCode:")[0])["provider"]["llamabridge"]["options"]["apiKey"] == expected
+            assert tomllib.loads("\n".join(make_env.block(out, "# Codex CLI:")))["model_providers"]["llamabridge"]["env_key"] == "OPENAI_API_KEY"
+        assert "asks for an API key" in make_env.output(proxy.port, LLAMABRIDGE_API_KEY="")
+        opencode = env_file(proxy.port, "opencode", LLAMABRIDGE_API_KEY=key)
+        assert json.loads(opencode.stdout)["provider"]["llamabridge"]["options"]["apiKey"] == key
+
+
+def test_without_keys_any_key_does_and_codex_is_not_told_to_send_one(proxy, full):
+    assert make_env.exports(full)["ANTHROPIC_API_KEY"] == "llamabridge" and "asks for no API key" in full
+    assert "env_key" not in tomllib.loads("\n".join(make_env.block(full, "# Codex CLI:")))["model_providers"]["llamabridge"]
+    assert make_env.block(full, "# Cline's CLI")[0] == f"cline auth -p openai -b {proxy.url}/v1 -k llamabridge -m {json.loads(make_env.block(full, '# OpenCode:')[0])['model'].split('/', 1)[1]}"

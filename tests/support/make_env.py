@@ -12,8 +12,11 @@ import sys
 from tests.support import processes
 
 
-def output(proxy_port: int) -> str:
-    return subprocess.run([sys.executable, "-m", "proxy", "env"], env=dict(os.environ, PROXY_PORT=str(proxy_port)),
+def output(proxy_port: int, **overrides: str) -> str:
+    """`make env` for the proxy on this port. Without keys unless `overrides` say otherwise (a
+    developer's own data/keys.json must not change what the tests see)."""
+    env = dict(os.environ, PROXY_PORT=str(proxy_port), API_KEYS_FILE=str(processes.ROOT / "tests" / "no-such-keys.json"))
+    return subprocess.run([sys.executable, "-m", "proxy", "env"], env={**env, **overrides},
                           capture_output=True, text=True, timeout=60, cwd=processes.ROOT, check=True).stdout
 
 
