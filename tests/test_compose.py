@@ -1,8 +1,8 @@
 """The compose stack (`make up`) as far as this machine can check it without a Docker engine:
 compose.yaml against the Compose specification's JSON schema and the stack's conventions, the
 image's Dockerfile, Prometheus' config (with the real promtool), Grafana's provisioning and
-dashboards, the llama-server service's settings run for real on the native binary, and the
-checks `make up` makes before it calls Docker."""
+dashboards, the llama-server service's settings run for real on the native binary, the checks
+`make up` makes before it calls Docker, and `make keys`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 import requests
 import yaml
 
+from llamabridge import keys as keyfile
 from tests.support import processes
 from tests.support.waiting import wait_until
 
@@ -89,6 +90,9 @@ def test_llama_service_gpu_reservation_settings_and_healthcheck():
             assert passthrough in env and env[passthrough] == "", passthrough  # from .env, unset if unset
         assert env["LLAMA_ARG_CTX_SIZE"].startswith("${LLAMA_ARG_CTX_SIZE:-")
         assert env["LLAMA_ARG_N_PARALLEL"].startswith("${LLAMA_ARG_N_PARALLEL:-")
+        # llama-server reads --api-key from LLAMA_API_KEY (there is no LLAMA_ARG_API_KEY): the same
+        # variable, from .env, that the proxy, the collector and Prometheus send.
+        assert env["LLAMA_API_KEY"] == "${LLAMA_API_KEY:-}" and "LLAMA_ARG_API_KEY" not in env
         assert env["LLAMA_CACHE"] == "/cache" and "llama-cache:/cache" in service["volumes"]
         assert "./models:/models:ro" in service["volumes"]
         check = service["healthcheck"]
@@ -113,6 +117,19 @@ def test_proxy_and_collector_share_one_image_a_volume_and_wait_for_llama():
         assert "/healthz" in " ".join(service["healthcheck"]["test"])
     assert proxy["environment"]["PROXY_PORT"] == "9090" and collector["environment"]["COLLECTOR_PORT"] == "9091"
     assert set(COMPOSE["volumes"]) == {"data", "llama-cache", "prometheus-data", "grafana-data"}
+
+
+def test_proxy_and_collector_get_the_keys_and_judge_exposure_by_where_docker_publishes_them():
+    proxy, collector = SERVICES["proxy"]["environment"], SERVICES["collector"]["environment"]
+    # Both listen on 0.0.0.0 in their containers; whether they may run without keys depends on
+    # where Docker publishes them: the proxy on BIND_ADDR, the collector nowhere.
+    assert proxy["PUBLISHED_ADDR"] == "${BIND_ADDR:-127.0.0.1}" and proxy["PROXY_HOST"] == "0.0.0.0"
+    assert collector["PUBLISHED_ADDR"] == "127.0.0.1" and "ports" not in SERVICES["collector"]
+    for env in (proxy, collector):
+        hosts = env["ALLOWED_HOSTS"].split(",")
+        assert {"proxy", "collector"} <= set(hosts)  # as Prometheus scrapes them
+        assert "${BIND_ADDR:-127.0.0.1}" in hosts and "${ALLOWED_HOSTS:-}" in hosts  # and the user's own names
+        assert env["LLAMA_API_KEY"] == "${LLAMA_API_KEY:-}" and env["METRICS_API_KEY"] == "${METRICS_API_KEY:-}"
 
 
 def test_only_the_proxy_and_grafana_are_published_on_loopback_by_default():
@@ -180,14 +197,54 @@ def duration_seconds(text: str) -> float:
 # ---------------------------------------------------------------- Prometheus and Grafana files
 
 
-def test_prometheus_config_is_valid_and_scrapes_the_three_services():
-    result = subprocess.run(["promtool", "check", "config", str(ROOT / "prometheus/prometheus.yml")],
-                            capture_output=True, text=True, timeout=60)
+def scrape_credentials() -> dict[str, tuple[str, str]]:
+    """Per Prometheus job: the credentials file it reads, and the variable whose value compose.yaml
+    writes there (a top-level `configs:` entry with `content: ${VAR:-...}`, mounted at that path)."""
+    config = yaml.safe_load((ROOT / "prometheus/prometheus.yml").read_text())
+    sources = {mount["target"]: mount["source"] for mount in SERVICES["prometheus"]["configs"]}
+    found = {}
+    for job in config["scrape_configs"]:
+        path = job["authorization"]["credentials_file"]
+        content = COMPOSE["configs"][sources[path]]["content"]
+        found[job["job_name"]] = (path, re.fullmatch(r"\$\{(\w+):-[^}]+\}", content)[1])
+    return found
+
+
+def prometheus_config(keys: dict[str, str], where: Path) -> dict:
+    """prometheus/prometheus.yml as the stack's Prometheus reads it, with each credentials file
+    written into `where` holding keys[VAR], as Compose writes it into the container."""
+    config = yaml.safe_load((ROOT / "prometheus/prometheus.yml").read_text())
+    credentials = scrape_credentials()
+    for job in config["scrape_configs"]:
+        path, variable = credentials[job["job_name"]]
+        local = where / Path(path).name
+        local.write_text(keys[variable])
+        job["authorization"]["credentials_file"] = str(local)
+    return config
+
+
+def test_prometheus_config_is_valid_and_scrapes_the_three_services(tmp_path):
+    config_path = tmp_path / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(prometheus_config({"LLAMA_API_KEY": "k", "METRICS_API_KEY": "m"}, tmp_path)))
+    result = subprocess.run(["promtool", "check", "config", str(config_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     config = yaml.safe_load((ROOT / "prometheus/prometheus.yml").read_text())
     targets = {job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]] for job in config["scrape_configs"]}
     assert targets == {"llama-server": ["llama:8080"], "llamabridge-proxy": ["proxy:9090"],
                        "llamabridge-collector": ["collector:9091"]}
+
+
+def test_prometheus_scrapes_with_the_keys_compose_mounts():
+    """llama-server's key for llama-server, the metrics key for the proxy and the collector, each
+    from a file Compose writes into the Prometheus container (its config cannot read variables)."""
+    credentials = scrape_credentials()
+    assert {job: variable for job, (_, variable) in credentials.items()} == {
+        "llama-server": "LLAMA_API_KEY", "llamabridge-proxy": "METRICS_API_KEY", "llamabridge-collector": "METRICS_API_KEY"}
+    for name, config in COMPOSE["configs"].items():
+        # Compose writes no file for an empty `content` (it skips it, and Prometheus would find
+        # none): an unset key must become a word that a server without keys ignores.
+        default = re.fullmatch(r"\$\{\w+:-([^}]+)\}", config["content"])
+        assert default and default[1].strip(), (name, config)
 
 
 def test_datasource_has_the_pinned_uid():
@@ -233,7 +290,8 @@ def test_dashboards_cover_what_users_look_for():
     proxy = exprs("proxy.json")
     for needle in ("sum by (client)", "sum by (class)", "sum by (status)", "llamabridge_proxy_queue_depth",
                    "llamabridge_proxy_queue_wait_seconds_bucket", "llamabridge_proxy_time_to_first_token_seconds_bucket",
-                   "llamabridge_proxy_request_duration_seconds_bucket", 'handled!="upstream"', 'status=~"[45].."'):
+                   "llamabridge_proxy_request_duration_seconds_bucket", 'handled!="upstream"', 'status=~"[45].."',
+                   "sum by (user)", 'kind!="cached"', "llamabridge_proxy_refused_requests_total", "sum by (reason)"):
         assert needle in proxy, needle
     lifetime = exprs("lifetime.json")
     for needle in ("llamabridge_lifetime_generated_tokens_total", "llamabridge_lifetime_requests_total", "[1d]"):
@@ -258,64 +316,82 @@ def compose_llama_environment(overrides: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.mark.integration
-def test_llama_service_settings_start_a_real_llama_server(llama_server_bin, tiny_model, tmp_path):
+@pytest.mark.parametrize("api_key", ["", "compose-test-key"], ids=["no-key", "key"])
+def test_llama_service_settings_start_a_real_llama_server(llama_server_bin, tiny_model, tmp_path, api_key):
     """The service's LLAMA_ARG_* settings and entry point, run on the native llama-server: the
-    empty variables an .env leaves are dropped, and metrics, jinja and the context size hold."""
+    empty variables an .env leaves are dropped, and metrics, jinja and the context size hold.
+    With LLAMA_API_KEY (make up makes one) everything but /health needs the key; left empty,
+    llama-server asks for none and ignores the word Prometheus' key file then holds."""
     port = processes.free_port()
     env = compose_llama_environment({"LLAMA_ARG_MODEL": tiny_model, "LLAMA_ARG_CTX_SIZE": "8192",
-                                     "LLAMA_ARG_THREADS": "1"})
+                                     "LLAMA_ARG_THREADS": "1", "LLAMA_API_KEY": api_key})
     assert env["LLAMA_ARG_HF_REPO"] == "" and env["LLAMA_ARG_CACHE_RAM"] == ""  # the case the entry point exists for
+    assert env["LLAMA_API_KEY"] == api_key
+    unset = re.fullmatch(r"\$\{LLAMA_API_KEY:-([^}]+)\}", COMPOSE["configs"]["llama-api-key"]["content"])[1]
+    sent = {"Authorization": f"Bearer {api_key or unset}"}  # what Prometheus sends
     env.update(LLAMA_ARG_HOST="127.0.0.1", LLAMA_ARG_PORT=str(port), LLAMA_CACHE=str(tmp_path),  # loopback, not the container's
                LLAMA_SERVER=llama_server_bin, PATH=os.environ["PATH"])
     entry = SERVICES["llama-cpu"]["entrypoint"]
     script = next(v.split(":")[0] for v in SERVICES["llama-cpu"]["volumes"] if v.split(":")[1] == entry[-1])
     server = processes.Service("llama-server", ["sh", str(ROOT / script)], r"listening on http://127\.0\.0\.1:(?P<port>\d+)",
                                env=env, health_path="/health", timeout=120)
-    with server:
-        props = requests.get(server.url + "/props", timeout=10).json()
+    with server:  # its healthcheck's /health answered, key or not
+        props = requests.get(server.url + "/props", headers=sent, timeout=10).json()
         assert props["default_generation_settings"]["n_ctx"] == 8192 and props["total_slots"] == 1
         assert props["endpoint_metrics"] is True
         assert props["chat_template_caps"].get("supports_tools") is True  # --jinja: the model's own template
-        metrics = requests.get(server.url + "/metrics", timeout=10)
+        metrics = requests.get(server.url + "/metrics", headers=sent, timeout=10)
         assert metrics.status_code == 200 and "llamacpp:prompt_tokens_total" in metrics.text
+        without = requests.get(server.url + "/metrics", timeout=10).status_code
+        assert without == (401 if api_key else 200)
 
 
-# ---------------------------------------------------------------- make up's checks (no Docker engine here)
+# ---------------------------------------------------------------- make up's checks, and make keys (no Docker engine here)
 
 FAKE_DOCKER = r'''#!/usr/bin/env bash
 # A stand-in for the docker CLI: this machine has no Docker engine (and the tests need each kind
-# of missing piece on demand). It answers like the real client for what scripts/compose.sh asks.
+# of missing piece on demand). It answers like the real client for what scripts/compose.sh and
+# scripts/keys.sh ask, and logs every call.
 echo "docker $* COMPOSE_PROFILES=${COMPOSE_PROFILES-unset}" >> "$FAKE_DOCKER_LOG"
-case "$1 $2" in
-  "compose version")
+case "$*" in
+  "compose version"*)
     [[ -n "$FAKE_COMPOSE" ]] || { echo "docker: unknown command: docker compose" >&2; exit 1; }
     echo "$FAKE_COMPOSE" ;;
-  "info --format") echo "$FAKE_RUNTIMES" ;;
-  "info ") [[ -z "$FAKE_NO_ENGINE" ]] || { echo "Cannot connect to the Docker daemon" >&2; exit 1; } ;;
+  "info --format"*) echo "$FAKE_RUNTIMES" ;;
+  "info") [[ -z "$FAKE_NO_ENGINE" ]] || { echo "Cannot connect to the Docker daemon" >&2; exit 1; } ;;
+  # The stack's containers: FAKE_PS holds their ids (none by default).
+  "compose ps -a -q") [[ -z "$FAKE_PS" ]] || echo "$FAKE_PS" ;;
+  # The proxy's start-up checks in its container: FAKE_CHECK is the one line of a refusal.
+  "compose run --rm --no-deps -T proxy python -m proxy check")
+    echo " Volume \"llamabridge_data\"  Created" >&2
+    [[ -z "$FAKE_CHECK" ]] || { echo "$FAKE_CHECK" >&2; exit 2; } ;;
   *) exit 0 ;;
 esac
 '''
+# The native proxy in a copy of the repository: its venv's python logs what it was asked.
+FAKE_PYTHON = '#!/usr/bin/env bash\necho "python $*" >> "$FAKE_DOCKER_LOG"\n'
+HF_REPO = {"LLAMA_ARG_HF_REPO": "org/model:Q4_K_M"}
 
 
 @pytest.fixture
 def stack_copy(tmp_path):
-    """scripts/compose.sh in a throwaway copy of the repository's top level (it writes .env there)."""
+    """scripts/compose.sh and scripts/keys.sh in a throwaway copy of the repository's top level
+    (they write .env there), with the tools they use and nothing else on PATH."""
     root = tmp_path / "repo"
     (root / "scripts").mkdir(parents=True)
-    for name in ("compose.yaml", ".env.example"):
+    for name in ("compose.yaml", ".env.example", "Makefile", "scripts/compose.sh", "scripts/compose-lib.sh", "scripts/keys.sh"):
         shutil.copy(ROOT / name, root / name)
-    shutil.copy(ROOT / "scripts/compose.sh", root / "scripts/compose.sh")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("bash", "sh", "sed", "sort", "head", "tail", "grep", "cp", "mkdir", "dirname", "cat", "env",
-                 "base64", "tr"):
+                 "base64", "tr", "make"):
         found = shutil.which(tool)
         assert found, tool
         (bin_dir / tool).symlink_to(found)
     return root, bin_dir, tmp_path / "docker.log"
 
 
-def make_up(stack_copy, *, docker: bool = True, command: str = "up", **env: str) -> subprocess.CompletedProcess:
+def run_in_copy(stack_copy, argv: list[str], docker: bool, env: dict[str, str]) -> subprocess.CompletedProcess:
     root, bin_dir, log = stack_copy
     if docker:
         fake = bin_dir / "docker"
@@ -324,7 +400,23 @@ def make_up(stack_copy, *, docker: bool = True, command: str = "up", **env: str)
     full = {"PATH": str(bin_dir), "HOME": str(root), "FAKE_DOCKER_LOG": str(log),
             "FAKE_COMPOSE": "2.30.3", "FAKE_RUNTIMES": '{"nvidia":{"path":"nvidia-container-runtime"},"runc":{"path":"runc"}}'}
     full.update(env)
-    return subprocess.run(["bash", str(root / "scripts/compose.sh"), command], env=full, capture_output=True, text=True, timeout=60)
+    return subprocess.run(argv, cwd=root, env=full, capture_output=True, text=True, timeout=60)
+
+
+def make_up(stack_copy, *, docker: bool = True, command: str = "up", **env: str) -> subprocess.CompletedProcess:
+    return run_in_copy(stack_copy, ["bash", str(stack_copy[0] / "scripts/compose.sh"), command], docker, env)
+
+
+def make_keys(stack_copy, *variables: str, docker: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """`make keys VAR=value ...` in the copy, through its Makefile; `env` is the environment."""
+    return run_in_copy(stack_copy, ["make", "--no-print-directory", "keys", *variables], docker, env)
+
+
+def compose_calls(log: Path) -> list[str]:
+    """What the scripts asked Compose (or the native venv's python) to do, in order: every logged
+    call but the probes (docker compose version, docker compose ps)."""
+    return [line for line in log.read_text().splitlines() if line.startswith(("docker compose ", "python "))
+            and not line.startswith(("docker compose version", "docker compose ps"))] if log.exists() else []
 
 
 def test_make_up_without_docker_suggests_the_native_run(stack_copy):
@@ -346,7 +438,7 @@ def test_make_up_without_a_running_engine(stack_copy):
 
 
 def test_make_up_without_the_nvidia_toolkit_suggests_the_cpu_variant(stack_copy):
-    result = make_up(stack_copy, FAKE_RUNTIMES='{"runc":{"path":"runc"}}', LLAMA_ARG_HF_REPO="org/model:Q4_K_M")
+    result = make_up(stack_copy, FAKE_RUNTIMES='{"runc":{"path":"runc"}}', **HF_REPO)
     assert result.returncode == 2
     assert "NVIDIA container toolkit" in result.stderr and "LLAMA_DEVICE=cpu make up" in result.stderr
     assert "make demo" in result.stderr
@@ -361,9 +453,12 @@ def test_make_up_needs_a_model(stack_copy):
 
 def test_make_up_gpu_cpu_and_external_llama_server(stack_copy):
     root, _, log = stack_copy
-    result = make_up(stack_copy, LLAMA_ARG_HF_REPO="org/model:Q4_K_M")
+    result = make_up(stack_copy, **HF_REPO)
     assert result.returncode == 0, result.stderr
-    assert "docker compose up --detach --build --remove-orphans COMPOSE_PROFILES=gpu" in log.read_text()
+    # Built once, the proxy's start-up checks run in its own container, then the stack started.
+    assert compose_calls(log) == ["docker compose build COMPOSE_PROFILES=gpu",
+                                  "docker compose run --rm --no-deps -T proxy python -m proxy check COMPOSE_PROFILES=gpu",
+                                  "docker compose up --detach --remove-orphans COMPOSE_PROFILES=gpu"]
     # First run: .env made from the example, with a generated Grafana password.
     password = re.search(r"^GRAFANA_ADMIN_PASSWORD=(\S{20,})$", (root / ".env").read_text(), re.M)
     assert password and password[1] not in result.stdout
@@ -376,8 +471,65 @@ def test_make_up_gpu_cpu_and_external_llama_server(stack_copy):
     result = make_up(stack_copy, LLAMA_URL="http://gpu-box.lan:8080")
     assert result.returncode == 0, result.stderr
     assert log.read_text().splitlines()[-1].endswith("COMPOSE_PROFILES=")  # no llama-server service
-    result = make_up(stack_copy, LLAMA_URL="http://127.0.0.1:8080")
-    assert result.returncode == 2 and "host.docker.internal:8080" in result.stderr
+    for inside in ("http://127.0.0.1:8080", "http://0.0.0.0:8080"):
+        result = make_up(stack_copy, LLAMA_URL=inside)
+        assert result.returncode == 2 and "host.docker.internal:8080" in result.stderr
+
+
+def test_make_up_generates_the_stacks_keys_once_and_never_prints_them(stack_copy):
+    """The stack's own llama-server gets a key (LLAMA_API_KEY), and Prometheus one for the proxy's
+    and the collector's /metrics (METRICS_API_KEY): made into .env on the first run, then kept."""
+    root, _, _ = stack_copy
+    first = make_up(stack_copy, **HF_REPO)
+    assert first.returncode == 0, first.stderr
+    env = (root / ".env").read_text()
+    made = {name: re.search(rf"^{name}=([A-Za-z0-9]{{20,}})$", env, re.M)
+            for name in ("GRAFANA_ADMIN_PASSWORD", "LLAMA_API_KEY", "METRICS_API_KEY")}
+    assert all(made.values()), env
+    assert len({m[1] for m in made.values()}) == 3
+    for name, found in made.items():
+        assert found[1] not in first.stdout + first.stderr
+        assert f"({name})" in first.stdout and env.count(f"\n{name}=") == 1
+    again = make_up(stack_copy, **HF_REPO)
+    assert again.returncode == 0 and "generated" not in again.stdout
+    assert (root / ".env").read_text() == env
+
+
+def test_make_up_leaves_the_key_of_your_own_llama_server_to_you(stack_copy):
+    root, _, _ = stack_copy
+    result = make_up(stack_copy, LLAMA_URL="http://gpu-box.lan:8080")
+    assert result.returncode == 0, result.stderr
+    env = (root / ".env").read_text()
+    assert not re.search(r"^LLAMA_API_KEY=\S", env, re.M) and "LLAMA_API_KEY" not in result.stdout
+    assert re.search(r"^METRICS_API_KEY=\S{20,}$", env, re.M)
+
+
+def test_make_up_stops_when_the_proxy_would_refuse_to_start(stack_copy):
+    """The proxy's own start-up check, run in its container before anything starts: its refusal
+    ends make up with status 2, its line shown, and the stack is not started."""
+    _, _, log = stack_copy
+    refusal = ("llamabridge proxy: BIND_ADDR=0.0.0.0 reaches beyond this machine, but API_KEYS_FILE=/data/keys.json "
+               "has no keys: add one (make keys ADD=<name>, or python -m proxy keys add <name>), or set "
+               "ALLOW_UNAUTHENTICATED=true to serve anyone who can reach it")
+    result = make_up(stack_copy, BIND_ADDR="0.0.0.0", FAKE_CHECK=refusal, **HF_REPO)
+    assert result.returncode == 2
+    assert f"make up: the proxy's start-up check failed: {refusal}\n" in result.stderr
+    assert "Volume" not in result.stderr  # Compose's own progress lines are not the message
+    assert "make keys ADD=<name>, then make up again" in result.stderr and "ALLOW_UNAUTHENTICATED=true in .env" in result.stderr
+    assert compose_calls(log)[-1].startswith("docker compose run --rm --no-deps -T proxy python -m proxy check")
+    # On loopback a refusal is about a setting, not keys: only its line.
+    bad = "llamabridge proxy: QUEUE_MAX='lots': expected a whole number"
+    result = make_up(stack_copy, FAKE_CHECK=bad, **HF_REPO)
+    assert result.returncode == 2 and bad in result.stderr and "make keys" not in result.stderr
+    assert not any(call.startswith("docker compose up") for call in compose_calls(log))
+
+
+def test_make_up_beyond_loopback_points_at_make_keys(stack_copy):
+    result = make_up(stack_copy, **HF_REPO)
+    assert result.returncode == 0 and "make keys" not in result.stdout
+    result = make_up(stack_copy, BIND_ADDR="192.168.1.20", **HF_REPO)
+    assert result.returncode == 0, result.stderr
+    assert "http://192.168.1.20:9090" in result.stdout and "make keys ADD=<name>" in result.stdout
 
 
 def test_make_up_reads_env_like_compose(stack_copy):
@@ -400,6 +552,95 @@ def test_make_down_ps_and_logs_cover_every_profile(stack_copy):
     for command in ("down", "ps", "logs"):
         assert make_up(stack_copy, command=command).returncode == 0
         assert log.read_text().splitlines()[-1].startswith(f"docker compose --profile gpu --profile cpu {command}")
+
+
+COMPOSE_KEYS = "docker compose run --rm --no-deps -T proxy python -m proxy keys"
+
+
+def test_make_keys_manages_the_compose_stack_once_it_exists(stack_copy):
+    """The stack's keys file is in its data volume: a one-off proxy container reads and writes it
+    (the running proxy re-reads it), with the make variables as `keys` arguments."""
+    _, _, log = stack_copy
+    result = make_keys(stack_copy, "ADD=alice", "CONCURRENT=2", "TPM=20000", FAKE_PS="3f2a9c01")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("\n") == 1 and "the compose stack's keys" in result.stderr  # which one, in one line
+    assert compose_calls(log)[-1] == f"{COMPOSE_KEYS} add alice --concurrent 2 --tokens-per-minute 20000 COMPOSE_PROFILES=unset"
+    assert make_keys(stack_copy, "REMOVE=alice", FAKE_PS="3f2a9c01").returncode == 0
+    assert compose_calls(log)[-1].startswith(f"{COMPOSE_KEYS} remove alice ")
+    assert make_keys(stack_copy, FAKE_PS="3f2a9c01").returncode == 0
+    assert compose_calls(log)[-1].startswith(f"{COMPOSE_KEYS} list ")
+
+
+def test_make_keys_manages_the_compose_stack_to_be_when_bind_addr_is_beyond_loopback(stack_copy):
+    """BIND_ADDR is a setting only compose uses: beyond loopback, the keys are for the stack that
+    make up will refuse to start without them."""
+    root, _, log = stack_copy
+    (root / ".env").write_text("BIND_ADDR=0.0.0.0  # the LAN\n")
+    result = make_keys(stack_copy, "ADD=bob")
+    assert result.returncode == 0 and "the compose stack's keys" in result.stderr, result.stderr
+    assert compose_calls(log) == [f"{COMPOSE_KEYS} add bob COMPOSE_PROFILES=unset"]
+
+
+def test_make_keys_manages_the_native_proxy_otherwise(stack_copy):
+    root, _, log = stack_copy
+    (root / "pyproject.toml").write_text("")
+    (root / ".venv/bin").mkdir(parents=True)
+    (root / ".venv/.installed").touch()  # newer than pyproject.toml: make installs nothing
+    python = root / ".venv/bin/python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+
+    def native(*variables: str, docker: bool = True, **env: str) -> str:
+        result = make_keys(stack_copy, *variables, docker=docker, **env)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.count("\n") == 1 and "the native proxy's keys" in result.stderr
+        return compose_calls(log)[-1]
+
+    assert native("ADD=carol", "TPM=500") == "python -m proxy keys add carol --tokens-per-minute 500"  # no stack, loopback
+    assert native("REMOVE=carol", docker=False) == "python -m proxy keys remove carol"
+    assert native(FAKE_COMPOSE="") == "python -m proxy keys list"  # Docker without Compose
+    assert native("KEYS_FOR=native", FAKE_PS="3f2a9c01", BIND_ADDR="0.0.0.0") == "python -m proxy keys list"
+    forced = make_keys(stack_copy, "KEYS_FOR=compose", "ADD=dave")
+    assert forced.returncode == 0 and compose_calls(log)[-1].startswith(f"{COMPOSE_KEYS} add dave ")
+    (stack_copy[1] / "docker").unlink()
+    result = make_keys(stack_copy, "KEYS_FOR=compose", docker=False)
+    assert result.returncode == 2 and "Docker is not installed" in result.stderr
+
+
+def test_make_keys_refuses_what_it_cannot_mean(stack_copy):
+    _, _, log = stack_copy
+    for variables, message in ((["ADD=a", "REMOVE=b"], "one at a time"),
+                               (["TPM=100"], "give them with ADD=<name>"),
+                               (["KEYS_FOR=podman"], "expected compose or native")):
+        result = make_keys(stack_copy, *variables, FAKE_PS="3f2a9c01")
+        assert result.returncode == 2 and "make keys: " in result.stderr and message in result.stderr, variables
+    assert compose_calls(log) == []
+
+
+def test_make_keys_adds_lists_and_removes_a_real_native_key(stack_copy, tmp_path):
+    """The repository's own `make keys`, without Docker: the real `python -m proxy keys` on a
+    keys file of this test's own."""
+    _, bin_dir, _ = stack_copy
+    keys_file = tmp_path / "data" / "keys.json"
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "API_KEYS_FILE": str(keys_file), "LLAMABRIDGE_ENV_FILE": os.devnull}
+
+    def make(*variables: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "--no-print-directory", "keys", *variables], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    added = make("ADD=alice", "CONCURRENT=2", "TPM=20000")
+    assert added.returncode == 0, added.stderr
+    assert "the native proxy's keys" in added.stderr
+    key = added.stdout.splitlines()[-1]
+    stored = keyfile.read(keys_file)
+    assert [(k.name, k.limits) for k in stored] == [("alice", keyfile.Limits(concurrent=2, tokens_per_minute=20000))]
+    assert stored[0].matches(key.encode()) and key not in keys_file.read_text()
+    listed = make()
+    assert listed.returncode == 0 and re.search(r"^alice\t.*concurrent 2, tokens per minute 20000$", listed.stdout, re.M)
+    removed = make("REMOVE=alice")
+    assert removed.returncode == 0 and keyfile.read(keys_file) == []
+    again = make("REMOVE=alice")
+    assert again.returncode != 0 and "no key named 'alice'" in again.stderr
 
 
 @pytest.mark.integration

@@ -1,11 +1,14 @@
 """Every query of every provisioned Grafana dashboard, run on a real Prometheus (Debian's) that
 scrapes the real native stack (llama-server on the tiny model, the proxy, the collector) with the
-repository's own scrape config, after real traffic: each must return data."""
+repository's own scrape config, after real traffic: each must return data. The stack is secured
+as the compose stack runs it: llama-server asks for LLAMA_API_KEY, the proxy and the collector for
+an API key (METRICS_API_KEY opens their /metrics), and Prometheus reads both keys from files."""
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
 import shutil
 
 import anthropic
@@ -14,8 +17,10 @@ import pytest
 import requests
 import yaml
 
+from llamabridge import keys as keyfile
 from tests.support import processes
 from tests.support.waiting import wait_until
+from tests.test_compose import prometheus_config
 from tests.test_traffic import main_body
 
 pytestmark = pytest.mark.integration
@@ -48,13 +53,23 @@ def scalar(server, expr: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def stack(llama, tmp_path_factory):
-    """The proxy and collector sharing one store, and Prometheus scraping them and llama-server."""
+def stack(llama_server_bin, tiny_model, tmp_path_factory):
+    """llama-server with its own API key; the proxy and collector sharing one store and one keys
+    file (with one person's key); Prometheus scraping all three with the stack's keys. Yields the
+    services, that person's key and the metrics key."""
     tmp = tmp_path_factory.mktemp("grafana")
     db = str(tmp / "llamabridge.db")
-    with processes.proxy(llama.url, DB_PATH=db) as proxy, processes.collector(llama.url, db, interval=0.5) as collector:
-        # The repository's scrape config, with the stack's service addresses moved to loopback.
-        config = yaml.safe_load((ROOT / "prometheus/prometheus.yml").read_text())
+    stack_keys = {"LLAMA_API_KEY": secrets.token_urlsafe(24), "METRICS_API_KEY": secrets.token_urlsafe(24)}
+    user_key = keyfile.add(tmp / "keys.json", "grafana-tester")
+    env = dict(stack_keys, API_KEYS_FILE=str(tmp / "keys.json"), DB_PATH=db)
+    with processes.llama_server(llama_server_bin, tiny_model, extra=["--api-key", stack_keys["LLAMA_API_KEY"]]) as llama, \
+            processes.proxy(llama.url, **env) as proxy, processes.collector(llama.url, db, interval=0.5, **env) as collector:
+        # Secured for real: without its key, no service shows its metrics.
+        for url in (llama.url, proxy.url, collector.url):
+            assert requests.get(url + "/metrics", timeout=10).status_code == 401, url
+        # The repository's scrape config, with the stack's service addresses moved to loopback and
+        # the key files where this test wrote them.
+        config = prometheus_config(stack_keys, tmp)
         config["global"]["scrape_interval"] = SCRAPE_INTERVAL
         where = {"llama:8080": llama, "proxy:9090": proxy, "collector:9091": collector}
         for job in config["scrape_configs"]:
@@ -62,11 +77,11 @@ def stack(llama, tmp_path_factory):
                 static["targets"] = [f"127.0.0.1:{where[target].port}" for target in static["targets"]]
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         with prometheus(tmp / "prometheus.yml", tmp / "tsdb") as prom:
-            yield proxy, collector, prom
+            yield proxy, collector, prom, user_key, stack_keys["METRICS_API_KEY"]
 
 
 def test_every_dashboard_query_returns_data(stack, capture_messages):
-    proxy, collector, prom = stack
+    proxy, collector, prom, user_key, metrics_key = stack
 
     # Every target scraped once before the traffic, so rates and increases have a starting point.
     def all_up() -> bool:
@@ -77,18 +92,23 @@ def test_every_dashboard_query_returns_data(stack, capture_messages):
     # Real traffic of every kind the dashboards break down, in two rounds: the first creates the
     # labelled series, the second (once Prometheus has seen the first) makes them rise.
     session = {"X-Claude-Code-Session-Id": "grafana-session"}
-    claude = anthropic.Anthropic(base_url=proxy.url, api_key="x", default_headers=session, max_retries=0)
-    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    claude = anthropic.Anthropic(base_url=proxy.url, api_key=user_key, default_headers=session, max_retries=0)
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=user_key, max_retries=0)
+    keyed = {"x-api-key": user_key}
 
     def traffic(round_: int) -> int:
         title = capture_messages[0]  # Claude Code's session-title request, from the recorded session
-        requests.post(proxy.url + "/v1/messages?beta=true", json=title, headers=session, timeout=60).raise_for_status()
+        requests.post(proxy.url + "/v1/messages?beta=true", json=title, headers=dict(session, **keyed), timeout=60).raise_for_status()
         claude.messages.create(**main_body(f"turn {round_}"))
         with claude.messages.stream(**main_body(f"streamed turn {round_}")) as stream:
             stream.until_done()
         claude.messages.count_tokens(model="claude-sonnet-4-5", messages=[{"role": "user", "content": "count me"}])
         client.chat.completions.create(model="x", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
-        assert requests.post(proxy.url + "/v1/messages", data=b"{not json", timeout=10).status_code == 400
+        malformed = requests.post(proxy.url + "/v1/messages", data=b"{not json", timeout=10,
+                                  headers=dict(keyed, **{"content-type": "application/json"}))
+        assert malformed.status_code == 400
+        # Refused at the edge (a wrong key): not one of the requests counted below.
+        assert requests.post(proxy.url + "/v1/messages", json=title, headers={"x-api-key": "llb-wrong"}, timeout=10).status_code == 401
         return 6
 
     def ingested(requests_sent: int) -> bool:
@@ -99,7 +119,7 @@ def test_every_dashboard_query_returns_data(stack, capture_messages):
     sent = traffic(1)
     wait_until(lambda: ingested(sent), timeout=60, what="the first round to reach Prometheus")
     sent += traffic(2)
-    counted = requests.get(proxy.url + "/metrics", timeout=5).text
+    counted = requests.get(proxy.url + "/metrics", headers={"Authorization": f"Bearer {metrics_key}"}, timeout=5).text
     assert 'handled="local"' in counted and 'status="400"' in counted
     wait_until(lambda: ingested(sent), timeout=60, what="the second round to reach Prometheus")
 
