@@ -1,12 +1,19 @@
 """The built-in dashboard in a real browser (Debian's headless Chromium, driven by Playwright)
 against the real stack: llama-server on the tiny model, the proxy and the collector sharing
-one store, after real traffic. Also takes the README's screenshots (light and dark): into a
-temporary directory, or over docs/screenshots/ with UPDATE_SCREENSHOTS=1, so that a test run
-leaves the working tree as it found it."""
+one store, after real traffic; without keys, and with two people's API keys (the Users section,
+the user filter, the login). Every page must run under the proxy's Content-Security-Policy
+without a single violation. Also takes the README's screenshots (light and dark, with keys so
+that they show every section): into a temporary directory, or over docs/screenshots/ with
+UPDATE_SCREENSHOTS=1, so that a test run leaves the working tree as it found it."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
+import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -14,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Error as PlaywrightError, sync_playwright
 
 from tests.support import processes
 from tests.support.local_http import LocalServer, QuietHandler
@@ -32,11 +39,17 @@ HOSTILE = "evil-agent/1.0 <script>window.__pwned = 1</script><img src=x onerror=
 MAIN = {"model": "claude-sonnet-4-5", "max_tokens": 24, "tools": [{"name": "Agent", "input_schema": {"type": "object"}}]}
 
 
-def send(proxy, text: str, session: str, agent: str = "claude-cli/2.1.328 (external, cli)") -> None:
+def send(proxy, text: str, session: str, agent: str = "claude-cli/2.1.328 (external, cli)", key: str | None = None) -> None:
     body = dict(MAIN, messages=[{"role": "user", "content": text}])
-    resp = requests.post(proxy.url + "/v1/messages", json=body, timeout=60,
-                         headers={"X-Claude-Code-Session-Id": session, "User-Agent": agent})
+    headers = {"X-Claude-Code-Session-Id": session, "User-Agent": agent, **({"x-api-key": key} if key else {})}
+    resp = requests.post(proxy.url + "/v1/messages", json=body, timeout=60, headers=headers)
     assert resp.status_code == 200, resp.text
+
+
+def wait_for_a_scrape_after_the_requests(proxy, collector, headers: dict | None = None) -> None:
+    after = time.time()
+    last_scrape = lambda: requests.get(proxy.url + "/api/totals", headers=headers, timeout=5).json()["last_scrape"] or 0  # noqa: E731
+    wait_until(lambda: last_scrape() >= after + 0.5, 20, what=lambda: "a scrape after the requests: " + collector.log_text()[-2000:])
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +62,35 @@ def stack(llama, tmp_path_factory):
         send(proxy, "who am I", "dash-session-3", agent=HOSTILE)
         assert requests.post(proxy.url + "/v1/chat/completions", timeout=60, headers={"User-Agent": "Cline/3.1"},
                              json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}).status_code == 200
-        after = time.time()
-        wait_until(lambda: (requests.get(proxy.url + "/api/totals", timeout=5).json()["last_scrape"] or 0) >= after + 0.5, 20,
-                   what=lambda: "a scrape after the requests: " + collector.log_text()[-2000:])
+        wait_for_a_scrape_after_the_requests(proxy, collector)
         yield proxy
+
+
+def add_key(keys_file: Path, name: str) -> str:
+    """`python -m proxy keys add NAME`, which prints the new key on its last line."""
+    done = subprocess.run([sys.executable, "-m", "proxy", "keys", "add", name], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**os.environ, "API_KEYS_FILE": str(keys_file), "LLAMABRIDGE_ENV_FILE": os.devnull})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def keyed_stack(llama, tmp_path_factory):
+    """The same stack with two people's keys: alice's Claude Code session of two turns, and one
+    request from bob's Cline. Yields the proxy and the keys by name."""
+    tmp = tmp_path_factory.mktemp("dash-keys")
+    keys_file = tmp / "keys.json"
+    keys = {name: add_key(keys_file, name) for name in ("alice", "bob")}
+    db = str(tmp / "store.db")
+    with processes.proxy(llama.url, DB_PATH=db, API_KEYS_FILE=str(keys_file)) as proxy, \
+            processes.collector(llama.url, db, interval=0.5) as collector:
+        send(proxy, "let us look at the parser", "alice-session", key=keys["alice"])
+        send(proxy, "let us look at the parser and more", "alice-session", key=keys["alice"])
+        assert requests.post(proxy.url + "/v1/chat/completions", timeout=60,
+                             headers={"User-Agent": "Cline/3.1", "x-api-key": keys["bob"]},
+                             json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}).status_code == 200
+        wait_for_a_scrape_after_the_requests(proxy, collector, {"x-api-key": keys["alice"]})
+        yield proxy, keys
 
 
 @pytest.fixture(scope="module")
@@ -63,23 +101,57 @@ def browser():
         chromium.close()
 
 
-def open_page(browser, url: str, scheme: str = "light"):
-    page = browser.new_page(color_scheme=scheme, viewport={"width": 1280, "height": 1500})
+# Under the page's Content-Security-Policy, wait_for_function predicates are written as functions:
+# Playwright polls a bare expression with eval() in the page, which the policy refuses.
+# Every Content-Security-Policy violation the page causes, as the browser reports it to the page
+# itself (Chromium also logs each as a console error, which page.errors collects too).
+RECORD_CSP_VIOLATIONS = """
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation",
+  (e) => window.__cspViolations.push(`${e.effectiveDirective}: ${e.blockedURI || "inline"}, line ${e.lineNumber}: ${e.sample}`));
+"""
+
+
+def open_page(browser, url: str, scheme: str = "light", key: str | None = None):
+    """The dashboard, loaded, in a browser context of its own (closed with page.context.close());
+    with a key, the browser gives it as the password when the proxy asks (HTTP Basic)."""
+    context = browser.new_context(color_scheme=scheme, viewport={"width": 1280, "height": 1500},
+                                  http_credentials={"username": "me", "password": key} if key else None)
+    context.add_init_script(RECORD_CSP_VIOLATIONS)
+    page = context.new_page()
     page.errors = []
     page.outside = []
     page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: page.errors.append(str(e)))
     page.on("request", lambda r: page.outside.append(r.url) if not r.url.startswith(url.split("/dashboard")[0]) and not r.url.startswith("data:") else None)
     page.goto(url)
-    page.wait_for_function("document.querySelectorAll('#req-rows tr').length > 0 && document.querySelectorAll('#session-list table').length > 0")
+    page.wait_for_function("() => document.querySelectorAll('#req-rows tr').length > 0 && "
+                           "document.querySelectorAll('#session-list table').length > 0")
     return page
+
+
+def assert_clean(page) -> None:
+    """No script error, no CSP violation, no request to any host but the proxy."""
+    assert page.evaluate("window.__cspViolations") == []
+    assert page.errors == [] and page.outside == []
+
+
+def column(page, name: str) -> int:
+    """The index of a requests-table column, by its heading."""
+    return page.locator("#requests thead th").all_text_contents().index(name)
+
+
+def every_row_shows(page, name: str, value: str) -> None:
+    """Wait until the requests table shows only rows whose column `name` is `value`."""
+    page.wait_for_function("([i, v]) => [...document.querySelectorAll('#req-rows tr')].every(tr => tr.children[i].textContent === v)",
+                           arg=[column(page, name), value])
 
 
 def test_every_section_shows_what_the_api_returns(stack, browser):
     page = open_page(browser, stack.url + "/dashboard")
     totals = requests.get(stack.url + "/api/totals", timeout=5).json()
     lifetime, upstream = totals["lifetime"], totals["upstream"]
-    page.wait_for_function("document.getElementById('lt-requests').textContent !== '–'")
+    page.wait_for_function("() => document.getElementById('lt-requests').textContent !== '–'")
     text = lambda sel: page.locator(sel).text_content().strip()  # noqa: E731
     assert text("#status") == "llama-server up"
     assert f"{upstream['n_ctx']:,} tokens context" in text("#model")
@@ -90,6 +162,11 @@ def test_every_section_shows_what_the_api_returns(stack, browser):
     assert text("#slots").endswith(f"/ {upstream['slots']}")
     assert text("#since").startswith("since ")
     assert page.locator("#contexts .bar").count() == upstream["slots"]
+    # Styled from the style block alone (the CSP refuses style attributes): the legend's swatches
+    # have the colours of the lines they name.
+    swatches = page.evaluate("[...document.querySelectorAll('.legend .sw')].map(e => getComputedStyle(e).backgroundColor)")
+    colours = page.evaluate("[...document.querySelectorAll('#chart-speed polyline.series')].map(e => getComputedStyle(e).stroke)")
+    assert len(swatches) == 4 and swatches[:2] == swatches[2:] and set(swatches) == set(colours), (swatches, colours)
     # History: both charts draw lines from the samples.
     for chart in ("#chart-speed", "#chart-tokens"):
         assert page.locator(f"{chart} polyline.series").count() >= 1
@@ -98,8 +175,9 @@ def test_every_section_shows_what_the_api_returns(stack, browser):
     session = page.locator("#session-list > div", has_text="dash-session-1")
     assert session.locator("tbody tr").count() == 3
     assert session.locator("tbody tr").first.locator(".tag.cold").count() == 1
-    assert page.errors == [] and page.outside == []
-    page.close()
+    assert page.locator("#users").is_hidden()  # no keys, no users
+    assert_clean(page)
+    page.context.close()
 
 
 def test_request_log_updates_filters_and_escapes(stack, browser):
@@ -115,20 +193,23 @@ def test_request_log_updates_filters_and_escapes(stack, browser):
     page.locator("#req-rows td", has_text=marker).wait_for(timeout=10_000)
     # Filters.
     page.select_option("#f-class", "openai")
-    page.wait_for_function("[...document.querySelectorAll('#req-rows tr')].every(tr => tr.children[3].textContent === 'openai')")
+    every_row_shows(page, "class", "openai")
     assert page.locator("#req-rows tr").count() >= 1
     page.select_option("#f-class", "")
     page.select_option("#f-client", "Cline/3.1")
-    page.wait_for_function("[...document.querySelectorAll('#req-rows tr')].every(tr => tr.children[1].textContent === 'Cline/3.1')")
+    every_row_shows(page, "client", "Cline/3.1")
     page.select_option("#f-client", "")
+    # Without keys, no request has a user.
+    assert page.locator("#f-user option").all_text_contents() == ["all"]
+    every_row_shows(page, "user", "–")
     # A click shows the request's details.
     page.locator("#req-rows tr").first.click()
     assert page.locator("#req-detail").is_visible() and '"route"' in page.locator("#req-detail").inner_text()
     # The range switch redraws the charts.
     page.click("button[data-range='24h']")
-    page.wait_for_function("document.querySelector(\"button[data-range='24h']\").classList.contains('on')")
-    assert page.errors == []
-    page.close()
+    page.wait_for_function("() => document.querySelector(\"button[data-range='24h']\").classList.contains('on')")
+    assert_clean(page)
+    page.context.close()
 
 
 class _KeepRedirects(urllib.request.HTTPRedirectHandler):
@@ -158,7 +239,7 @@ class PrefixProxy(LocalServer):
                 with resp:
                     data = resp.read()
                     self.send_response(resp.status)
-                    for name in ("Content-Type", "Location"):
+                    for name in ("Content-Type", "Location", "Content-Security-Policy", "X-Content-Type-Options", "X-Frame-Options"):
                         if resp.headers[name]:
                             self.send_header(name, resp.headers[name])
                     self.send_header("Content-Length", str(len(data)))
@@ -176,19 +257,88 @@ def test_works_behind_a_path_prefix(stack, browser):
             page = open_page(browser, front.prefixed + typed)
             assert page.url == front.prefixed + "/dashboard"
             assert page.locator("#status").inner_text() == "llama-server up"
-            assert front.misses == [] and page.errors == []
-            page.close()
+            assert front.misses == []
+            assert_clean(page)
+            page.context.close()
 
 
-def test_screenshots_light_and_dark(stack, browser, tmp_path):
+def inline_hashes(page: bytes, tag: bytes) -> list[str]:
+    """The CSP source of each inline <tag> block: 'sha256-' and the base64 SHA-256 of its text."""
+    blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+    return [f"'sha256-{base64.b64encode(hashlib.sha256(block).digest()).decode()}'" for block in blocks]
+
+
+def test_with_keys_users_their_filter_and_the_login(keyed_stack, browser):
+    proxy, keys = keyed_stack
+    alice = {"x-api-key": keys["alice"]}
+    # Without a key, neither the page nor its JSON: the browser gets 401 and is asked for a key
+    # (HTTP Basic; headless Chromium, with nobody to ask, gives up on the page); a wrong key, 401.
+    for password in (None, "llb-wrong"):
+        context = browser.new_context(http_credentials={"username": "me", "password": password} if password else None)
+        page = context.new_page()
+        seen = []
+        page.on("response", lambda r: seen.append((r.status, r.headers.get("www-authenticate", ""))))
+        if password is None:
+            with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
+                page.goto(proxy.url + "/dashboard")
+        else:
+            assert page.goto(proxy.url + "/dashboard").status == 401
+            assert page.locator("#users").count() == 0  # an error envelope, not the page
+        assert seen and all(status == 401 and challenge.startswith("Basic ") for status, challenge in seen), seen
+        context.close()
+    assert requests.get(proxy.url + "/api/users", timeout=5).status_code == 401
+    # With one, the page and the headers that keep it to itself: only its own script and style run.
+    answer = requests.get(proxy.url + "/dashboard", headers=alice, timeout=5)
+    assert answer.status_code == 200
+    assert answer.headers["X-Content-Type-Options"] == "nosniff" and answer.headers["X-Frame-Options"] == "DENY"
+    policy = [directive.strip() for directive in answer.headers["Content-Security-Policy"].split(";")]
+    script, style = inline_hashes(answer.content, b"script"), inline_hashes(answer.content, b"style")
+    assert len(script) == 1 and len(style) == 1
+    for directive in ("default-src 'none'", f"script-src {script[0]}", f"style-src {style[0]}", "connect-src 'self'",
+                      "frame-ancestors 'none'"):
+        assert directive in policy, (directive, policy)
+
+    users = requests.get(proxy.url + "/api/users", headers=alice, timeout=5).json()["users"]
+    assert [u["user"] for u in users] == ["bob", "alice"]  # most recently seen first
+    assert [u["requests"] for u in users] == [1, 2]
+    page = open_page(browser, proxy.url + "/dashboard", key=keys["bob"])
+    # The Users section: one row per user, as /api/users has them.
+    page.locator("#users").wait_for(state="visible", timeout=10_000)
+    rows = page.locator("#user-rows tr")
+    assert rows.count() == 2
+    for row, user in zip(rows.all(), users):
+        cells = row.locator("td").all_text_contents()
+        counts = [f"{user[k]:,}" for k in ("requests", "prompt_tokens", "cached_tokens", "generated_tokens")]
+        assert cells[:5] == [user["user"], *counts], (cells, user)
+        assert cells[5] not in ("", "–")
+    assert users[1]["generated_tokens"] > 0
+    # The requests table says whose each request was; the user filter keeps one person's.
+    assert set(page.locator("#f-user option").all_text_contents()) == {"all", "alice", "bob"}
+    whose = page.locator(f"#req-rows tr td:nth-child({column(page, 'user') + 1})").all_text_contents()
+    assert sorted(whose) == ["alice", "alice", "bob"]
+    for name, count in (("alice", 2), ("bob", 1)):
+        page.select_option("#f-user", name)
+        every_row_shows(page, "user", name)
+        assert page.locator("#req-rows tr").count() == count == len(
+            requests.get(proxy.url + "/api/requests", params={"user": name}, headers=alice, timeout=5).json()["requests"])
+    page.select_option("#f-user", "")
+    page.wait_for_function("() => document.querySelectorAll('#req-rows tr').length === 3")
+    assert_clean(page)
+    page.context.close()
+
+
+def test_screenshots_light_and_dark(keyed_stack, browser, tmp_path):
+    proxy, keys = keyed_stack
     into = SCREENSHOTS if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path
     into.mkdir(parents=True, exist_ok=True)
     for scheme in ("light", "dark"):
-        page = open_page(browser, stack.url + "/dashboard", scheme)
-        page.wait_for_function("document.getElementById('lt-requests').textContent !== '–'")
+        page = open_page(browser, proxy.url + "/dashboard", scheme, key=keys["alice"])
+        page.wait_for_function("() => document.getElementById('lt-requests').textContent !== '–'")
+        page.locator("#users").wait_for(state="visible")
         background = page.evaluate("getComputedStyle(document.body).backgroundColor")
         assert background == ("rgb(250, 250, 250)" if scheme == "light" else "rgb(20, 20, 23)")
         shot = into / f"dashboard-{scheme}.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-        page.close()
+        assert_clean(page)
+        page.context.close()
