@@ -151,8 +151,11 @@ def server_context(settings: Settings, key: str = "") -> Context:
         try:
             info = Upstream(settings).info()
         except Exception as exc:  # noqa: BLE001 - any failure is reported the same way
-            print(f"# neither the proxy at {base} nor llama-server at {settings.upstream_base} answered ({exc}); "
-                  "context window unknown", file=sys.stderr)
+            if refused:
+                said = f"llama-server at {settings.upstream_base} did not answer either"
+            else:
+                said = f"neither the proxy at {base} nor llama-server at {settings.upstream_base} answered"
+            print(f"# {said} ({exc}); context window unknown", file=sys.stderr)
             info = None
     name = (info.model or "").rstrip("/").rsplit("/", 1)[-1] if info else ""
     return Context(base, info, name or "local", keyed, key or (KEY_PLACEHOLDER if keyed else "llamabridge"))
