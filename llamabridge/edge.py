@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .keys import Key, KeyFile, KeysFileError, Limits, read as read_keys
+from .keys import Key, KeyFile, KeysFileError, read as read_keys
 from .settings import ConfigError, env_bool, env_list, is_loopback
 
 log = logging.getLogger("llamabridge.edge")
@@ -229,9 +229,10 @@ class Edge:
                                 f"(got {environ.get('CONTENT_TYPE') or 'none'})")
         path = environ.get("PATH_INFO", "")
         if (method, path) not in self.open_routes and (self.required or self.keys.configured()):
-            key = self._authenticate(environ, method, path)
+            presented = credentials(environ)
+            key = self._authenticate(presented, environ, method, path)
             if key is None:
-                return self._unauthorized(environ, start_response, path)
+                return self._unauthorized(environ, start_response, path, bool(presented))
             if isinstance(key, Key):
                 environ[USER] = key.name
                 environ[LIMITS] = key.limits
@@ -261,9 +262,8 @@ class Edge:
         origin = origin.rstrip("/")
         return any(allowed == "*" or fnmatch.fnmatchcase(origin.lower(), allowed.lower()) for allowed in self.settings.allowed_origins)
 
-    def _authenticate(self, environ: dict, method: str, path: str) -> Key | bool | None:
-        """The key the request presents (True for the metrics key on /metrics), or None."""
-        presented = credentials(environ)
+    def _authenticate(self, presented: list[str], environ: dict, method: str, path: str) -> Key | bool | None:
+        """The key among those presented (True for the metrics key on /metrics), or None."""
         for candidate in presented:
             if (key := self.keys.verify(candidate)) is not None:
                 return key
@@ -276,7 +276,6 @@ class Edge:
             log.warning("%s: %s on %s %s (%d in the last minute; keys are never logged)", address,
                         "a wrong API key" if presented else "no API key", method, path, count)
         self.failures.delay(count)
-        environ["llamabridge.key_presented"] = bool(presented)
         return None
 
     # -- answers ---------------------------------------------------------------------------------
@@ -289,11 +288,11 @@ class Edge:
         return self.refuse(environ, start_response, status, message, code,
                            [*BROWSER_HEADERS, DEFAULT_CSP, ("X-Should-Retry", "false"), *(headers or [])])
 
-    def _unauthorized(self, environ: dict, start_response: Callable, path: str) -> Iterable[bytes]:
+    def _unauthorized(self, environ: dict, start_response: Callable, path: str, presented: bool) -> Iterable[bytes]:
         headers = []
         if path.startswith(self.login_prefixes):
             headers.append(("WWW-Authenticate", 'Basic realm="llamabridge", charset="UTF-8"'))
-        if environ.get("llamabridge.key_presented"):
+        if presented:
             message = "this API key is not valid here (wrong, or removed with `keys remove`)"
         else:
             message = ("this llamabridge needs an API key: send it as x-api-key or Authorization: Bearer "
@@ -320,7 +319,3 @@ class Edge:
                     headers.append(DEFAULT_CSP)
             return start_response(status, headers, exc_info)
         return start
-
-
-def limits_of(environ: dict) -> Limits:
-    return environ.get(LIMITS) or Limits()

@@ -191,9 +191,6 @@ class KeyFile:
         keys, broken = self._current()
         return broken or bool(keys)
 
-    def names(self) -> list[str]:
-        return [k.name for k in self._current()[0]]
-
     def verify(self, candidate: str) -> Key | None:
         """The key `candidate` is, or None. Every stored key is compared, in constant time each."""
         keys, _ = self._current()

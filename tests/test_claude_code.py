@@ -8,14 +8,14 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import requests
 
+from llamabridge import keys as keyfile
 from tests.support import make_env, processes, request_log
-from tests.support.prom import metric_in
+from tests.support.prom import metric
 from tests.support.scripted_upstream import ScriptedUpstream
 
 pytestmark = pytest.mark.integration
@@ -99,11 +99,9 @@ def test_make_env_makes_claude_code_see_the_servers_real_context_window(claude_b
 def keyed_proxy(llama, tmp_path_factory):
     """A proxy with one key, as a shared box runs it."""
     keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
-    added = subprocess.run([sys.executable, "-m", "proxy", "keys", "add", "claude-user"], cwd=processes.ROOT, text=True,
-                           env=dict(os.environ, API_KEYS_FILE=str(keys_file), LLAMABRIDGE_ENV_FILE=os.devnull),
-                           capture_output=True, check=True, timeout=60)
+    key = keyfile.add(keys_file, "claude-user")
     with processes.proxy(llama.url, API_KEYS_FILE=str(keys_file)) as proxy:
-        proxy.key = added.stdout.splitlines()[-1]
+        proxy.key = key
         yield proxy
 
 
@@ -125,8 +123,9 @@ def test_claude_code_with_a_wrong_key_says_so_and_stops_at_once(claude_bin, keye
     retrying it with backoff for minutes."""
     (tmp_path / "home").mkdir()
     (tmp_path / "work").mkdir()
-    refused = lambda: metric_in(requests.get(keyed_proxy.url + "/metrics", headers={"x-api-key": keyed_proxy.key}, timeout=10).text,  # noqa: E731
-                                "llamabridge_proxy_refused_requests_total", {"reason": "key"})
+    def refused() -> float:
+        return metric(keyed_proxy.url, "llamabridge_proxy_refused_requests_total", {"reason": "key"}, headers={"x-api-key": keyed_proxy.key})
+
     before = refused()
     result = run_claude(claude_bin, keyed_proxy.url, tmp_path / "home", tmp_path / "work", "Say hello in one word.",
                         key={"ANTHROPIC_API_KEY": "llb-not-this-one"}, timeout=120)

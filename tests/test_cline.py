@@ -12,14 +12,13 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import requests
 
+from llamabridge import keys as keyfile
 from tests.support import make_env, processes, request_log
-from tests.support.prom import metric_in
+from tests.support.prom import metric
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -30,12 +29,10 @@ def keyed(llama_server_bin, tiny_model, tmp_path_factory):
     """A proxy with one key, on a llama-server that caps every reply at 64 tokens (-n): Cline
     sends no output limit, and the tiny model's words sometimes never end."""
     keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
-    added = subprocess.run([sys.executable, "-m", "proxy", "keys", "add", "cline-user"], cwd=processes.ROOT, text=True,
-                           env=dict(os.environ, API_KEYS_FILE=str(keys_file), LLAMABRIDGE_ENV_FILE=os.devnull),
-                           capture_output=True, check=True, timeout=60)
+    key = keyfile.add(keys_file, "cline-user")
     with processes.llama_server(llama_server_bin, tiny_model, extra=["-n", "64"]) as llama, \
             processes.proxy(llama.url, API_KEYS_FILE=str(keys_file)) as proxy:
-        proxy.key = added.stdout.splitlines()[-1]
+        proxy.key = key
         proxy.llama = llama
         yield proxy
 
@@ -93,8 +90,7 @@ def test_cline_reports_a_wrong_key_at_once(cline_bin, keyed, tmp_path):
     env = set_up(cline_bin, keyed, tmp_path / "home", work, "llb-not-this-one")
 
     def refused() -> float:
-        page = requests.get(keyed.url + "/metrics", headers={"x-api-key": keyed.key}, timeout=10).text
-        return metric_in(page, "llamabridge_proxy_refused_requests_total", {"reason": "key"}) or 0.0
+        return metric(keyed.url, "llamabridge_proxy_refused_requests_total", {"reason": "key"}, headers={"x-api-key": keyed.key})
 
     before = refused()
     result = cline(cline_bin, env, "--json", "-c", str(work), "Say hello in one word.", cwd=work, timeout=120)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from llamabridge import keys as keyfile
 from tests.support import make_env, processes, request_log
 from tests.support.waiting import wait_until
 
@@ -69,10 +69,7 @@ def test_codex_with_the_key_make_env_names_and_with_a_wrong_one(codex_bin, llama
     """With keys on, `make env` names the variable Codex sends its key from (env_key); Codex then
     works with the right key and reports the wrong one."""
     keys_file = tmp_path / "keys.json"
-    added = subprocess.run([sys.executable, "-m", "proxy", "keys", "add", "codex-user"], cwd=processes.ROOT, text=True,
-                           env=dict(os.environ, API_KEYS_FILE=str(keys_file), LLAMABRIDGE_ENV_FILE=os.devnull),
-                           capture_output=True, check=True, timeout=60)
-    key = added.stdout.splitlines()[-1]
+    key = keyfile.add(keys_file, "codex-user")
     with processes.llama_server(llama_server_bin, tiny_model, extra=["-n", "64"]) as llama, \
             processes.proxy(llama.url, API_KEYS_FILE=str(keys_file)) as proxy:
         config = codex_config(proxy, API_KEYS_FILE=str(keys_file), LLAMABRIDGE_API_KEY=key)

@@ -12,8 +12,6 @@ import base64
 import hashlib
 import os
 import re
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +21,7 @@ import pytest
 import requests
 from playwright.sync_api import Error as PlaywrightError, sync_playwright
 
+from llamabridge import keys as keyfile
 from tests.support import processes
 from tests.support.local_http import LocalServer, QuietHandler
 from tests.support.waiting import wait_until
@@ -66,21 +65,13 @@ def stack(llama, tmp_path_factory):
         yield proxy
 
 
-def add_key(keys_file: Path, name: str) -> str:
-    """`python -m proxy keys add NAME`, which prints the new key on its last line."""
-    done = subprocess.run([sys.executable, "-m", "proxy", "keys", "add", name], capture_output=True, text=True, cwd=ROOT, timeout=60,
-                          env={**os.environ, "API_KEYS_FILE": str(keys_file), "LLAMABRIDGE_ENV_FILE": os.devnull})
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()[-1]
-
-
 @pytest.fixture(scope="module")
 def keyed_stack(llama, tmp_path_factory):
     """The same stack with two people's keys: alice's Claude Code session of two turns, and one
     request from bob's Cline. Yields the proxy and the keys by name."""
     tmp = tmp_path_factory.mktemp("dash-keys")
     keys_file = tmp / "keys.json"
-    keys = {name: add_key(keys_file, name) for name in ("alice", "bob")}
+    keys = {name: keyfile.add(keys_file, name) for name in ("alice", "bob")}
     db = str(tmp / "store.db")
     with processes.proxy(llama.url, DB_PATH=db, API_KEYS_FILE=str(keys_file)) as proxy, \
             processes.collector(llama.url, db, interval=0.5) as collector:

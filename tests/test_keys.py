@@ -20,9 +20,10 @@ import openai
 import pytest
 import requests
 
+from llamabridge import keys as keyfile
 from tests.support import processes
 from tests.support.hold import holding_the_slot
-from tests.support.prom import metric_in
+from tests.support.prom import metric, metric_in
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -37,10 +38,6 @@ def keys_cli(keys_file: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def add_key(keys_file: Path, name: str, *options: str) -> str:
-    result = keys_cli(keys_file, "add", name, *options)
-    assert result.returncode == 0, result
-    return result.stdout.splitlines()[-1]
 
 
 def basic(key: str, user: str = "me") -> dict[str, str]:
@@ -51,7 +48,7 @@ def basic(key: str, user: str = "me") -> dict[str, str]:
 def keyed(llama, tmp_path_factory):
     """A proxy with two keys, alice's and bob's."""
     keys_file = tmp_path_factory.mktemp("keys") / "keys.json"
-    alice, bob = add_key(keys_file, "alice"), add_key(keys_file, "bob")
+    alice, bob = keyfile.add(keys_file, "alice"), keyfile.add(keys_file, "bob")
     with processes.proxy(llama.url, API_KEYS_FILE=str(keys_file)) as proxy:
         proxy.keys_file, proxy.alice, proxy.bob = keys_file, alice, bob
         yield proxy
@@ -66,7 +63,7 @@ def test_keys_add_list_remove_store_only_a_salted_hash(tmp_path):
     assert added.returncode == 0, added
     key = added.stdout.splitlines()[-1]
     assert key.startswith("llb-") and len(key) > 40 and added.stdout.count(key) == 1
-    second = add_key(keys_file, "dave")
+    second = keyfile.add(keys_file, "dave")
     assert second != key
     stored = keys_file.read_text()
     assert key not in stored and second not in stored
@@ -162,7 +159,7 @@ def test_liveness_needs_no_key_and_everything_else_does(keyed):
 
 
 def test_a_removed_key_stops_working_without_a_restart_and_a_new_one_starts(keyed):
-    temp = add_key(keyed.keys_file, "temp")
+    temp = keyfile.add(keyed.keys_file, "temp")
     wait_until(lambda: requests.post(keyed.url + "/v1/chat/completions", json=CHAT, headers={"x-api-key": temp},
                                      timeout=60).status_code == 200, what="the new key to be taken")
     assert keys_cli(keyed.keys_file, "remove", "temp").returncode == 0
@@ -188,7 +185,7 @@ def test_each_request_names_its_user_in_the_log_the_api_and_the_metrics(keyed):
 
 def test_repeated_wrong_keys_are_logged_without_the_key_and_slowed_down(llama, tmp_path):
     keys_file = tmp_path / "keys.json"
-    right = add_key(keys_file, "hana")
+    right = keyfile.add(keys_file, "hana")
     wrong = "llb-guessing-0123456789"
     with processes.proxy(llama.url, API_KEYS_FILE=str(keys_file)) as proxy:
         times = []
@@ -199,7 +196,7 @@ def test_repeated_wrong_keys_are_logged_without_the_key_and_slowed_down(llama, t
         assert min(times[-2:]) >= 1.0 > max(times[:3]), times  # the first few at once, then each held back
         # Someone with a right key from the same address is not held back.
         assert requests.get(proxy.url + "/v1/models", headers={"x-api-key": right}, timeout=30).elapsed.total_seconds() < 1.0
-        assert metric_with(proxy, "llamabridge_proxy_refused_requests_total", basic(right), {"reason": "key"}) == 8
+        assert metric(proxy.url, "llamabridge_proxy_refused_requests_total", {"reason": "key"}, headers=basic(right)) == 8
         log = proxy.log_text()
     # Logged when it starts and when the answers start being held back, never the key itself.
     assert wrong not in log and right not in log
@@ -208,7 +205,7 @@ def test_repeated_wrong_keys_are_logged_without_the_key_and_slowed_down(llama, t
 
 def test_metrics_api_key_opens_metrics_and_nothing_else(llama, tmp_path):
     keys_file = tmp_path / "keys.json"
-    add_key(keys_file, "erin")
+    keyfile.add(keys_file, "erin")
     with processes.proxy(llama.url, API_KEYS_FILE=str(keys_file), METRICS_API_KEY="scrape-secret") as proxy:
         assert requests.get(proxy.url + "/metrics", headers={"Authorization": "Bearer scrape-secret"}, timeout=10).status_code == 200
         assert requests.get(proxy.url + "/metrics", headers=basic("scrape-secret", "prometheus"), timeout=10).status_code == 200
@@ -246,7 +243,7 @@ def test_listening_beyond_loopback_starts_with_keys_or_when_told_to(tmp_path, se
     if setup == "allow_unauthenticated":
         env["ALLOW_UNAUTHENTICATED"] = "true"
     elif setup == "keys":
-        add_key(tmp_path / "keys.json", "frank")
+        keyfile.add(tmp_path / "keys.json", "frank")
     else:
         env["PUBLISHED_ADDR"] = "127.0.0.1"
     service = processes.Service("proxy", [sys.executable, "-m", "proxy"], r"Listening at: http://0\.0\.0\.0:(?P<port>\d+)",
@@ -263,7 +260,7 @@ def test_check_says_the_same_as_the_start(tmp_path):
                API_KEYS_FILE=str(tmp_path / "keys.json"), PROXY_HOST="0.0.0.0")
     refused = subprocess.run([sys.executable, "-m", "proxy", "check"], env=env, cwd=processes.ROOT, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "API_KEYS_FILE" in refused.stderr
-    add_key(tmp_path / "keys.json", "gina")
+    keyfile.add(tmp_path / "keys.json", "gina")
     assert subprocess.run([sys.executable, "-m", "proxy", "check"], env=env, cwd=processes.ROOT, timeout=60).returncode == 0
 
 
@@ -272,8 +269,8 @@ def test_check_says_the_same_as_the_start(tmp_path):
 
 def test_per_key_limits_answer_429_with_retry_after(llama, tmp_path):
     keys_file = tmp_path / "keys.json"
-    one_at_a_time = add_key(keys_file, "solo", "--concurrent", "1")
-    frugal = add_key(keys_file, "frugal", "--tokens-per-minute", "20")
+    one_at_a_time = keyfile.add(keys_file, "solo", keyfile.Limits(concurrent=1))
+    frugal = keyfile.add(keys_file, "frugal", keyfile.Limits(tokens_per_minute=20))
     with processes.proxy(llama.url, API_KEYS_FILE=str(keys_file)) as proxy:
         with holding_the_slot(proxy.url, {"x-api-key": one_at_a_time}):
             second = requests.post(proxy.url + "/v1/messages", json=MESSAGE, headers={"x-api-key": one_at_a_time}, timeout=30)
@@ -294,14 +291,14 @@ def test_users_take_turns_within_a_class(llama_server_bin, tiny_model, tmp_path)
     """On one slot, user A queues six requests, then user B one: B's is admitted before A's
     third (first come, first served would run all of A's first)."""
     keys_file = tmp_path / "keys.json"
-    a, b = add_key(keys_file, "ann"), add_key(keys_file, "ben")
+    a, b = keyfile.add(keys_file, "ann"), keyfile.add(keys_file, "ben")
     with processes.llama_server(llama_server_bin, tiny_model) as llama, \
             processes.proxy(llama.url, API_KEYS_FILE=str(keys_file)) as proxy, \
             concurrent.futures.ThreadPoolExecutor(8) as pool:
         auth = basic(a)
 
         def depth() -> float:
-            return metric_with(proxy, "llamabridge_proxy_queue_depth", auth)
+            return metric(proxy.url, "llamabridge_proxy_queue_depth", headers=auth)
 
         def send(key: str, name: str):
             return pool.submit(requests.post, proxy.url + "/v1/chat/completions", json=CHAT, timeout=120,
@@ -321,8 +318,3 @@ def test_users_take_turns_within_a_class(llama_server_bin, tiny_model, tmp_path)
     admitted = [r["session"] for r in sorted(rows, key=lambda r: r["ts"] + r["queue_wait"]) if r["session"] != "ann-0"]
     assert admitted.index("ben-1") < admitted.index("ann-3"), admitted
     assert {r["session"]: r["user"] for r in rows} == {**{f"ann-{i}": "ann" for i in range(7)}, "ben-1": "ben"}
-
-
-def metric_with(proxy, name: str, headers: dict[str, str], labels: dict[str, str] | None = None) -> float:
-    """A value off the proxy's /metrics, read with a key."""
-    return metric_in(requests.get(proxy.url + "/metrics", headers=headers, timeout=10).text, name, labels) or 0.0

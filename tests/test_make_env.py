@@ -13,6 +13,7 @@ import tomllib
 import pytest
 import yaml
 
+from llamabridge import keys as keyfile
 from tests.support import make_env, processes
 
 pytestmark = pytest.mark.integration
@@ -64,10 +65,7 @@ def test_with_keys_it_names_the_key_everywhere_a_client_takes_one(llama, tmp_pat
     yours as LLAMABRIDGE_API_KEY), Codex's provider names the variable it sends it from, and
     Cline's CLI gets its one-line setup."""
     keys_file = tmp_path / "keys.json"
-    added = subprocess.run([sys.executable, "-m", "proxy", "keys", "add", "env-user"], cwd=processes.ROOT, text=True, timeout=60,
-                           env=dict(os.environ, API_KEYS_FILE=str(keys_file), LLAMABRIDGE_ENV_FILE=os.devnull),
-                           capture_output=True, check=True)
-    key = added.stdout.splitlines()[-1]
+    key = keyfile.add(keys_file, "env-user")
     with processes.proxy(llama.url, API_KEYS_FILE=str(keys_file)) as proxy:
         for given, expected in (("", "YOUR_LLAMABRIDGE_KEY"), (key, key)):
             out = make_env.output(proxy.port, API_KEYS_FILE=str(tmp_path / "elsewhere.json"), LLAMABRIDGE_API_KEY=given, LLAMA_URL=llama.url)

@@ -13,10 +13,12 @@ def metric_in(text: str, name: str, labels: dict[str, str] | None = None) -> flo
     return sum(found) if found else None
 
 
-def metric(url: str, name: str, labels: dict[str, str] | None = None, missing: float | None = None) -> float:
-    """`metric_in` of `url`/metrics. A sample that is not there fails the test, unless `missing`
-    says what it counts as (a labelled counter appears only once it has counted something)."""
-    value = metric_in(requests.get(url + "/metrics", timeout=5).text, name, labels)
+def metric(url: str, name: str, labels: dict[str, str] | None = None, missing: float | None = None,
+           headers: dict[str, str] | None = None) -> float:
+    """`metric_in` of `url`/metrics (asked with `headers`: a key, where the service has keys). A
+    sample that is not there fails the test, unless `missing` says what it counts as (a labelled
+    counter appears only once it has counted something)."""
+    value = metric_in(requests.get(url + "/metrics", headers=headers, timeout=5).text, name, labels)
     if value is None:
         assert missing is not None, f"{name} {labels or ''} not in {url}/metrics"
         return missing
