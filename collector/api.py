@@ -22,7 +22,9 @@ def stored_status(store: Store) -> dict[str, Any]:
     latest = store.latest_sample()
     last = store.meta("last_scrape")
     fresh = last is not None and time.time() - float(last) < STALE_SECONDS
-    return {"up": bool(fresh and latest and latest.get("up")), "collector": fresh}
+    error = store.meta("upstream_error") if fresh else None
+    return {"up": bool(fresh and latest and latest.get("up")), "collector": fresh, "error": error,
+            "error_kind": store.meta("upstream_error_kind") if error else None}
 
 
 def blueprint(store: Store, status: Callable[[], dict[str, Any]]) -> Blueprint:

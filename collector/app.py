@@ -6,6 +6,7 @@ single process (see __main__.py), next to this app.
 
 from __future__ import annotations
 
+import atexit
 import json
 import time
 
@@ -35,9 +36,13 @@ def create_app(settings: CollectorSettings, start_jobs: bool = True) -> Flask:
         # max_instances=1 and coalesce: a slow scrape is never run twice at once or caught up in a burst.
         scheduler.add_job(job.run, "interval", seconds=settings.interval, next_run_time=_now(), max_instances=1, coalesce=True,
                           id="scrape")
-        scheduler.add_job(lambda: store.compact(time.time()), "interval", hours=1, next_run_time=_now(), id="retention")
+        scheduler.add_job(lambda: store.compact(time.time(), settings.retention), "interval", hours=1, next_run_time=_now(),
+                          id="retention")
         scheduler.start()
         app.extensions["scheduler"] = scheduler
+        # On a graceful stop (SIGTERM, Ctrl-C) the lease is given up, so a standby collector on
+        # the same store takes over at its next scrape rather than after the lease runs out.
+        atexit.register(job.stop)
     app.extensions["store"] = store
     app.extensions["job"] = job
 
@@ -45,11 +50,17 @@ def create_app(settings: CollectorSettings, start_jobs: bool = True) -> Flask:
     def metrics() -> Response:
         return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
+    def status() -> dict:
+        if job.standby is not None:  # what the collector that writes the store last recorded
+            return {**api.stored_status(store), "standby": True}
+        return {"up": job.up, "collector": True, "standby": False, "error": str(job.error) if job.error else None,
+                "error_kind": job.error.kind if job.error else None}
+
     @app.get("/healthz")
     def healthz() -> Response:
-        return jsonify({"status": "ok", "upstream_up": job.up})
+        return jsonify({"status": "ok", "upstream_up": job.up, "standby": job.standby is not None})
 
-    app.register_blueprint(api.blueprint(store, lambda: {"up": job.up, "collector": True}))
+    app.register_blueprint(api.blueprint(store, status))
 
     # The same checks as the proxy's, with the same keys: the JSON API holds the request log.
     app.wsgi_app = Edge(app.wsgi_app, settings.edge, KeyFile(settings.edge.keys_file), _refuse,  # type: ignore[method-assign]

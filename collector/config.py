@@ -10,6 +10,8 @@ from llamabridge.edge import EdgeSettings
 from llamabridge.edge import settings_from_env as edge_from_env
 from llamabridge.settings import ConfigError, env_float, env_int
 
+from .store import Retention
+
 DEFAULT_DB_PATH = "data/llamabridge.db"
 
 
@@ -23,6 +25,7 @@ class CollectorSettings:
     port: int = 9091
     log_level: str = "info"
     edge: EdgeSettings = field(default_factory=EdgeSettings)  # Host, Origin and key checks, as the proxy's
+    retention: Retention = field(default_factory=Retention)  # what ages out of the store, and when
 
 
 def from_env(env: Mapping[str, str] | None = None) -> CollectorSettings:
@@ -40,4 +43,5 @@ def from_env(env: Mapping[str, str] | None = None) -> CollectorSettings:
         port=env_int(env, "COLLECTOR_PORT", CollectorSettings.port, 0, 65535),
         log_level=(env.get("LOG_LEVEL", "").strip() or "info").lower(),
         edge=edge_from_env(env, db_path),
+        retention=Retention.from_env(env),
     )

@@ -35,22 +35,36 @@ class StoreCollector(Collector):
     def collect(self) -> Iterator:
         try:
             totals = self.store.totals()
-            requests = self.store.request_totals()["requests"]
-            restarts = self.store.count_events("restart")
+            counters = self.store.counters()
             latest = self.store.latest_sample()
         except sqlite3.Error as exc:
             log.warning("store unreadable, exporting nothing: %s", exc)
             return
         for name, (source, doc) in LIFETIME.items():
             yield CounterMetricFamily(name, doc, value=totals.get(source, 0.0))
-        yield CounterMetricFamily("llamabridge_lifetime_requests", "Requests through the proxy, since tracking began "
-                                  "(llama-server counts none itself).", value=requests)
-        yield CounterMetricFamily("llamabridge_lifetime_upstream_restarts", "llama-server restarts seen.", value=restarts)
+        # Running totals kept in the store (never a count over rows that retention deletes).
+        for name, key, doc in (
+            ("llamabridge_lifetime_requests", "requests", "Requests through the proxy, since tracking began (llama-server counts none itself)."),
+            ("llamabridge_lifetime_request_prompt_tokens", "request_prompt_tokens", "Uncached prompt tokens of requests through the proxy."),
+            ("llamabridge_lifetime_request_cached_tokens", "request_cached_tokens", "Cached prompt tokens of requests through the proxy."),
+            ("llamabridge_lifetime_request_generated_tokens", "request_generated_tokens", "Generated tokens of requests through the proxy."),
+            ("llamabridge_lifetime_upstream_restarts", "upstream_restarts", "llama-server restarts seen."),
+            ("llamabridge_lifetime_upstream_changes", "upstream_changes", "Times another llama-server (model or build) answered at LLAMA_URL."),
+        ):
+            yield CounterMetricFamily(name, doc, value=counters.get(key, 0.0))
         yield CounterMetricFamily("llamabridge_scrape_errors", "Failed reads of llama-server.", value=self.job.scrape_errors)
         yield GaugeMetricFamily("llamabridge_last_scrape_success_timestamp_seconds", "When llama-server was last read.",
                                 value=self.job.last_success or 0)
         yield GaugeMetricFamily("llamabridge_upstream_up", "1 if the last read of llama-server worked.",
                                 value=1 if self.job.up else 0)
+        error = self.job.error
+        problem = GaugeMetricFamily("llamabridge_upstream_error", "1 with the reason llama-server cannot be read "
+                                    "(unreachable, unauthorized, http_error, not_metrics) while it cannot.", labels=["reason"])
+        if error is not None and not self.job.up:
+            problem.add_metric([error.kind], 1)
+        yield problem
+        yield GaugeMetricFamily("llamabridge_collector_standby", "1 while another collector holds this store's lease "
+                                "and this one waits to take over.", value=1 if self.job.standby else 0)
         now = {key: (latest or {}).get(key) for key in ("generation_tps", "prompt_tps", "busy_slots", "processing", "deferred", "cache_ratio")}
         for name, key, doc in (
             ("llamabridge_generation_tokens_per_second", "generation_tps", "Generation speed over the last interval."),

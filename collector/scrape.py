@@ -10,6 +10,8 @@ was served since; what the old process served after our last scrape is lost to p
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +36,32 @@ class Reading:
 
 
 class ScrapeError(Exception):
-    """llama-server could not be read (down, loading, or answering garbage)."""
+    """llama-server could not be read (down, loading, refusing our key, or answering garbage).
+
+    `kind` names the cause for /metrics and the dashboard: "unreachable", "unauthorized",
+    "http_error" or "not_metrics"."""
+
+    def __init__(self, message: str, kind: str = "http_error"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def identity(props: dict[str, Any]) -> str | None:
+    """Which server this is, as far as a restart does not change it: the model file and the
+    build (from `/props`). None when `/props` was not read."""
+    model = props.get("model_path") or props.get("model_alias")
+    if not model:
+        return None
+    return json.dumps({"model": str(model), "build": str(props.get("build_info") or "")}, sort_keys=True)
+
+
+def describe(ident: str) -> str:
+    """An identity as one short phrase for events and logs."""
+    try:
+        parts = json.loads(ident)
+        return f"{os.path.basename(parts['model'])} ({parts['build'] or 'unknown build'})"
+    except (ValueError, KeyError, TypeError):
+        return ident
 
 
 def parse_metrics(text: str) -> tuple[dict[str, float], dict[str, float]]:
@@ -44,7 +71,7 @@ def parse_metrics(text: str) -> tuple[dict[str, float], dict[str, float]]:
     try:
         families = list(text_string_to_metric_families(text))
     except ValueError as exc:
-        raise ScrapeError(f"/metrics is not Prometheus text: {exc}") from None
+        raise ScrapeError(f"/metrics is not Prometheus text: {exc}", "not_metrics") from None
     for family in families:
         for sample in family.samples:
             if not sample.name.startswith(PREFIX):
@@ -56,7 +83,7 @@ def parse_metrics(text: str) -> tuple[dict[str, float], dict[str, float]]:
             elif name in GAUGES:
                 gauges[name] = float(sample.value)
     if not counters:
-        raise ScrapeError("/metrics has none of llama-server's counters (is it started with --metrics?)")
+        raise ScrapeError("/metrics has none of llama-server's counters (is it started with --metrics?)", "not_metrics")
     return counters, gauges
 
 
@@ -95,10 +122,15 @@ def read(base_url: str, session: requests.Session, timeout: float = 5.0) -> Read
     try:
         resp = session.get(f"{base_url}/metrics", timeout=timeout)
     except requests.RequestException as exc:
-        raise ScrapeError(f"llama-server unreachable at {base_url}: {type(exc).__name__}") from None
-    if resp.status_code == 401:
-        raise ScrapeError("llama-server refused /metrics without its API key (HTTP 401): set LLAMA_API_KEY to the key "
-                          "it was started with (--api-key)")
+        raise ScrapeError(f"llama-server unreachable at {base_url}: {type(exc).__name__}", "unreachable") from None
+    if resp.status_code in (401, 403):
+        sent = "Authorization" in session.headers
+        raise ScrapeError(f"llama-server refused /metrics (HTTP {resp.status_code}): "
+                          + ("LLAMA_API_KEY is not the key it was started with (--api-key)" if sent else
+                             "it needs an API key; set LLAMA_API_KEY to the key it was started with (--api-key)"),
+                          "unauthorized")
+    if resp.status_code == 501:
+        raise ScrapeError("llama-server has /metrics turned off: start it with --metrics", "not_metrics")
     if resp.status_code != 200:
         raise ScrapeError(f"llama-server /metrics answered HTTP {resp.status_code}: {resp.text[:200]}")
     counters, gauges = parse_metrics(resp.text)

@@ -7,16 +7,31 @@ do not block each other. The schema is a list of ordered, named migrations recor
 
 The invariant that makes lifetime totals exact: a total and the raw counter value it was last
 advanced from are written in the same transaction, so a crash at any moment leaves the pair
-consistent and the next scrape neither loses nor double-counts.
+consistent and the next scrape neither loses nor double-counts. The same holds for everything
+exported as a lifetime counter: request totals are running totals advanced in the transaction
+that adds the request rows (never a COUNT over rows that retention deletes), and the baseline a
+scrape is measured against is read inside the transaction that advances it.
+
+One collector writes the lifetime totals at a time: each scrape's transaction renews a lease
+in the store (`lease`), and a collector that finds another's lease still running stands by.
+
+Two connections per process: writes go through one, behind a lock; reads (the dashboard's JSON,
+`/metrics`) through another, so a read never waits behind a long write (WAL lets a reader see
+the last committed state while a writer works).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from llamabridge.settings import env_float
 
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = []
 
@@ -128,19 +143,24 @@ def _use_wal(db: sqlite3.Connection) -> None:
         pause = min(pause * 2, 0.1)
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
+def connect(path: str | Path, busy_timeout: float = BUSY_TIMEOUT) -> sqlite3.Connection:
     """Open (creating if needed) and migrate the store."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
-    db.row_factory = sqlite3.Row
+    db = _open(path, busy_timeout)
     _use_wal(db)
     db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes, cheap commits
-    db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
     # A WAL file otherwise stays at its largest size (4 MB after an hourly roll-up): cut it back to
     # 1 MB whenever SQLite restarts it.
     db.execute("PRAGMA journal_size_limit=1048576")
     migrate(db)
+    return db
+
+
+def _open(path: str | Path, busy_timeout: float) -> sqlite3.Connection:
+    db = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
     return db
 
 
@@ -192,92 +212,210 @@ def m003_request_users(db: sqlite3.Connection) -> None:
     )
 
 
-class Store:
-    """Thread-safe access to one connection (the collector and the proxy each open their own)."""
+@migration
+def m004_running_totals(db: sqlite3.Connection) -> None:
+    """Lifetime counters that are not llama-server's: running totals, advanced in the transaction
+    that writes what they count, started from what the store holds today. And the collector's
+    lease (one writer of the lifetime totals per store)."""
+    _run(
+        db,
+        """
+        CREATE TABLE counters (name TEXT PRIMARY KEY, value REAL NOT NULL DEFAULT 0);
+        INSERT INTO counters SELECT 'requests', COUNT(*) FROM requests;
+        INSERT INTO counters SELECT 'request_prompt_tokens', COALESCE(SUM(prompt_tokens), 0) FROM requests;
+        INSERT INTO counters SELECT 'request_cached_tokens', COALESCE(SUM(cached_tokens), 0) FROM requests;
+        INSERT INTO counters SELECT 'request_generated_tokens', COALESCE(SUM(generated_tokens), 0) FROM requests;
+        INSERT INTO counters SELECT 'upstream_restarts', COUNT(*) FROM events WHERE kind = 'restart';
+        INSERT INTO counters SELECT 'upstream_changes', COUNT(*) FROM events WHERE kind = 'upstream_changed';
+        CREATE TABLE lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, acquired REAL NOT NULL, expires REAL NOT NULL)
+        """,
+    )
 
-    def __init__(self, path: str | Path):
+
+# Events that advance a running counter of the same name in `counters` as they are recorded.
+COUNTED_EVENTS = {"restart": "upstream_restarts", "upstream_changed": "upstream_changes"}
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long the store keeps what it does not need forever. Lifetime totals, per-user totals,
+    events and per-hour samples are kept for the life of the store (a year of hourly rows is
+    8,760 rows); only these age out."""
+
+    requests_days: float = 30.0  # request-log rows (REQUEST_LOG_DAYS)
+    raw_hours: float = 48.0  # samples at scrape resolution, then one per minute (SAMPLES_RAW_HOURS)
+    minute_days: float = 30.0  # per-minute samples, then one per hour (SAMPLES_MINUTE_DAYS)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Retention":
+        return cls(
+            requests_days=env_float(env, "REQUEST_LOG_DAYS", cls.requests_days, 0.01, 36500),
+            raw_hours=env_float(env, "SAMPLES_RAW_HOURS", cls.raw_hours, 1, 24 * 36500),
+            minute_days=env_float(env, "SAMPLES_MINUTE_DAYS", cls.minute_days, 1, 36500),
+        )
+
+
+@dataclass(frozen=True)
+class LeaseHeld:
+    """Another collector writes this store until `expires` (a Unix time)."""
+
+    holder: str
+    expires: float
+
+
+@dataclass
+class Baseline:
+    """What the last scrape left, read inside the transaction that will advance it."""
+
+    last_raw: dict[str, float]
+    meta: dict[str, str]
+
+
+# What a scrape writes, decided from the Baseline: (deltas, raw, sample, events, meta).
+ScrapePlan = tuple[dict[str, float], dict[str, float], "dict[str, Any] | None", "list[tuple[str, str]]", "dict[str, str]"]
+
+LEASE = "collector"
+
+
+class Store:
+    """Thread-safe access to the store: one connection for writes, one for reads (the collector
+    and the proxy each open their own pair)."""
+
+    def __init__(self, path: str | Path, busy_timeout: float = BUSY_TIMEOUT):
         self.path = str(path)
-        self.db = connect(path)
+        self.db = connect(path, busy_timeout)
         self.lock = threading.Lock()
+        self._reader = _open(path, BUSY_TIMEOUT)
+        self._read_lock = threading.Lock()
         with self.lock:
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('tracking_since', ?)", (str(time.time()),))
 
     def close(self) -> None:
         with self.lock:
             self.db.close()
+        with self._read_lock:
+            self._reader.close()
 
-    # -- lifetime -------------------------------------------------------------------------------
+    def _read(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._read_lock:
+            return self._reader.execute(sql, tuple(args)).fetchall()
 
-    def last_raw(self) -> dict[str, float]:
-        with self.lock:
-            return {r["name"]: r["last_raw"] for r in self.db.execute("SELECT name, last_raw FROM lifetime WHERE last_raw IS NOT NULL")}
-
-    def totals(self) -> dict[str, float]:
-        with self.lock:
-            return {r["name"]: r["total"] for r in self.db.execute("SELECT name, total FROM lifetime")}
-
-    def meta(self, key: str) -> str | None:
-        with self.lock:
-            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-            return row[0] if row else None
-
-    def record_scrape(self, now: float, deltas: dict[str, float], raw: dict[str, float], sample: dict[str, Any] | None,
-                      events: Iterable[tuple[str, str]] = (), meta: dict[str, str] | None = None) -> None:
-        """Advance lifetime totals by `deltas`, remember `raw` as the new baseline, add the sample,
-        events and meta, all in one transaction."""
+    def _write(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `work` in one write transaction (all of it or none of it)."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                for name, value in raw.items():
-                    self.db.execute(
-                        "INSERT INTO lifetime (name, total, last_raw, updated_at) VALUES (?, ?, ?, ?) "
-                        "ON CONFLICT(name) DO UPDATE SET total = total + excluded.total, last_raw = excluded.last_raw, "
-                        "updated_at = excluded.updated_at",
-                        (name, deltas.get(name, 0.0), value, now),
-                    )
-                if sample is not None:
-                    columns = ", ".join(sample)
-                    self.db.execute(f"INSERT INTO samples (ts, {columns}) VALUES (?, {', '.join('?' * len(sample))})",
-                                    (now, *sample.values()))
-                for kind, detail in events:
-                    self.db.execute("INSERT INTO events VALUES (?, ?, ?)", (now, kind, detail))
-                for key, value in (meta or {}).items():
-                    self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+                result = work(self.db)
                 self.db.execute("COMMIT")
+                return result
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
 
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def last_raw(self) -> dict[str, float]:
+        return {r["name"]: r["last_raw"] for r in self._read("SELECT name, last_raw FROM lifetime WHERE last_raw IS NOT NULL")}
+
+    def totals(self) -> dict[str, float]:
+        return {r["name"]: r["total"] for r in self._read("SELECT name, total FROM lifetime")}
+
+    def counters(self) -> dict[str, float]:
+        """The store's own running totals (requests, their tokens, upstream restarts and changes)."""
+        return {r["name"]: r["value"] for r in self._read("SELECT name, value FROM counters")}
+
+    def meta(self, key: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def scrape(self, holder: str, now: float, lease_seconds: float,
+               plan: Callable[[Baseline], ScrapePlan]) -> LeaseHeld | None:
+        """One scrape's write, if `holder` holds (or can take) the store's collector lease: the
+        baseline is read, `plan` decides what to write from it, and the totals, baseline, sample,
+        events and lease are written, all in one transaction. Returns LeaseHeld, writing
+        nothing, while another collector's lease runs."""
+        def work(db: sqlite3.Connection) -> LeaseHeld | None:
+            held = _lease_held(db, holder, now)
+            if held is not None:
+                return held
+            db.execute("INSERT INTO lease VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                       "acquired = CASE WHEN holder = excluded.holder THEN acquired ELSE excluded.acquired END, "
+                       "holder = excluded.holder, expires = excluded.expires", (LEASE, holder, now, now + lease_seconds))
+            baseline = Baseline(
+                {r["name"]: r["last_raw"] for r in db.execute("SELECT name, last_raw FROM lifetime WHERE last_raw IS NOT NULL")},
+                {r["key"]: r["value"] for r in db.execute("SELECT key, value FROM meta")})
+            self._record(db, now, *plan(baseline))
+            return None
+
+        return self._write(work)
+
+    def lease_holder(self, holder: str, now: float) -> LeaseHeld | None:
+        """Who else holds the collector lease now, if anyone does (a read: may be stale by one write)."""
+        rows = self._read("SELECT holder, expires FROM lease WHERE name = ?", (LEASE,))
+        return _held(rows[0] if rows else None, holder, now)
+
+    def release_lease(self, holder: str) -> None:
+        """Give the lease up (a collector stopping): a standby takes over at its next scrape."""
+        self._write(lambda db: db.execute("DELETE FROM lease WHERE name = ? AND holder = ?", (LEASE, holder)))
+
+    def record_scrape(self, now: float, deltas: dict[str, float], raw: dict[str, float], sample: dict[str, Any] | None,
+                      events: Iterable[tuple[str, str]] = (), meta: dict[str, str] | None = None) -> None:
+        """Advance lifetime totals by `deltas`, remember `raw` as the new baseline, add the sample,
+        events and meta, all in one transaction (without a lease: for tools and tests that own
+        the store)."""
+        self._write(lambda db: self._record(db, now, deltas, raw, sample, list(events), meta or {}))
+
+    @staticmethod
+    def _record(db: sqlite3.Connection, now: float, deltas: dict[str, float], raw: dict[str, float],
+                sample: dict[str, Any] | None, events: Iterable[tuple[str, str]], meta: dict[str, str]) -> None:
+        for name, value in raw.items():
+            db.execute(
+                "INSERT INTO lifetime (name, total, last_raw, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET total = total + excluded.total, last_raw = excluded.last_raw, "
+                "updated_at = excluded.updated_at",
+                (name, deltas.get(name, 0.0), value, now),
+            )
+        if sample is not None:
+            columns = ", ".join(sample)
+            db.execute(f"INSERT INTO samples (ts, {columns}) VALUES (?, {', '.join('?' * len(sample))})", (now, *sample.values()))
+        for kind, detail in events:
+            db.execute("INSERT INTO events VALUES (?, ?, ?)", (now, kind, detail))
+            if kind in COUNTED_EVENTS:
+                _advance(db, COUNTED_EVENTS[kind], 1)
+        for key, value in meta.items():
+            if value is None:
+                db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
     def add_event(self, now: float, kind: str, detail: str = "") -> None:
-        with self.lock:
-            self.db.execute("INSERT INTO events VALUES (?, ?, ?)", (now, kind, detail))
+        self._write(lambda db: self._record(db, now, {}, {}, None, [(kind, detail)], {}))
 
     # -- reads for the API ------------------------------------------------------------------------
 
     def samples(self, since: float, bucket: int = 0, limit: int = 5000) -> list[dict[str, Any]]:
         """History from `since` on, oldest first: the stored rows, or with `bucket` seconds one
         point per bucket (rows of every resolution summed alike). At most the newest `limit`."""
-        with self.lock:
-            if bucket <= 0:
-                rows = self.db.execute("SELECT * FROM samples WHERE ts >= ? ORDER BY ts DESC LIMIT ?", (since, limit))
-                return [dict(r) for r in rows][::-1]
-            rows = self.db.execute(
-                f"""SELECT CAST(ts / {int(bucket)} AS INTEGER) * {int(bucket)}, {BUCKET_COLUMNS} FROM samples WHERE ts >= ?
-                    GROUP BY 1 ORDER BY 1 DESC LIMIT ?""", (since, limit))
-            return [dict(zip(("ts", *SERIES_COLUMNS), r), resolution=bucket) for r in rows][::-1]
+        if bucket <= 0:
+            rows = self._read("SELECT * FROM samples WHERE ts >= ? ORDER BY ts DESC LIMIT ?", (since, limit))
+            return [dict(r) for r in rows][::-1]
+        rows = self._read(
+            f"""SELECT CAST(ts / {int(bucket)} AS INTEGER) * {int(bucket)}, {BUCKET_COLUMNS} FROM samples WHERE ts >= ?
+                GROUP BY 1 ORDER BY 1 DESC LIMIT ?""", (since, limit))
+        return [dict(zip(("ts", *SERIES_COLUMNS), r), resolution=bucket) for r in rows][::-1]
 
     def latest_sample(self) -> dict[str, Any] | None:
-        with self.lock:
-            row = self.db.execute("SELECT * FROM samples WHERE resolution = 0 ORDER BY ts DESC LIMIT 1").fetchone()
-            return dict(row) if row else None
+        rows = self._read("SELECT * FROM samples WHERE resolution = 0 ORDER BY ts DESC LIMIT 1")
+        return dict(rows[0]) if rows else None
 
     def events(self, since: float, limit: int = 500) -> list[dict[str, Any]]:
-        with self.lock:
-            return [dict(r) for r in self.db.execute("SELECT * FROM events WHERE ts >= ? ORDER BY ts DESC LIMIT ?", (since, limit))]
+        return [dict(r) for r in self._read("SELECT * FROM events WHERE ts >= ? ORDER BY ts DESC LIMIT ?", (since, limit))]
 
     def count_events(self, kind: str) -> int:
-        with self.lock:
-            return self.db.execute("SELECT COUNT(*) FROM events WHERE kind = ?", (kind,)).fetchone()[0]
+        """Restarts and upstream changes from their running counters; other kinds by counting rows."""
+        if kind in COUNTED_EVENTS:
+            return int(self.counters().get(COUNTED_EVENTS[kind], 0))
+        return self._read("SELECT COUNT(*) FROM events WHERE kind = ?", (kind,))[0][0]
 
     # -- the proxy's request log ----------------------------------------------------------------
 
@@ -285,26 +423,27 @@ class Store:
                        "total_time", "prompt_tokens", "cached_tokens", "generated_tokens", "tokens_per_second", "error", "user")
 
     def add_requests(self, rows: list[dict[str, Any]]) -> None:
+        """Add request-log rows and advance the running totals they count, in one transaction."""
         if not rows:
             return
         cols = self.REQUEST_COLUMNS
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self.db.executemany(f"INSERT INTO requests ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                                    [tuple(r.get(c) for c in cols) for r in rows])
-                self.db.executemany(
-                    "INSERT INTO user_totals VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT(user) DO UPDATE SET "
-                    "requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                    "cached_tokens = cached_tokens + excluded.cached_tokens, "
-                    "generated_tokens = generated_tokens + excluded.generated_tokens, "
-                    "last_seen = MAX(last_seen, excluded.last_seen)",
-                    [(r["user"], r.get("prompt_tokens") or 0, r.get("cached_tokens") or 0, r.get("generated_tokens") or 0,
-                      r["ts"], r["ts"]) for r in rows if r.get("user")])
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany(f"INSERT INTO requests ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                           [tuple(r.get(c) for c in cols) for r in rows])
+            _advance(db, "requests", len(rows))
+            for column in ("prompt_tokens", "cached_tokens", "generated_tokens"):
+                _advance(db, f"request_{column}", sum(r.get(column) or 0 for r in rows))
+            db.executemany(
+                "INSERT INTO user_totals VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT(user) DO UPDATE SET "
+                "requests = requests + 1, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                "cached_tokens = cached_tokens + excluded.cached_tokens, "
+                "generated_tokens = generated_tokens + excluded.generated_tokens, "
+                "last_seen = MAX(last_seen, excluded.last_seen)",
+                [(r["user"], r.get("prompt_tokens") or 0, r.get("cached_tokens") or 0, r.get("generated_tokens") or 0,
+                  r["ts"], r["ts"]) for r in rows if r.get("user")])
+
+        self._write(work)
 
     def requests(self, limit: int = 200, client: str | None = None, klass: str | None = None, session: str | None = None,
                  user: str | None = None) -> list[dict[str, Any]]:
@@ -314,43 +453,41 @@ class Store:
                 where.append(f"{column} = ?")
                 args.append(value)
         sql = "SELECT * FROM requests" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
-        with self.lock:
-            return [dict(r) for r in self.db.execute(sql, (*args, limit))]
+        return [dict(r) for r in self._read(sql, (*args, limit))]
 
     def request_totals(self) -> dict[str, float]:
-        with self.lock:
-            row = self.db.execute("SELECT COUNT(*) AS requests, COALESCE(SUM(prompt_tokens), 0) AS prompt, "
-                                  "COALESCE(SUM(cached_tokens), 0) AS cached, COALESCE(SUM(generated_tokens), 0) AS generated "
-                                  "FROM requests").fetchone()
-            return dict(row)
+        """Requests and their tokens since the store began (running totals: retention does not lower them)."""
+        counters = self.counters()
+        return {"requests": int(counters.get("requests", 0)), "prompt": counters.get("request_prompt_tokens", 0),
+                "cached": counters.get("request_cached_tokens", 0), "generated": counters.get("request_generated_tokens", 0)}
 
     def user_totals(self) -> list[dict[str, Any]]:
         """Requests and tokens per user (API key name) since the store began, most recent first."""
-        with self.lock:
-            return [dict(r) for r in self.db.execute("SELECT * FROM user_totals ORDER BY last_seen DESC")]
+        return [dict(r) for r in self._read("SELECT * FROM user_totals ORDER BY last_seen DESC")]
 
     # -- retention --------------------------------------------------------------------------------
 
-    def compact(self, now: float, full_for: float = 48 * 3600, minutes_for: float = 30 * 86400, requests_for: float = 30 * 86400) -> None:
-        """Keep disk bounded: per-scrape samples for `full_for`, per-minute rows until
-        `minutes_for`, per-hour rows after that; request-log rows for `requests_for`."""
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self._roll_up(0, 60, now - full_for)
-                self._roll_up(60, 3600, now - minutes_for)
-                self.db.execute("DELETE FROM requests WHERE ts < ?", (now - requests_for,))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+    def compact(self, now: float, retention: Retention = Retention()) -> dict[str, int]:
+        """Keep disk bounded: samples at scrape resolution for `raw_hours`, per-minute rows until
+        `minute_days`, per-hour rows after that; request-log rows for `requests_days`. Safe to
+        run from several processes (each run is one transaction, and a second finds nothing
+        left to do). Returns how many rows each step removed."""
+        def work(db: sqlite3.Connection) -> dict[str, int]:
+            return {
+                "samples_to_minutes": self._roll_up(db, 0, 60, now - retention.raw_hours * 3600),
+                "minutes_to_hours": self._roll_up(db, 60, 3600, now - retention.minute_days * 86400),
+                "requests": db.execute("DELETE FROM requests WHERE ts < ?", (now - retention.requests_days * 86400,)).rowcount,
+            }
 
-    def _roll_up(self, source: int, target: int, before: float) -> None:
+        return self._write(work)
+
+    @staticmethod
+    def _roll_up(db: sqlite3.Connection, source: int, target: int, before: float) -> int:
         """Replace `source`-resolution rows older than `before` with one row per `target` seconds:
         token and second counts summed, speeds and the cache ratio recomputed from those sums,
         gauges averaged, `up` the minimum, the bucket's last context reading kept."""
         before = (before // target) * target  # whole buckets only: none is split across two runs
-        self.db.execute(
+        db.execute(
             f"""INSERT INTO samples (ts, resolution, up, prompt_tokens, cached_tokens, generated_tokens, prompt_seconds,
                     generation_seconds, prompt_tps, generation_tps, busy_slots, processing, deferred, cache_ratio, context_used)
                 SELECT CAST(ts / {target} AS INTEGER) * {target}, {target}, {BUCKET_COLUMNS},
@@ -361,4 +498,39 @@ class Store:
                 FROM samples WHERE resolution = ? AND ts < ? GROUP BY CAST(ts / {target} AS INTEGER)""",
             (source, source, before),
         )
-        self.db.execute("DELETE FROM samples WHERE resolution = ? AND ts < ?", (source, before))
+        return db.execute("DELETE FROM samples WHERE resolution = ? AND ts < ?", (source, before)).rowcount
+
+
+def _advance(db: sqlite3.Connection, name: str, by: float) -> None:
+    db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, by))
+
+
+def holder_id() -> str:
+    """This process, as a lease holder: host and process id."""
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
+def _gone(holder: str) -> bool:
+    """A holder on this host whose process has ended (SIGKILL, a crash): its lease is void at once,
+    so a collector restarted by hand or by Docker does not wait out its own old lease."""
+    host, _, pid = holder.rpartition("/")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # alive, someone else's
+    return False
+
+
+def _lease_held(db: sqlite3.Connection, holder: str, now: float) -> LeaseHeld | None:
+    row = db.execute("SELECT holder, expires FROM lease WHERE name = ?", (LEASE,)).fetchone()
+    return _held(row, holder, now)
+
+
+def _held(row: sqlite3.Row | None, holder: str, now: float) -> LeaseHeld | None:
+    if row and row["holder"] != holder and row["expires"] > now and not _gone(row["holder"]):
+        return LeaseHeld(row["holder"], row["expires"])
+    return None
