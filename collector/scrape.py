@@ -22,8 +22,10 @@ PREFIX = "llamacpp:"
 # The counters kept as lifetime totals (llama-server names without the prefix).
 COUNTERS = ("prompt_tokens_total", "prompt_tokens_cached_total", "prompt_seconds_total", "tokens_predicted_total",
             "tokens_predicted_seconds_total", "n_decode_total")
-GAUGES = ("prompt_tokens_seconds", "predicted_tokens_seconds", "requests_processing", "requests_deferred",
-          "n_busy_slots_per_decode")
+# Not llama-server's *_tokens_seconds and n_busy_slots_per_decode gauges: each read of /metrics
+# restarts their window, so with Prometheus reading too they hold whatever the other reader left.
+# Speeds come from the counters (tokens over seconds) instead.
+GAUGES = ("requests_processing", "requests_deferred")
 
 
 @dataclass

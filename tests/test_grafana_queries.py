@@ -139,3 +139,23 @@ def test_every_dashboard_query_returns_data(stack, capture_messages):
                     failures.append(f"{board['title']} / {panel['title']}: {expr} -> {values or 'no series'}")
     assert checked >= 40
     assert not failures, "\n".join(failures)
+
+
+# llama-server's gauges that restart their averaging window at every read of /metrics: with two
+# readers (Prometheus and the collector) each sees what the other left, often 0.
+RESET_ON_READ = ("llamacpp:prompt_tokens_seconds", "llamacpp:predicted_tokens_seconds", "llamacpp:n_busy_slots_per_decode")
+
+
+def test_no_panel_reads_a_gauge_llama_server_resets_on_read():
+    exprs = [(path.name, panel["title"], target["expr"]) for path in sorted((ROOT / "grafana/dashboards").glob("*.json"))
+             for panel in json.loads(path.read_text())["panels"] for target in panel["targets"]]
+    assert len(exprs) >= 40
+    speeds = [expr for _, title, expr in exprs if "speed" in title.lower()]
+    # A speed is tokens counted over seconds counted: a rate of counters, or a lifetime ratio of them.
+    assert len(speeds) >= 2 and all("tokens_total" in expr and "seconds_total" in expr for expr in speeds), speeds
+    offenders = [(name, title, expr) for name, title, expr in exprs if any(gauge in expr for gauge in RESET_ON_READ)]
+    assert not offenders, offenders
+    # The built-in dashboard charts the collector's samples, whose speeds are counter deltas over
+    # seconds deltas (collector/job.py): it never sees llama-server's gauges at all.
+    page = (ROOT / "dashboard/index.html").read_text()
+    assert not any(gauge.split(":")[1] in page for gauge in RESET_ON_READ)
