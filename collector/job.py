@@ -70,7 +70,7 @@ class ScrapeJob:
             self._stand_by(held)
             return
         try:
-            reading = scrape.read(self.base_url, self.session)
+            reading = self.read_upstream()
         except scrape.ScrapeError as exc:
             self._down(now, exc)
             return
@@ -121,6 +121,10 @@ class ScrapeJob:
         self.error = None
         self.last_success = now
         self.last_reading = reading
+
+    def read_upstream(self) -> scrape.Reading:
+        """One reading of llama-server (a simulation replaces this to drive the job through time)."""
+        return scrape.read(self.base_url, self.session)
 
     def _down(self, now: float, error: scrape.ScrapeError) -> None:
         self.scrape_errors += 1

@@ -167,6 +167,7 @@ def test_every_section_shows_what_the_api_returns(stack, browser):
     assert session.locator("tbody tr").count() == 3
     assert session.locator("tbody tr").first.locator(".tag.cold").count() == 1
     assert page.locator("#users").is_hidden()  # no keys, no users
+    assert page.locator("#alert").is_hidden()  # llama-server is read: nothing to warn of
     assert_clean(page)
     page.context.close()
 
@@ -331,5 +332,24 @@ def test_screenshots_light_and_dark(keyed_stack, browser, tmp_path):
         shot = into / f"dashboard-{scheme}.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+        assert_clean(page)
+        page.context.close()
+
+
+def test_a_banner_says_why_the_collector_cannot_count(llama_server_bin, tiny_model, browser, tmp_path):
+    """llama-server asks for a key the collector was not given: the totals stop, and the page says
+    so at the top (and says nothing there while all is well: the other tests' pages)."""
+    key = "llama-secret-key"
+    db = str(tmp_path / "store.db")
+    with processes.llama_server(llama_server_bin, tiny_model, ctx=4096, extra=["--api-key", key]) as llama, \
+            processes.proxy(llama.url, DB_PATH=db, LLAMA_API_KEY=key) as proxy, \
+            processes.collector(llama.url, db, interval=0.5) as collector:
+        send(proxy, "is anyone counting?", "banner-session")
+        wait_until(lambda: requests.get(proxy.url + "/api/totals", timeout=5).json()["upstream"]["error"], 20, what=collector.log_text)
+        page = open_page(browser, proxy.url + "/dashboard")
+        page.locator("#alert").wait_for(state="visible", timeout=10_000)
+        banner = page.locator("#alert").inner_text()
+        assert "cannot read llama-server" in banner and "LLAMA_API_KEY" in banner, banner
+        assert page.locator("#status").inner_text() == "llama-server down"
         assert_clean(page)
         page.context.close()
