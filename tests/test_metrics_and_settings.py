@@ -108,7 +108,7 @@ def test_every_setting_the_services_read_is_documented_in_env_example():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    sources = [root / "proxy/config.py", root / "collector/config.py", *sorted((root / "llamabridge").glob("*.py"))]
+    sources = [root / "proxy/config.py", root / "collector/config.py", root / "collector/store.py", *sorted((root / "llamabridge").glob("*.py"))]
     read = {name for path in sources for name in re.findall(r'env(?:\.get|_int|_float|_bool|_list)\((?:env, )?"([A-Z_]+)"', path.read_text())}
     read |= {f"POLICY_{klass.upper()}" for klass in ("main", "subagent", "title", "probe", "background")}
     documented = set(re.findall(r"^#? ?([A-Z_]+)=", (root / ".env.example").read_text(), re.M))
