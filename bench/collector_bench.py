@@ -223,16 +223,6 @@ class _SimSession:
         pass
 
 
-class _SimClock:
-    """Replaces the `time` module inside collector.job while the simulation runs (it only calls time())."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def time(self) -> float:
-        return self.now
-
-
 class _Simulation:
     """Feeds one store tick by tick, running `Store.compact` when production does: at start-up and
     then hourly. Measures the database after each simulated day.
@@ -272,24 +262,20 @@ class _Simulation:
 
     def run_job(self, days: int) -> None:
         """Through ScrapeJob.run itself: one /metrics text parsed and one transaction per scrape."""
-        job = ScrapeJob(self.store, SIM_URL, INTERVAL)
+        clock = {"now": 0.0}
+        job = ScrapeJob(self.store, SIM_URL, INTERVAL, clock=lambda: clock["now"])
         session = _SimSession()
         job.session.close()
         job.session = session
         job.down_since = self.down_since
-        clock = _SimClock()
-        saved_time = job_module.time
-        job_module.time = clock
-        try:
-            for _ in range(days * TICKS_PER_DAY):
-                self._hour_start()
-                session.reading = self.traffic.reading(self.tick)
-                clock.now = self.now(self.tick)
-                job.run()
-                self.tick += 1
-                self._day_end()
-        finally:
-            job_module.time = saved_time
+        for _ in range(days * TICKS_PER_DAY):
+            self._hour_start()
+            session.reading = self.traffic.reading(self.tick)
+            clock["now"] = self.now(self.tick)
+            job.run()
+            self.tick += 1
+            self._day_end()
+        job.stop()  # the lease, for the next simulation on a copy of this store
         self.last_raw = self.store.last_raw()
         self.process_start = self.store.meta("process_start")
         self.down_since = job.down_since
