@@ -12,8 +12,8 @@ the disk is full), the batch stays at the front and is tried again at the next f
 list is bounded: past QUEUE_SIZE rows, the newest are dropped, counted
 (`llamabridge_proxy_request_log_dropped_total`) and logged at most once a minute. The newest,
 not the oldest: what is kept is then every row up to the moment the store stopped, in order,
-with one gap at the end that the counter and the log name; and the rows at the front may be in
-the writer's hands at that moment, while a refused row never entered the list at all.
+with one gap at the end that the counter and the log name; and dropping never touches the rows
+at the front, which the writer may be writing at that moment.
 
 The rows still waiting when the process exits (gunicorn's graceful stop on SIGTERM ends the
 worker with sys.exit, which runs atexit handlers once its request threads are done) are
@@ -58,7 +58,7 @@ class RequestLog:
         self.dropped = 0
         self._failures = 0  # failed writes since the last one that succeeded
         self._dropped_logged = 0
-        self._last_warning = {"write": float("-inf"), "drop": float("-inf")}
+        self._last_warning = {"write": float("-inf"), "refused": float("-inf"), "drop": float("-inf")}
         self._thread = threading.Thread(target=self._write_forever, name="request-log", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -75,8 +75,8 @@ class RequestLog:
             return len(self._rows)
 
     def flush(self) -> bool:
-        """Write every row waiting now, oldest first; False if the store refused a batch (it is
-        kept, with everything after it, for the next flush)."""
+        """Write every row waiting now, oldest first; False if the store could not take a batch
+        now (it is kept, with everything after it, for the next flush)."""
         with self._writing:
             try:
                 while batch := self._next_batch():
@@ -104,34 +104,45 @@ class RequestLog:
             return self._rows[:BATCH]
 
     def _write(self, batch: list[dict[str, Any]]) -> bool:
+        """Write a batch from the front of the list and take it off; False if the store could not
+        take (all of) it now: what is left stays at the front."""
         try:
             self.store.add_requests(batch)
+            done = len(batch)
         except sqlite3.OperationalError as exc:
-            # Locked, busy, disk full, an I/O error: the store may take the same rows later.
-            self._failures += 1
-            self._warn("write", "could not write %d request-log rows (%s); keeping %d rows and retrying every %.1fs",
-                       len(batch), exc, self.pending(), FLUSH_SECONDS)
-            return False
-        except Exception:  # noqa: BLE001 - the log must never take the proxy down
+            done = self._failed(batch, exc)
+        except Exception as exc:  # noqa: BLE001 - the log must never take the proxy down
             # A row the store refuses whatever the moment: retrying it would hold back every row
             # behind it. Written one by one, only the refused ones are dropped.
-            log.exception("a request-log batch of %d rows was refused; writing its rows one by one", len(batch))
-            self._write_one_by_one(batch)
-        else:
-            if self._failures:
-                log.info("request log: the store took rows again after %d failed writes", self._failures)
-                self._failures = 0
+            self._warn("refused", "the store refused a batch of %d request-log rows (%r); writing them one by one",
+                       len(batch), exc)
+            done = self._write_one_by_one(batch)
+        if done == len(batch) and self._failures:
+            log.info("request log: the store took rows again after %d failed writes", self._failures)
+            self._failures = 0
         with self._lock:
-            del self._rows[:len(batch)]
-        return True
+            del self._rows[:done]
+        return done == len(batch)
 
-    def _write_one_by_one(self, batch: list[dict[str, Any]]) -> None:
-        for row in batch:
+    def _failed(self, batch: list[dict[str, Any]], exc: sqlite3.OperationalError) -> int:
+        # Locked, busy, disk full, an I/O error: the store may take the same rows later.
+        self._failures += 1
+        self._warn("write", "could not write %d request-log rows (%s); keeping %d rows and retrying every %.1fs",
+                   len(batch), exc, self.pending(), FLUSH_SECONDS)
+        return 0
+
+    def _write_one_by_one(self, batch: list[dict[str, Any]]) -> int:
+        """Rows written or dropped, from the front, until the store is busy (that row and the
+        rest are kept)."""
+        for done, row in enumerate(batch):
             try:
                 self.store.add_requests([row])
+            except sqlite3.OperationalError as exc:
+                return done + self._failed(batch[done:], exc)
             except Exception:  # noqa: BLE001
                 with self._lock:
                     self.dropped += 1
+        return len(batch)
 
     def _log_drops(self) -> None:
         with self._lock:
