@@ -33,6 +33,15 @@ POLICY_CLASSES = {
 }
 
 
+# Threads of the proxy's pool kept for requests that need no llama-server slot: health checks
+# (Docker's healthcheck marks a proxy that does not answer unhealthy), /metrics, token counts,
+# local answers, the dashboard and its API. Every request waiting for a slot holds a thread for
+# as long as it waits, so without a reserve a full queue leaves none for them. Start-up refuses
+# PROXY_THREADS below QUEUE_MAX + slots + this, and the gates never hold more than PROXY_THREADS
+# less this (llama-server may report more slots than assumed at start-up).
+THREAD_RESERVE = 16
+
+
 @dataclass(frozen=True)
 class Settings:
     llama_url: str = "http://127.0.0.1:8080"
@@ -41,7 +50,7 @@ class Settings:
     port: int = 9090
     upstream_api: str = "openai"
     upstream_model: str = ""
-    threads: int = 64
+    threads: int = 96  # gthread starts a pool thread only once a request needs one
     max_request_bytes: int = 32 * 1024 * 1024
     connect_timeout: float = 5.0
     read_timeout: float = 600.0
@@ -91,7 +100,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"LOG_LEVEL={log_level!r}: expected debug, info, warning or error")
     db_path = "" if env.get("DB_PATH", "").strip() == "off" else (env.get("DB_PATH", "").strip() or Settings.db_path)
-    return Settings(
+    settings = Settings(
         llama_url=llama_url,
         llama_api_key=env.get("LLAMA_API_KEY", "").strip(),
         host=env.get("PROXY_HOST", "").strip() or Settings.host,
@@ -113,3 +122,16 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         db_path=db_path,
         edge=edge_from_env(env, db_path or Settings.db_path),
     )
+    check_threads(settings)
+    return settings
+
+
+def check_threads(settings: Settings) -> None:
+    """Refuse a thread pool that a full queue would exhaust (THREAD_RESERVE says why)."""
+    slots = settings.upstream_slots or 1  # 0: read from llama-server later; one at least
+    needed = settings.queue_max + slots + THREAD_RESERVE
+    if settings.threads < needed:
+        slots_said = f"UPSTREAM_SLOTS={settings.upstream_slots}" if settings.upstream_slots else "1 slot (UPSTREAM_SLOTS=0)"
+        raise ConfigError(f"PROXY_THREADS={settings.threads} is too few: QUEUE_MAX={settings.queue_max} waiting requests, "
+                          f"{slots_said} generating and {THREAD_RESERVE} threads kept for requests that need no slot "
+                          f"(health checks, metrics, the dashboard) need PROXY_THREADS>={needed}; raise PROXY_THREADS or lower QUEUE_MAX")

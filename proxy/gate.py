@@ -10,6 +10,11 @@ it is free.
 
 Waiting is step-wise (`wait(waiter, timeout)`), so a streamed response can send pings to its
 client between steps and notice when that client has gone.
+
+Every request the gate holds, waiting or admitted, holds one of the server's threads for as long.
+The gates of a process share a `Threads` budget smaller than the thread pool, so that health
+checks, metrics, token counts, local answers and the dashboard always find a thread free: past
+it a request is refused as if the queue were full, however many slots llama-server reports.
 """
 
 from __future__ import annotations
@@ -23,13 +28,44 @@ from .errors import ApiError
 
 
 class QueueFull(ApiError):
-    def __init__(self, depth: int):
-        super().__init__(529, f"llamabridge's queue is full ({depth} requests waiting for llama-server; QUEUE_MAX)", retry_after=10)
+    def __init__(self, depth: int, threads: int | None = None):
+        if threads is None:
+            message = f"llamabridge's queue is full ({depth} requests waiting for llama-server; QUEUE_MAX)"
+        else:
+            message = (f"llamabridge's queue is full ({threads} requests waiting for or holding a llama-server slot, "
+                       "all the threads PROXY_THREADS leaves for them)")
+        super().__init__(529, message, retry_after=10)
 
 
 class QueueTimeout(ApiError):
     def __init__(self, waited: float):
         super().__init__(529, f"waited {waited:.0f}s for a free llama-server slot (QUEUE_TIMEOUT)", retry_after=10)
+
+
+class Threads:
+    """The server threads the gates may hold at once, waiting or generating: PROXY_THREADS less a
+    reserve for requests that need no slot. Shared by the gates of one process (llama-server's
+    and the background one's), which take from it under their own locks, never the reverse."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def take(self) -> bool:
+        with self._lock:
+            if self._held >= self.limit:
+                return False
+            self._held += 1
+            return True
+
+    def give(self) -> None:
+        with self._lock:
+            self._held -= 1
 
 
 @dataclass
@@ -51,12 +87,14 @@ class Waiter:
     user: str | None = None
     ticket: Ticket | None = None
     cancelled: bool = False
+    holds_thread: bool = True  # until it leaves without a ticket; a ticket gives the thread back on release
 
 
 class Gate:
-    def __init__(self, slots: int, queue_max: int, queue_timeout: float):
+    def __init__(self, slots: int, queue_max: int, queue_timeout: float, threads: Threads | None = None):
         self.queue_max = queue_max
         self.queue_timeout = queue_timeout
+        self.threads = threads or Threads(1 << 30)
         self._cond = threading.Condition()
         self._slots = max(1, slots)
         self._busy: dict[int, Ticket] = {}
@@ -103,6 +141,8 @@ class Gate:
             free = self._slots - len(self._busy)
             if waiting >= self.queue_max and free <= waiting:
                 raise QueueFull(waiting)
+            if not self.threads.take():
+                raise QueueFull(waiting, self.threads.limit)
             waiter = Waiter(priority, next(self._seq), klass, session, time.monotonic(), user)
             self._queue.append(waiter)
             self._grant()
@@ -159,11 +199,15 @@ class Gate:
     def _release(self, ticket: Ticket) -> None:
         if self._busy.get(ticket.slot) is ticket:
             del self._busy[ticket.slot]
+            self.threads.give()
             self._last_used[ticket.slot] = time.monotonic()
             self._grant()
 
     def _drop(self, waiter: Waiter) -> None:
         waiter.cancelled = True
+        if waiter.ticket is None and waiter.holds_thread:
+            waiter.holds_thread = False
+            self.threads.give()
         self._queue = [w for w in self._queue if w is not waiter]
 
     def _head(self) -> Waiter | None:

@@ -159,8 +159,8 @@ class _StateCollector(Collector):
                                       "stream, which llama-server ends by closing it, the next one is opened ahead).",
                                       value=self.connections.opened)
         if self.request_log is not None:
-            yield CounterMetricFamily("llamabridge_proxy_request_log_dropped", "Request-log rows dropped because the "
-                                      "writer fell behind.", value=self.request_log.dropped)
+            yield CounterMetricFamily("llamabridge_proxy_request_log_dropped", "Request-log rows dropped: past the "
+                                      "retry buffer while the store would not take them, or refused by it.", value=self.request_log.dropped)
 
 
 class ProxyMetrics:

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from .config import Settings
+from .config import THREAD_RESERVE, Settings
 from .errors import ApiError
 from .flights import Flights
-from .gate import Gate, Ticket
+from .gate import Gate, Threads, Ticket
 from .metrics import ProxyMetrics
 from .prefix import PrefixTracker
 from .quotas import Quotas
@@ -47,6 +47,8 @@ class Target:
 class Services:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None):
         self.settings = settings
+        # One budget for both gates: a request waiting for either holds one of the same threads.
+        self.threads = Threads(settings.threads - THREAD_RESERVE)
         self.main = self._target("llama-server", settings)
         self.background = None
         if settings.background_url:
@@ -67,7 +69,7 @@ class Services:
 
     def _target(self, name: str, settings: Settings) -> Target:
         upstream = Upstream(settings)
-        gate = Gate(settings.upstream_slots or 1, settings.queue_max, settings.queue_timeout)
+        gate = Gate(settings.upstream_slots or 1, settings.queue_max, settings.queue_timeout, self.threads)
         return Target(name, upstream, gate, TokenCounter(upstream))
 
     def release(self, target: Target, ticket: Ticket, client_left: bool) -> None:

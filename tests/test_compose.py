@@ -119,6 +119,18 @@ def test_proxy_and_collector_share_one_image_a_volume_and_wait_for_llama():
     assert set(COMPOSE["volumes"]) == {"data", "llama-cache", "prometheus-data", "grafana-data"}
 
 
+def test_docker_waits_for_the_proxy_to_finish_its_requests_and_its_request_log():
+    """`docker compose stop` sends SIGTERM, then SIGKILL after stop_grace_period: long enough for
+    gunicorn's graceful stop of the requests still running, then the request log's last flush."""
+    from proxy.__main__ import SERVER_OPTIONS
+    from proxy.requestlog import EXIT_SECONDS, WRITE_BUSY_SECONDS
+
+    needed = SERVER_OPTIONS["graceful_timeout"] + EXIT_SECONDS + WRITE_BUSY_SECONDS
+    assert duration_seconds(SERVICES["proxy"]["stop_grace_period"]) > needed
+    # The collector's requests are short; it gets the same time to finish a scrape and close the store.
+    assert SERVICES["collector"]["stop_grace_period"] == SERVICES["proxy"]["stop_grace_period"]
+
+
 def test_proxy_and_collector_get_the_keys_and_judge_exposure_by_where_docker_publishes_them():
     proxy, collector = SERVICES["proxy"]["environment"], SERVICES["collector"]["environment"]
     # Both listen on 0.0.0.0 in their containers; whether they may run without keys depends on

@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from proxy.gate import Gate, QueueFull, QueueTimeout, Waiter
+from proxy.gate import Gate, QueueFull, QueueTimeout, Threads, Waiter
 
 
 def test_grants_up_to_the_slot_count_then_queues():
@@ -62,6 +62,35 @@ def test_queue_full_is_overloaded():
     with pytest.raises(QueueFull) as err:
         gate.enqueue("main", 0, None)
     assert err.value.status == 529 and err.value.retry_after
+
+
+def test_gates_never_hold_more_requests_than_their_threads():
+    """Waiting and generating requests each hold a server thread: the gates of one process stop at
+    their shared budget, even below QUEUE_MAX (llama-server reported more slots than assumed),
+    and every way of leaving gives the thread back, once."""
+    threads = Threads(4)
+    main = Gate(slots=3, queue_max=10, queue_timeout=60, threads=threads)
+    background = Gate(slots=1, queue_max=10, queue_timeout=0.1, threads=threads)
+    running = [main.enqueue("main", 0, None) for _ in range(3)] + [background.enqueue("background", 2, None)]
+    assert all(w.ticket for w in running) and threads.held == 4
+    for gate in (main, background):
+        with pytest.raises(QueueFull) as err:
+            gate.enqueue("main", 0, None)
+        assert err.value.status == 529 and err.value.retry_after and "PROXY_THREADS" in err.value.message
+    main.release(running[0].ticket)
+    main.release(running[0].ticket)  # twice: harmless
+    again = main.enqueue("main", 0, None)  # the freed slot, at once
+    assert again.ticket is not None and threads.held == 4
+    main.cancel(running[1])  # leaving with a slot
+    assert threads.held == 3
+    queued = background.enqueue("background", 2, None)  # behind the background slot
+    assert queued.ticket is None and threads.held == 4
+    background.cancel(queued)  # leaving the queue
+    background.cancel(queued)
+    assert threads.held == 3
+    with pytest.raises(QueueTimeout):
+        background.admit("background", 2, None, step=0.01)  # dropped at the timeout, then cancelled by admit
+    assert threads.held == 3
 
 
 def test_wait_times_out_and_leaves_the_queue():
@@ -120,11 +149,12 @@ class GateModel(RuleBasedStateMachine):
     llama-server restarting with another slot count), checked after every step against what
     the gate promises: one generation per slot, no slot idle while someone waits, the queue
     served by priority, then users in turn (the one served longest ago first), then arrival, a
-    session back on the slot that holds its cache."""
+    session back on the slot that holds its cache, and never more requests held (waiting or
+    generating) than its thread budget, which a third slot lets them reach before QUEUE_MAX."""
 
     def __init__(self):
         super().__init__()
-        self.gate = Gate(slots=2, queue_max=4, queue_timeout=3600)
+        self.gate = Gate(slots=2, queue_max=4, queue_timeout=3600, threads=Threads(6))
         self.waiting: list[Waiter] = []  # in the gate's queue, by our own account
         self.running: list[Waiter] = []
         self.owner: dict[int, str] = {}  # slot -> session whose cache it holds, by our own account
@@ -160,7 +190,8 @@ class GateModel(RuleBasedStateMachine):
           user=st.sampled_from([None, "ann", "ben"]))
     def join(self, priority: int, session: str | None, user: str | None) -> None:
         free = self.gate.slots - len(self.running)
-        if len(self.waiting) >= self.gate.queue_max and free <= len(self.waiting):
+        if (len(self.waiting) >= self.gate.queue_max and free <= len(self.waiting)
+                or len(self.waiting) + len(self.running) >= self.gate.threads.limit):
             with pytest.raises(QueueFull):
                 self.gate.enqueue("x", priority, session, user)
             return
@@ -201,6 +232,7 @@ class GateModel(RuleBasedStateMachine):
         slots = [w.ticket.slot for w in self.running]
         assert len(slots) == len(set(slots)), slots
         assert self.gate.in_flight() == len(self.running) and self.gate.depth() == len(self.waiting)
+        assert self.gate.threads.held == len(self.running) + len(self.waiting), "a thread not given back, or given twice"
         if self.waiting:
             assert all(s in slots for s in range(self.gate.slots)), "a slot is idle while requests wait"
         for w in self.waiting:

@@ -52,7 +52,7 @@ def test_env_file_fills_only_unset_variables(tmp_path):
     assert load_env_file({"LLAMABRIDGE_ENV_FILE": str(tmp_path / "absent.env")}) is None
 
 
-def test_request_log_writes_in_the_background_and_drops_rather_than_blocks(tmp_path, monkeypatch):
+def test_request_log_writes_in_the_background_and_drops_the_newest_rather_than_blocks(tmp_path, monkeypatch):
     from proxy import requestlog
 
     log = requestlog.RequestLog(str(tmp_path / "log.db"))
@@ -66,7 +66,20 @@ def test_request_log_writes_in_the_background_and_drops_rather_than_blocks(tmp_p
     stalled = requestlog.RequestLog(str(tmp_path / "stalled.db"))
     for i in range(5):
         stalled.add({"ts": float(i), "route": "/v1/messages", "status": 200})
-    assert stalled.dropped == 3
+    assert stalled.dropped == 3  # the newest: the rows kept are every row up to the stall, in order
+    assert [row["ts"] for row in stalled._rows] == [0.0, 1.0]
+
+
+def test_request_log_drops_only_the_row_the_store_refuses(tmp_path):
+    """A row SQLite can never take (here a value it cannot bind) is not retried forever, holding
+    back every row behind it: its batch is written row by row, and only it is dropped."""
+    from proxy import requestlog
+
+    log = requestlog.RequestLog(str(tmp_path / "log.db"))
+    for i in range(5):
+        log.add({"ts": float(i), "route": "/v1/messages", "status": 200, "client": object() if i == 2 else "x"})
+    wait_until(lambda: len(log.store.requests()) == 4 and log.pending() == 0, timeout=10, what="the other rows to be written")
+    assert log.dropped == 1 and sorted(r["ts"] for r in log.store.requests()) == [0.0, 1.0, 3.0, 4.0]
 
 
 def test_fastjson_matches_the_standard_library_and_falls_back_where_orjson_refuses():

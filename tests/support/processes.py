@@ -137,7 +137,7 @@ def llama_server(binary: str, model: str, *, ctx: int = 32768, parallel: int = 1
 
 def proxy(llama_url: str, **env_overrides: str) -> Service:
     env = dict(os.environ)
-    env.update({"LLAMA_URL": llama_url, "PROXY_HOST": "127.0.0.1", "PROXY_PORT": "0", "PROXY_THREADS": "32",
+    env.update({"LLAMA_URL": llama_url, "PROXY_HOST": "127.0.0.1", "PROXY_PORT": "0", "PROXY_THREADS": "96",
                 "DB_PATH": tempfile.mktemp(prefix="llamabridge-", suffix=".db")})
     env.update(env_overrides)
     # HEAD / is liveness: it answers without a key, whether or not llama-server does.
