@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import urlparse
 
+from collector.store import Retention
 from llamabridge.edge import EdgeSettings
 from llamabridge.edge import settings_from_env as edge_from_env
 from llamabridge.settings import ConfigError, env_bool, env_float, env_int
@@ -64,6 +65,7 @@ class Settings:
     min_output_tokens: int = 1024
     db_path: str = "data/llamabridge.db"  # the shared store; "" (DB_PATH=off) keeps no request log
     edge: EdgeSettings = field(default_factory=EdgeSettings)  # Host, Origin and key checks (llamabridge/edge.py)
+    retention: Retention = field(default_factory=Retention)  # applied to the store hourly, as the collector does
 
     def policy(self, klass: str) -> str:
         return dict(self.policies).get(klass, "pass")
@@ -121,6 +123,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         min_output_tokens=env_int(env, "CONTEXT_MIN_OUTPUT", Settings.min_output_tokens, 1, 1_000_000),
         db_path=db_path,
         edge=edge_from_env(env, db_path or Settings.db_path),
+        retention=Retention.from_env(env),
     )
     check_threads(settings)
     return settings

@@ -15,6 +15,9 @@ not the oldest: what is kept is then every row up to the moment the store stoppe
 with one gap at the end that the counter and the log name; and dropping never touches the rows
 at the front, which the writer may be writing at that moment.
 
+Retention (REQUEST_LOG_DAYS and the samples' windows) is applied hourly from this thread too,
+as the collector does: a proxy run without a collector does not grow the log forever.
+
 The rows still waiting when the process exits (gunicorn's graceful stop on SIGTERM ends the
 worker with sys.exit, which runs atexit handlers once its request threads are done) are
 written on the way out, retried for a few seconds if the store is busy.
@@ -29,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from collector.store import Store
+from collector.store import Retention, Store
 
 log = logging.getLogger("llamabridge.requestlog")
 
@@ -45,11 +48,16 @@ WRITE_BUSY_SECONDS = 2.0
 EXIT_SECONDS = 4.0
 # At most one warning per this many seconds about failed writes or dropped rows.
 LOG_EVERY_SECONDS = 60.0
+# How often retention runs (as the collector's job), and how soon it is retried after a failure.
+COMPACT_SECONDS = 3600.0
+COMPACT_RETRY_SECONDS = 60.0
 
 
 class RequestLog:
-    def __init__(self, db_path: str):
+    def __init__(self, db_path: str, retention: Retention | None = None):
         self.store = Store(db_path)
+        self.retention = retention or Retention()
+        self._next_compaction = time.monotonic()
         with self.store.lock:
             self.store.db.execute(f"PRAGMA busy_timeout={int(WRITE_BUSY_SECONDS * 1000)}")
         self._rows: list[dict[str, Any]] = []  # oldest first; a batch leaves only once written
@@ -58,7 +66,7 @@ class RequestLog:
         self.dropped = 0
         self._failures = 0  # failed writes since the last one that succeeded
         self._dropped_logged = 0
-        self._last_warning = {"write": float("-inf"), "refused": float("-inf"), "drop": float("-inf")}
+        self._last_warning = {"write": float("-inf"), "refused": float("-inf"), "drop": float("-inf"), "compact": float("-inf")}
         self._thread = threading.Thread(target=self._write_forever, name="request-log", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -167,3 +175,15 @@ class RequestLog:
         stop = threading.Event()  # never set: the thread is a daemon and ends with the process
         while not stop.wait(FLUSH_SECONDS):
             self.flush()
+            if time.monotonic() >= self._next_compaction:
+                self.compact()
+
+    def compact(self) -> None:
+        """Apply retention now (the next run an hour later, or a minute later if the store was busy)."""
+        try:
+            self.store.compact(time.time(), self.retention)
+        except sqlite3.Error as exc:
+            self._warn("compact", "could not apply retention to the store (%s); retrying in %.0fs", exc, COMPACT_RETRY_SECONDS)
+            self._next_compaction = time.monotonic() + COMPACT_RETRY_SECONDS
+            return
+        self._next_compaction = time.monotonic() + COMPACT_SECONDS

@@ -56,7 +56,7 @@ class Services:
         self.tracker = PrefixTracker()
         self.flights = Flights()
         self.quotas = Quotas()
-        self.request_log = RequestLog(settings.db_path) if settings.db_path else None
+        self.request_log = RequestLog(settings.db_path, settings.retention) if settings.db_path else None
         self.metrics = ProxyMetrics(registry, self.request_log)
         self.metrics.watch_gate(self.main.gate, self.main.upstream.connections)
 
