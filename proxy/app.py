@@ -66,7 +66,15 @@ def parse_json_body() -> Any:
 
 
 class ApiMode:
-    """Which way `/v1/messages` reaches llama-server; `auto` is settled on first use."""
+    """Which way `/v1/messages` reaches llama-server; `auto` is settled by the first conclusive
+    answer to `GET /props`.
+
+    200 is llama-server: translate, which covers its native endpoint's gaps. 404 or 405 is a
+    server without `/props`, so not llama-server: its Anthropic API gets requests passed
+    through. Anything else settles nothing: a llama-server still loading its model answers 503,
+    and settling then would pass every request of the process's life through to the native
+    endpoint. That request gets a retryable error, and the next one asks again.
+    """
 
     def __init__(self, settings: Settings, upstream: Upstream):
         self._configured = settings.upstream_api
@@ -79,10 +87,18 @@ class ApiMode:
             return self._resolved
         with self._lock:
             if self._resolved is None:
-                # llama-server answers /props: translate, which covers the native endpoint's
-                # gaps. Anything else that speaks Anthropic gets its requests passed through.
+                # Unreachable: ApiError(529) from request(), and nothing settled.
                 resp = self._upstream.request("GET", "/props", timeout=10)
-                self._resolved = "openai" if resp.status_code == 200 else "anthropic"
+                if resp.status_code == 200:
+                    self._resolved = "openai"
+                elif resp.status_code in (404, 405):
+                    self._resolved = "anthropic"
+                elif resp.status_code >= 500:
+                    raise ApiError(529, f"UPSTREAM_API=auto: {self._upstream.base} is not ready (GET /props answered HTTP "
+                                        f"{resp.status_code}: {resp.text[:200]}); retry", retry_after=5)
+                else:
+                    raise ApiError(502, f"UPSTREAM_API=auto: cannot tell what {self._upstream.base} is: GET /props answered "
+                                        f"HTTP {resp.status_code}: {resp.text[:200]} (is LLAMA_API_KEY right?)")
                 log.info("UPSTREAM_API=auto: using %s for /v1/messages", self._resolved)
             return self._resolved
 

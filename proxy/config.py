@@ -55,6 +55,7 @@ class Settings:
     max_request_bytes: int = 32 * 1024 * 1024
     connect_timeout: float = 5.0
     read_timeout: float = 600.0
+    stall_timeout: float = 30.0  # 0: never end an answer for a llama-server that stopped working on it
     log_level: str = "info"
     access_log: bool = False  # gunicorn's line per HTTP request, beside our own line per API call
     upstream_slots: int = 0  # 0: read total_slots from llama-server's /props
@@ -73,6 +74,15 @@ class Settings:
     @property
     def upstream_base(self) -> str:
         return self.llama_url.rstrip("/")
+
+
+def _stall_timeout(env: Mapping[str, str]) -> float:
+    """UPSTREAM_STALL_TIMEOUT: 0 turns the check off; otherwise at least a second, since the
+    check asks llama-server a few times within it (upstream.StallWatch)."""
+    value = env_float(env, "UPSTREAM_STALL_TIMEOUT", Settings.stall_timeout, 0, 86400)
+    if 0 < value < 1:
+        raise ConfigError(f"UPSTREAM_STALL_TIMEOUT={value}: expected 0 (off) or a number of seconds from 1 to 86400")
+    return value
 
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
@@ -113,6 +123,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         max_request_bytes=env_int(env, "MAX_REQUEST_BYTES", Settings.max_request_bytes, 1024, 1 << 31),
         connect_timeout=env_float(env, "UPSTREAM_CONNECT_TIMEOUT", Settings.connect_timeout, 0.1, 600),
         read_timeout=env_float(env, "UPSTREAM_READ_TIMEOUT", Settings.read_timeout, 1, 86400),
+        stall_timeout=_stall_timeout(env),
         log_level=log_level,
         access_log=env_bool(env, "ACCESS_LOG", Settings.access_log),
         upstream_slots=env_int(env, "UPSTREAM_SLOTS", 0, 0, 1024),

@@ -28,6 +28,7 @@ class ClientWatch:
         # gunicorn's workers put the client socket in the WSGI environ; other servers
         # (the Flask test client) do not, and then only failed writes reveal a disconnect.
         self._sock: socket.socket | None = environ.get("gunicorn.socket")
+        self._poller: select.poll | None = None
         self._checked = float("-inf")
 
     def gone(self) -> bool:
@@ -35,8 +36,12 @@ class ClientWatch:
         if sock is None:
             return False
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:
+            # poll(), not select(): select() cannot watch a descriptor numbered 1024 or above
+            # (ValueError), and a busy proxy's client sockets get there.
+            if self._poller is None:
+                self._poller = select.poll()
+                self._poller.register(sock, select.POLLIN)
+            if not self._poller.poll(0):
                 return False
             # Peek so a pipelined next request (keep-alive) is left for the server to read.
             return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""

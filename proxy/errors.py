@@ -4,7 +4,7 @@ Contract (the same one clients rely on): clients read `body["error"]["message"]`
 a string and never empty, and `body["error"]["type"]` is always one of the API's documented types.
 Anthropic routes get `{"type": "error", "error": {"type", "message"}}`; OpenAI routes get
 `{"error": {"message", "type", "code"}}`. Inside an open Anthropic stream the same body goes out
-as `event: error`. A request gunicorn cannot parse is answered before any route is known, with
+as `event: error`; inside an open OpenAI stream, as a `data:` frame. A request gunicorn cannot parse is answered before any route is known, with
 the fields both envelopes share (`protocol_body`, written by serving.py).
 """
 
@@ -114,6 +114,14 @@ def render(flavor: str, err: ApiError) -> Response:
 def sse_error(err: ApiError) -> dict[str, Any]:
     """The data of an Anthropic `event: error`, for failures after a stream has started."""
     return anthropic_body(err.status, err.message)
+
+
+def openai_stream_error(err: ApiError) -> dict[str, Any]:
+    """The data of the `data:` frame that ends an OpenAI stream on a failure after it has
+    started: what llama-server itself sends then (`{"error": {...}}`, and no `[DONE]`), and what
+    the OpenAI SDKs raise as an APIError. The status is the one `render` gives (529 is 503)."""
+    status = 503 if err.status == 529 else err.status
+    return openai_body(status, err.message, OPENAI_CODE_TYPES.get(err.code or ""), err.code)
 
 
 _CTX_NUMBERS = re.compile(r"\((\d+) tokens\).*?\((\d+) tokens\)")

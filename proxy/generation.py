@@ -117,6 +117,9 @@ class Generation:
         except GeneratorExit:
             self.client_left = True  # the server could not write to the client
             raise
+        except ApiError as exc:  # llama-server stopped working on it (upstream.StallWatch)
+            self.fail(exc)
+            yield from on_broken(exc)
         except BROKEN as exc:
             yield from on_broken(exc)
         finally:

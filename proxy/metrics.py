@@ -158,6 +158,10 @@ class _StateCollector(Collector):
                                       "generations (a non-streamed answer leaves its connection for the next request; after a "
                                       "stream, which llama-server ends by closing it, the next one is opened ahead).",
                                       value=self.connections.opened)
+            yield CounterMetricFamily("llamabridge_proxy_upstream_stalls", "Requests ended because llama-server stopped "
+                                      "working on them: no byte of the answer and no answer from its main loop for "
+                                      "UPSTREAM_STALL_TIMEOUT (the client got 529/503, its slot was given back).",
+                                      value=self.connections.stalls)
         if self.request_log is not None:
             yield CounterMetricFamily("llamabridge_proxy_request_log_dropped", "Request-log rows dropped: past the "
                                       "retry buffer while the store would not take them, or refused by it.", value=self.request_log.dropped)

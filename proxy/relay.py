@@ -24,7 +24,7 @@ from flask import Response
 
 from . import classify, fastjson, translate
 from .disconnect import ClientDisconnected, ClientWatch
-from .errors import from_upstream
+from .errors import ApiError, from_upstream, openai_stream_error
 from .generation import Generation
 from .metrics import Call
 from .services import Services
@@ -72,6 +72,14 @@ def generation(path: str, parsed: dict, raw_body: bytes, services: Services, wat
 
     def broken(exc: BaseException) -> Iterator[bytes]:
         # Headers are sent; all we can do is end the body early and say why in the log.
+        if isinstance(exc, ApiError):
+            # The request was given up on (upstream.StallWatch has logged why). A stream ends
+            # the way llama-server ends one on an error of its own, with an error frame that
+            # the OpenAI SDKs raise; by then every byte it sent has been relayed, so the frame
+            # starts on an event boundary.
+            if answer.content_type == "text/event-stream":
+                return iter((b"data: " + fastjson.dumps(openai_stream_error(exc)) + b"\n\n",))
+            return iter(())
         log.warning("upstream connection broke while relaying %s: %s", path, exc)
         call.error = f"upstream broke: {type(exc).__name__}"
         return iter(())
@@ -143,6 +151,8 @@ def _plain(method: str, path: str, raw_body: bytes | None, content_type: str | N
             yield from stream_chunks(resp, watch)
         except ClientDisconnected:
             pass
+        except ApiError:
+            pass  # llama-server stopped working on it: logged by upstream.StallWatch
         except BROKEN_CONNECTION as exc:
             log.warning("upstream connection broke while relaying %s: %s", path, exc)
         finally:

@@ -12,9 +12,11 @@ httptools), used two ways:
   it. Closed after each answer, those connections free their threads at once (0 of 9 runs
   stalled), for a new connection's ~0.3 ms, next to the milliseconds these calls take.
 - `open()`: generation requests, on connections kept for the next one. A non-streamed
-  completion sends nothing until it is done, so while waiting for the answer we `select()` on
+  completion sends nothing until it is done, so while waiting for the answer we `poll()`
   llama-server's socket and look at the client's: if the client has gone, closing this
-  connection is what makes llama-server stop generating and free the slot. A connection whose
+  connection is what makes llama-server stop generating and free the slot. An answer that goes
+  quiet is watched by a `StallWatch`, which ends it once llama-server has stopped working on it
+  (UPSTREAM_STALL_TIMEOUT). A connection whose
   answer was read to the end goes back to a small idle pool (`_Connections`) for the next
   request: a new TCP connection per request is a measurable part of what the proxy adds to a
   short one.
@@ -69,6 +71,16 @@ IDLE_REUSE_SECONDS = 2.0
 # How often a request still waiting for its answer checks that llama-server is still there
 # (`Upstream.stopped`).
 STOPPED_CHECK_SECONDS = 1.0
+# A quiet answer's StallWatch asks llama-server's task queue whether it still works after this
+# long without a byte, and again this long after each answer (less with a short
+# UPSTREAM_STALL_TIMEOUT, so that several fit in it).
+PROBE_SECONDS = 5.0
+# While an answer is quiet, how often its reader wakes to look at the probe (never while bytes flow).
+QUIET_TICK_SECONDS = 1.0
+# Routes that llama-server answers from its main loop (the task queue), in the order tried: a
+# 404 or 501 means the route is disabled (--no-slots; --metrics not given). Not /health, which
+# its HTTP threads answer even when the main loop hangs.
+PROBE_PATHS = ("/slots", "/metrics")
 # Errors that mean a kept-alive connection was closed by the server before it read our request.
 _STALE = (ConnectionResetError, BrokenPipeError, RemoteDisconnected)
 # What a broken connection to llama-server raises while a request is sent or its answer read.
@@ -121,6 +133,8 @@ class Upstream:
         self._host_header = parsed.netloc.rsplit("@", 1)[-1]
         self._new_connection = lambda: _Connection(host, port, settings.connect_timeout, tls)
         self.connections = _Connections(self._new_connection)
+        self._probe_paths = list(PROBE_PATHS)  # those not found disabled yet
+        self._probe_doubt_logged = False
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -213,24 +227,41 @@ class Upstream:
         """Wait for the answer's headers, watching the client while llama-server works."""
         sock = conn.sock
         assert sock is not None
-        now = time.monotonic()
-        deadline, next_check = now + self.settings.read_timeout, now + STOPPED_CHECK_SECONDS
-        while not select.select([sock], [], [], 0.2)[0]:
-            if watch.gone():
-                conn.close()
-                raise ClientDisconnected()
+        stall = StallWatch(self) if self.settings.stall_timeout > 0 else None
+        try:
             now = time.monotonic()
-            if now > deadline:
-                conn.close()
-                raise ApiError(504, f"llama-server sent nothing for {self.settings.read_timeout:.0f}s (UPSTREAM_READ_TIMEOUT)")
-            if now >= next_check:
-                why = self.stopped()
-                if why:
-                    conn.close()
-                    raise ApiError(529, f"{why} while this request waited for its answer; retry", retry_after=5)
-                next_check = time.monotonic() + STOPPED_CHECK_SECONDS
-        sock.settimeout(self.settings.read_timeout)  # was the connect timeout
-        return Answer(conn, self.connections, head_only=method == "HEAD")
+            deadline, next_check = now + self.settings.read_timeout, now + STOPPED_CHECK_SECONDS
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            while not poller.poll(200):
+                if watch.gone():
+                    raise ClientDisconnected()
+                now = time.monotonic()
+                if now > deadline:
+                    raise ApiError(504, f"llama-server sent nothing for {self.settings.read_timeout:.0f}s (UPSTREAM_READ_TIMEOUT)")
+                if now >= next_check:
+                    why = self.stopped()
+                    if why:
+                        raise ApiError(529, f"{why} while this request waited for its answer; retry", retry_after=5)
+                    next_check = time.monotonic() + STOPPED_CHECK_SECONDS
+                if stall is not None:
+                    stall.quiet()
+            # Was the connect timeout. With a StallWatch, a quiet answer wakes its reader every
+            # tick to look at the probe (Answer._recv), and UPSTREAM_READ_TIMEOUT is counted there.
+            sock.settimeout(self.settings.read_timeout if stall is None else stall.tick)
+            answer = Answer(conn, self.connections, head_only=method == "HEAD", stall=stall)
+            if stall is not None:
+                stall.heard()  # the headers are progress; the body's silence is counted from here
+            return answer
+        except (ApiError, ClientDisconnected):
+            if stall is not None:
+                stall.close()
+            conn.close()
+            raise
+        except BaseException:
+            if stall is not None:
+                stall.close()
+            raise
 
     def stopped(self) -> str | None:
         """Why llama-server will never answer a request it has taken, or None if it still may.
@@ -257,6 +288,70 @@ class Upstream:
         if resp.status_code == 503 and b"Loading model" in resp.content:
             return f"llama-server at {self.base} was restarted (a new one is loading its model)"
         return None
+
+    def send_probe(self, timeout: float) -> "_Connection | None":
+        """Ask llama-server's task queue for a sign of life: a request to the first probe route not
+        found disabled, sent on a connection of its own and left for the caller to poll
+        (`probe_answered`), so that a reader waits for it without blocking. None when it could
+        not be sent (llama-server unreachable: no sign of life either)."""
+        if not self._probe_paths:
+            return None
+        conn = self._new_connection()
+        conn.timeout = min(conn.timeout, timeout)
+        try:
+            conn.send(self._request_bytes("GET", self._probe_paths[0], None, None, close=True))
+            assert conn.sock is not None
+            conn.sock.settimeout(timeout)  # for reading the answer, once it has begun to arrive
+        except OSError:
+            conn.close()
+            return None
+        return conn
+
+    def probe_answered(self, conn: "_Connection") -> bool | None:
+        """Read the answer to `send_probe` (its socket is readable) and close its connection.
+
+        True: llama-server's main loop answered, so it is working. False: it did not (the
+        connection broke). None: the route is disabled, ask the next one now. Any other status
+        (401 with a wrong LLAMA_API_KEY, ...) cannot tell, and counts as working: a request is
+        never ended on a guess.
+        """
+        path = self._probe_paths[0] if self._probe_paths else "?"
+        try:
+            answer = Answer(conn, None)
+            try:
+                status = answer.status
+                read_all(answer, _NO_CLIENT)
+            finally:
+                answer.close()
+        except BROKEN_CONNECTION:
+            return False
+        finally:
+            conn.close()
+        if status == 200:
+            return True
+        if status in (404, 501) and path in self._probe_paths:
+            # Rebound, not changed in place: other requests' watches read the list meanwhile.
+            self._probe_paths = [other for other in self._probe_paths if other != path]
+            if self._probe_paths:
+                return None
+        if not self._probe_doubt_logged:
+            self._probe_doubt_logged = True
+            log.warning("llama-server answered %s with HTTP %d: a request it stops working on cannot be told from a slow one, "
+                        "so UPSTREAM_STALL_TIMEOUT does not apply (enable /slots or --metrics, and check LLAMA_API_KEY)",
+                        path, status)
+        return True
+
+    def can_probe(self) -> bool:
+        return bool(self._probe_paths)
+
+    def stalled(self, quiet: float) -> ApiError:
+        """Count and log a request given up on (StallWatch), and the error its client gets."""
+        self.connections.count_stall()
+        message = (f"llama-server at {self.base} stopped working on this request: nothing on its connection and no answer "
+                   f"from its main loop ({self._probe_paths[0] if self._probe_paths else '/slots'}) for {quiet:.0f}s "
+                   f"(UPSTREAM_STALL_TIMEOUT={self.settings.stall_timeout:g}); retry")
+        log.warning("%s", message)
+        return ApiError(529, message, retry_after=5)
 
     # -- facts about the server ---------------------------------------------------------------
 
@@ -321,6 +416,7 @@ class _Connections:
         self._factory = factory
         self.limit = limit
         self.opened = 0  # for /metrics
+        self.stalls = 0  # answers given up on because llama-server stopped working on them (StallWatch), for /metrics
         self._idle: deque[tuple[float, _Connection]] = deque()
         self._lock = threading.Lock()
         self._owed = False  # a connection was closed after its answer: prepare() opens the next one
@@ -339,10 +435,14 @@ class _Connections:
                     break
                 since, conn = self._idle.pop()
             # An idle connection's socket is readable only if the server closed it.
-            if now - since < IDLE_REUSE_SECONDS and conn.sock is not None and not select.select([conn.sock], [], [], 0)[0]:
+            if now - since < IDLE_REUSE_SECONDS and conn.sock is not None and not _readable(conn.sock):
                 return conn, True
             conn.close()
         return self.new(), False
+
+    def count_stall(self) -> None:
+        with self._lock:
+            self.stalls += 1
 
     def closed_one(self) -> None:
         """A connection was closed after its answer (llama-server ends one after every streamed
@@ -407,6 +507,82 @@ class _Connection:
             sock.close()
 
 
+class StallWatch:
+    """Ends an answer that llama-server has stopped working on.
+
+    A llama-server that hangs (stopped with SIGSTOP, its main loop deadlocked) keeps the
+    connection open and sends nothing more; read with UPSTREAM_READ_TIMEOUT alone, the request
+    would hold its slot, and every request queued behind it, for ten minutes. Silence alone
+    proves nothing, though: a non-streamed answer is silent until it is done, and a long prompt's
+    prefill sends nothing for minutes. So once an answer has been quiet for `every` seconds, the
+    watch asks llama-server's main loop for a sign of life (`Upstream.send_probe`: `/slots`, else
+    `/metrics`, which go through its task queue), one request at a time, again `every` seconds
+    after each answer. A byte of the answer or an answer to the probe is progress; none for
+    UPSTREAM_STALL_TIMEOUT seconds raises the client's 529 (`Upstream.stalled`).
+
+    llama-server's SSE pings (`:` comment frames) are not progress: its HTTP thread sends them on
+    a timer whatever the main loop does. Nothing here runs while bytes flow: the reader calls
+    `quiet()` only when its socket has been silent for a tick, or on a ping.
+    """
+
+    def __init__(self, upstream: Upstream):
+        self._upstream = upstream
+        self.limit = upstream.settings.stall_timeout
+        self.read_timeout = upstream.settings.read_timeout
+        self.every = min(PROBE_SECONDS, self.limit / 4)
+        self.tick = min(QUIET_TICK_SECONDS, self.every)
+        self.quiet_since: float | None = None  # None while the answer makes progress
+        self._probe: _Connection | None = None
+        self._next_probe = 0.0
+
+    def heard(self) -> None:
+        """A byte of the answer arrived: llama-server is working on it."""
+        self.quiet_since = None
+        self._drop_probe()
+
+    def quiet(self, silent_for: float = 0.0) -> None:
+        """The answer makes no progress now (quiet for `silent_for` seconds already, if it has
+        just gone quiet): look at the probe, send one when due, raise past the limit."""
+        now = time.monotonic()
+        if self.quiet_since is None:
+            self.quiet_since = now - silent_for
+            self._next_probe = self.quiet_since + self.every
+        probe = self._probe
+        if probe is not None:
+            if probe.sock is None or _readable(probe.sock):
+                self._probe = None
+                working = self._upstream.probe_answered(probe)
+                now = time.monotonic()
+                if working:
+                    self.quiet_since = now
+                self._next_probe = now if working is None else now + self.every
+        if self._probe is None and now >= self._next_probe:
+            if not self._upstream.can_probe():
+                self.quiet_since = now  # nothing can tell a hung llama-server from a busy one
+                return
+            self._probe = self._upstream.send_probe(self.every)
+            self._next_probe = now + self.every  # used only if the probe could not be sent
+        if now - self.quiet_since >= self.limit:
+            self._drop_probe()
+            raise self._upstream.stalled(now - self.quiet_since)
+
+    def _drop_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.close()
+
+    def close(self) -> None:
+        self._drop_probe()
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether a socket has something to read (or was closed by its peer), without waiting.
+    poll(), not select(): select() cannot watch a descriptor numbered 1024 or above."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class _Parsed:
     """httptools' callbacks for one answer: headers, then the body as it is decoded (chunked
     framing removed)."""
@@ -445,9 +621,11 @@ class Answer:
     Reads the status line and headers when made; `read_some()` gives the body as it arrives.
     """
 
-    def __init__(self, conn: _Connection, pool: _Connections | None, head_only: bool = False):
+    def __init__(self, conn: _Connection, pool: _Connections | None, head_only: bool = False,
+                 stall: StallWatch | None = None):
         self._conn: _Connection | None = conn
         self._pool = pool
+        self._stall = stall
         self._parsed = _Parsed()
         self._parser = self._parsed.parser
         self.finished = False  # set by stream_chunks once the body was read to its end
@@ -471,7 +649,23 @@ class Answer:
 
     def _recv(self) -> bytes:
         assert self._conn is not None and self._conn.sock is not None
-        return self._conn.sock.recv(65536)
+        sock = self._conn.sock
+        stall = self._stall
+        if stall is None:
+            return sock.recv(65536)
+        # The socket's timeout is the watch's tick: each one that passes without a byte is a
+        # moment to look at the probe, until UPSTREAM_READ_TIMEOUT of silence.
+        silent_since = None
+        while True:
+            try:
+                return sock.recv(65536)
+            except TimeoutError:
+                now = time.monotonic()
+                if silent_since is None:
+                    silent_since = now - stall.tick
+                if now - silent_since >= stall.read_timeout:
+                    raise
+                stall.quiet(now - silent_since)
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -495,12 +689,20 @@ class Answer:
             self._feed(data)
         body = parsed.body[0] if len(parsed.body) == 1 else b"".join(parsed.body)
         parsed.body.clear()
+        stall = self._stall
+        if stall is not None:
+            if body[0] == 58 and not body.strip(b":\r\n"):  # only ":" comment frames: llama-server's pings
+                stall.quiet()
+            elif stall.quiet_since is not None:
+                stall.heard()
         return body
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        if self._stall is not None:
+            self._stall.close()
         self._parsed.parser = None  # the parser holds _parsed: no cycle left for the collector
         # Only an answer read to its end, and nothing after it, leaves the connection clean for
         # the next request. After a stream, llama-server closes the connection whatever its

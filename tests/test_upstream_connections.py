@@ -355,3 +355,38 @@ def test_a_failed_refresh_keeps_the_last_copy_and_is_tried_again():
         upstream.info(max_age=0)
         refreshed(upstream)
         assert upstream.info().total_slots == 4
+
+
+class PingingButHung(FakeServer):
+    """A llama-server whose main loop hangs mid-stream while its HTTP thread still sends SSE
+    pings, and so never answers `/slots` (it goes through the main loop's task queue). The real
+    one cannot be made to deadlock on cue; SIGSTOP (test_stall.py) stops the pings too."""
+
+    def _connection(self, conn: socket.socket) -> None:
+        with conn:
+            data = conn.recv(65536)
+            if data.startswith(b"GET /slots "):
+                while conn.recv(65536):
+                    pass
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"c\r\ndata: token\n\r\n")
+            try:
+                while True:
+                    conn.sendall(b"3\r\n:\n\n\r\n")
+                    time.sleep(0.2)  # llama-server's ping interval, shortened
+            except OSError:
+                return
+
+
+def test_pings_alone_do_not_keep_a_hung_llama_servers_answer_going():
+    with PingingButHung() as server:
+        upstream = Upstream(Settings(llama_url=server.url, read_timeout=120, stall_timeout=2))
+        answer = upstream.open("POST", "/v1/chat/completions", b"{}", ClientWatch({}))
+        try:
+            with pytest.raises(ApiError) as err:
+                read_all(answer, ClientWatch({}))
+        finally:
+            answer.close()
+    assert err.value.status == 529 and "UPSTREAM_STALL_TIMEOUT" in err.value.message
+    assert upstream.connections.stalls == 1
