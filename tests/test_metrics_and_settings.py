@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 from llamabridge.settings import load_env_file
 from proxy.metrics import Call, ClientLabels, client_family
@@ -55,9 +56,10 @@ def test_env_file_fills_only_unset_variables(tmp_path):
 def test_request_log_writes_in_the_background_and_drops_the_newest_rather_than_blocks(tmp_path, monkeypatch):
     from proxy import requestlog
 
+    now = time.time()  # rows from 1970 would be retention's to delete
     log = requestlog.RequestLog(str(tmp_path / "log.db"))
     for i in range(3):
-        log.add({"ts": float(i), "route": "/v1/messages", "status": 200})
+        log.add({"ts": now + i, "route": "/v1/messages", "status": 200})
     wait_until(lambda: len(log.store.requests()) == 3, timeout=10, what="the rows to be written")
     assert log.dropped == 0
 
@@ -75,11 +77,12 @@ def test_request_log_drops_only_the_row_the_store_refuses(tmp_path):
     back every row behind it: its batch is written row by row, and only it is dropped."""
     from proxy import requestlog
 
+    now = time.time()
     log = requestlog.RequestLog(str(tmp_path / "log.db"))
     for i in range(5):
-        log.add({"ts": float(i), "route": "/v1/messages", "status": 200, "client": object() if i == 2 else "x"})
+        log.add({"ts": now + i, "route": "/v1/messages", "status": 200, "client": object() if i == 2 else "x"})
     wait_until(lambda: len(log.store.requests()) == 4 and log.pending() == 0, timeout=10, what="the other rows to be written")
-    assert log.dropped == 1 and sorted(r["ts"] for r in log.store.requests()) == [0.0, 1.0, 3.0, 4.0]
+    assert log.dropped == 1 and sorted(r["ts"] - now for r in log.store.requests()) == [0.0, 1.0, 3.0, 4.0]
 
 
 def test_fastjson_matches_the_standard_library_and_falls_back_where_orjson_refuses():
