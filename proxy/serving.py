@@ -19,7 +19,6 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
 from llamabridge.settings import ConfigError, load_env_file
-from .errors import protocol_body
 
 S = TypeVar("S")
 
@@ -58,6 +57,8 @@ def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     its workers call for it; it has no setting for the format. An SDK shows an HTML page as
     "Error code: 400 - <html>..."; this body reads as its own error in either API.
     """
+    from .errors import protocol_body  # imports Flask: only ever called in the worker, which has it
+
     message = f"{reason}: {mesg}" if mesg else reason
     body = json.dumps(protocol_body(status_int, message)).encode()
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
