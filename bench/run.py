@@ -6,14 +6,15 @@ model unless LLAMA_MODEL names a GGUF) started here with one slot:
   overhead     the same requests, interleaved, straight to llama-server and through the proxy:
                1-token completions (added latency p50/p90/p99) and streamed 256-token
                completions (added time to first token, throughput as a ratio of direct), for the
-               OpenAI relay and the Anthropic translation; proxy and collector memory under load.
+               OpenAI relay and the Anthropic translation.
                The 1-token requests also go through bench/floor.py, a bare relay under the same
                gunicorn settings, as plain WSGI and as a one-route Flask app: what the server
                model and Flask add by themselves on this machine. And how much slower Flask's
                request handling runs after the CPU idled a few milliseconds than back to back.
   concurrency  50 Claude Code-shaped clients (main turns, session titles, count_tokens bursts)
                for BENCH_SECONDS (120): failures, llama-server's concurrency, queue wait per class,
-               how fast background requests are answered.
+               how fast background requests are answered; the proxy's and the collector's
+               resident memory idle (after start-up and a warm-up request) and at the load's peak.
   cache        a two-session Claude Code conversation from the recorded session (its ~23k-token
                system prompt and tools), replayed straight to llama-server's native /v1/messages
                and through the proxy, each on a fresh llama-server: prompt tokens evaluated per turn.
@@ -53,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 from bench.stats import added_percentile, estimate, interval, median_difference, median_ratio  # noqa: E402
 from bench.stats import percentile as pct  # noqa: E402
 from collector.scrape import parse_metrics  # noqa: E402
+from proxy.config import Settings  # noqa: E402
 from tests.support import processes  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -83,6 +85,9 @@ TARGETS = {
     "concurrency_max_upstream_processing": ("<=", 1),
     "concurrency_max_upstream_deferred": ("<=", 0),
     "background_p99_ms": ("<", 20.0),
+    # gunicorn's arbiter and its worker together, as `ps` or a container's memory use shows them.
+    "proxy_rss_idle_mb": ("<=", 60.0),
+    "proxy_rss_peak_mb": ("<=", 120.0),
     "cache_second_session_saving": (">=", 0.90),
     "cache_turns_worse_than_direct": ("<=", 0),
 }
@@ -93,22 +98,52 @@ def capture_messages() -> list[dict]:
     return [r["body"] for r in rows if r["method"] == "POST" and r["path"].split("?")[0] == "/v1/messages"]
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (gunicorn: master and worker)."""
-    total = 0
+def rss_parts(pid: int) -> list[float]:
+    """Resident memory (MB) of a process, then of each of its children: gunicorn's arbiter, then
+    its worker. gunicorn forks the worker from the arbiter's main thread, so that thread's
+    `children` lists it. A process that just ended counts 0."""
     pids = [pid]
     try:
         pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         pass
+    parts = []
     for p in pids:
+        kb = 0
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+                    kb = int(line.split()[1])
         except OSError:
             pass
-    return total / 1024
+        parts.append(kb / 1024)
+    return parts
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (gunicorn: arbiter and worker), in MB.
+
+    The sum of each one's RSS, as `ps` shows them: pages the worker still shares with the
+    arbiter it was forked from count in both."""
+    return sum(rss_parts(pid))
+
+
+def idle_memory(proxy_url: str, pids: dict[str, int]) -> dict:
+    """Each service's memory (MB) before any load: right after one 1-token request through each
+    of the proxy's two fast paths, so what the first request loads and builds is counted.
+    `<name>_parts` lists the process, then its children (the proxy's arbiter, then worker)."""
+    session = requests.Session()
+    warm = {"/v1/chat/completions": {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+            "/v1/messages": {"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}}
+    for path, body in warm.items():
+        resp = session.post(proxy_url + path, json=body, timeout=30)
+        assert resp.status_code == 200, (path, resp.status_code, resp.text[:300])
+    session.close()
+    out: dict = {}
+    for name, pid in pids.items():
+        out[f"{name}_parts"] = rss_parts(pid)
+        out[name] = sum(out[f"{name}_parts"])
+    return out
 
 
 def llama_metrics(llama_url: str, session: requests.Session | None = None, timeout: float = 10) -> tuple[dict, dict]:
@@ -126,6 +161,7 @@ class Sampler(threading.Thread):
         self.stop = threading.Event()
         self.max_processing = self.max_deferred = 0.0
         self.peak_rss = {name: 0.0 for name in pids}
+        self.peak_parts: dict[str, list[float]] = {name: [] for name in pids}  # each process at that peak
 
     def run(self) -> None:
         session = requests.Session()
@@ -137,7 +173,9 @@ class Sampler(threading.Thread):
             except requests.RequestException:
                 pass
             for name, pid in self.pids.items():
-                self.peak_rss[name] = max(self.peak_rss[name], rss_mb(pid))
+                parts = rss_parts(pid)
+                if sum(parts) > self.peak_rss[name]:
+                    self.peak_rss[name], self.peak_parts[name] = sum(parts), parts
             self.stop.wait(0.02)
 
 
@@ -515,6 +553,8 @@ def checks(results: dict) -> list[tuple[str, float, str, float, bool, tuple[floa
         "concurrency_max_upstream_processing": results["concurrency"]["max_upstream_processing"],
         "concurrency_max_upstream_deferred": results["concurrency"]["max_upstream_deferred"],
         "background_p99_ms": results["concurrency"]["background_local_ms"]["p99"],
+        "proxy_rss_idle_mb": results["rss_idle_mb"]["proxy"],
+        "proxy_rss_peak_mb": results["rss_mb"]["proxy"],
         "cache_second_session_saving": results["cache"]["second_session_saving"],
         "cache_turns_worse_than_direct": results["cache"]["turns_worse_than_direct"],
     }
@@ -530,6 +570,15 @@ def checks(results: dict) -> list[tuple[str, float, str, float, bool, tuple[floa
 def undecided(limit: float, span: tuple[float, float] | None) -> bool:
     """Whether the run could as well have landed on the other side of the limit."""
     return span is not None and span[0] <= limit <= span[1]
+
+
+def memory(name: str, values: dict, parts: dict | None = None) -> str:
+    """"123 MB (arbiter 28 + worker 95)" from an idle or peak reading."""
+    split = (parts or {}).get(name) or values.get(f"{name}_parts") or []
+    text = f"{values[name]:.0f} MB"
+    if len(split) == 2:
+        text += f" (arbiter {split[0]:.0f} + worker {split[1]:.0f})"
+    return text
 
 
 def table(results: dict) -> str:
@@ -587,7 +636,12 @@ def table(results: dict) -> str:
         f"Under load ({c['clients']} Claude Code-shaped clients, {c['seconds']:.0f} s, {c['requests']} requests: "
         f"{c['by_kind']['main']} main turns, {c['by_kind']['title']} titles, {c['by_kind']['count_tokens']} token counts): "
         f"{c['failed']} failed; llama-server processing at most {c['max_upstream_processing']:.0f}, deferred at most "
-        f"{c['max_upstream_deferred']:.0f}; peak memory: proxy {results['rss_mb']['proxy']:.0f} MB, collector {results['rss_mb']['collector']:.0f} MB.",
+        f"{c['max_upstream_deferred']:.0f}.",
+        "",
+        f"Memory (resident, gunicorn's arbiter and worker added up): the proxy {memory('proxy', results['rss_idle_mb'])} idle "
+        f"(after start-up and one request per route), {memory('proxy', results['rss_mb'], results.get('rss_peak_parts_mb'))} "
+        f"at the load's peak; the collector {results['rss_idle_mb']['collector']:.0f} MB idle, "
+        f"{results['rss_mb']['collector']:.0f} MB at the peak.",
         "",
         "| class | requests | queue wait p50 / p90 / p99 (ms) |",
         "|---|---|---|",
@@ -682,20 +736,23 @@ def main() -> int:
     db = str(work / "bench.db")
     print(f"llama-server {binary}\nmodel {model}\nwork dir {work}", flush=True)
     with processes.llama_server(binary, model, ctx=32768) as llama, \
-            processes.proxy(llama.url, DB_PATH=db, PROXY_THREADS="64") as proxy, \
+            processes.proxy(llama.url, DB_PATH=db, PROXY_THREADS=str(Settings.threads)) as proxy, \
             processes.collector(llama.url, db, interval=10) as collector:
-        # The product's defaults (64 proxy threads, a scrape every 10 s), not the test suite's.
+        # The product's defaults (its proxy threads, a scrape every 10 s), not the test suite's.
+        services = {"proxy": proxy.proc.pid, "collector": collector.proc.pid}
+        results["rss_idle_mb"] = idle_memory(proxy.url, services)
         print(f"overhead: {args.rounds} interleaved rounds, {args.stream_rounds} streamed", flush=True)
         with floor(llama.url, "wsgi") as bare, floor(llama.url, "flask") as flask:
             results["overhead"] = overhead(llama.url, proxy.url, {"wsgi": bare.url, "flask": flask.url}, args.rounds, args.stream_rounds,
                                            llama_pid=llama.proc.pid)
         results["machine"]["idle"] = idle_penalty()  # right after, in the same phase of a shared machine
         print(f"concurrency: {args.clients} clients for {args.seconds:.0f} s", flush=True)
-        sampler = Sampler(llama.url, {"proxy": proxy.proc.pid, "collector": collector.proc.pid})
+        sampler = Sampler(llama.url, services)
         sampler.start()
         results["concurrency"] = concurrency(llama.url, proxy.url, db, args.clients, args.seconds, messages[0], messages[1], sampler)
         sampler.stop.set()
         results["rss_mb"] = sampler.peak_rss
+        results["rss_peak_parts_mb"] = sampler.peak_parts
         print("collector", flush=True)
         from bench import collector_bench
 

@@ -15,15 +15,17 @@ import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import requests
-
 from llamabridge import keys
 from llamabridge.edge import start_problem
 
-from .app import create_app
 from .config import Settings, from_env
 from .serving import bind_address, serve, settings_or_exit, store_or_exit
-from .upstream import Upstream
+
+# The app, `requests` and the upstream client are imported where they are used,
+# not here. gunicorn's arbiter is this process and only supervises; the worker it forks imports
+# the app for itself. Imported here, all of it would stay resident in the arbiter for nothing
+# (Flask, Werkzeug, prometheus_client, requests), counted again in the worker's memory, and the
+# pages the worker shares with it are copied as soon as the worker touches their objects.
 
 # gunicorn settings beyond serving.py's defaults (bench/floor.py measures a bare app under the same).
 # gthread's timeout is the worker's heartbeat, not a request limit: streams may run long.
@@ -46,6 +48,8 @@ def context_from_proxy(base: str, key: str = "") -> tuple[SimpleNamespace | None
 
     Asked first because it is the one address that works for every way of running: in the compose
     stack llama-server is only reachable from inside Docker's network."""
+    import requests
+
     try:
         answer = requests.get(f"{base}/v1/models", timeout=10, headers={"x-api-key": key} if key else {})
         if answer.status_code == 401:
@@ -139,6 +143,8 @@ class Context:
 
 def server_context(settings: Settings, key: str = "") -> Context:
     """The running proxy as clients see it: asked with `key` if one is given."""
+    from .upstream import Upstream
+
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}"
     info, refused = context_from_proxy(base, key)
@@ -244,6 +250,13 @@ def print_env(settings: Settings, key: str = "") -> int:
     return 0
 
 
+def _create_app(settings: Settings):
+    """The app, built in gunicorn's worker: the first import of the proxy's modules."""
+    from .app import create_app
+
+    return create_app(settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["keys"]:
@@ -270,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return 0
     serve(
-        lambda: create_app(settings),
+        lambda: _create_app(settings),
         bind=bind_address(settings.host, settings.port),
         threads=settings.threads,
         **SERVER_OPTIONS,

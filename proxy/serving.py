@@ -6,6 +6,7 @@ scheduler, must each exist exactly once.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import logging
@@ -19,7 +20,6 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
 from llamabridge.settings import ConfigError, load_env_file
-from .errors import protocol_body
 
 S = TypeVar("S")
 
@@ -58,11 +58,36 @@ def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     its workers call for it; it has no setting for the format. An SDK shows an HTML page as
     "Error code: 400 - <html>..."; this body reads as its own error in either API.
     """
+    from .errors import protocol_body  # imports Flask: only ever called in the worker, which has it
+
     message = f"{reason}: {mesg}" if mesg else reason
     body = json.dumps(protocol_body(status_int, message)).encode()
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
     gunicorn_util.write_nonblock(sock, head + body)
+
+
+# glibc's mallopt() parameter (malloc.h) for the size from which a block gets its own mapping.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 128 * 1024
+
+
+def return_large_blocks_to_the_os() -> None:
+    """Have glibc give every freed block of 128 KB or more straight back to the OS.
+
+    The proxy's large buffers (request bodies, a long conversation's rendered prompt and its
+    /tokenize body: hundreds of KB each, dozens at once when sessions start together) are
+    short-lived. glibc maps such a block on its own only until one is freed: it then raises its
+    threshold to that size (up to 32 MB), so every later buffer is carved from a thread's heap,
+    where what is freed stays resident. Setting the threshold fixes it at glibc's own starting
+    value and turns that adjustment off; the resident size then follows the live buffers, at
+    the cost of a mapping per large buffer, rare and small beside the work that made it.
+    A C library without mallopt (musl's is a no-op, macOS has none) keeps its own behaviour.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
 
 
 def bind_address(host: str, port: int) -> str:
@@ -122,6 +147,7 @@ class _Server(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
+        return_large_blocks_to_the_os()  # in the worker, which holds the buffers
         app = self._load()
         # What start-up built (modules, the app, its routes and metrics) lives as long as the
         # process. Frozen, it is out of the garbage collector's sight: a full collection then

@@ -52,6 +52,18 @@ def test_streams_are_measured_against_llama_servers_own_rate(overhead):
             assert 0.5 < overhead[f"{name}_stream_{kind}_ratio"] < 2
 
 
+def test_memory_is_the_proxys_arbiter_and_worker_and_the_arbiter_never_loads_the_app(llama):
+    with processes.proxy(llama.url) as proxy:
+        idle = run.idle_memory(proxy.url, {"proxy": proxy.proc.pid})
+        arbiter, worker = idle["proxy_parts"]  # exactly two processes: gunicorn's arbiter and its one worker
+        assert idle["proxy"] == arbiter + worker
+        assert arbiter > 0 and worker > 0
+        # The arbiter only supervises: the app's compiled modules are mapped in the worker alone.
+        (worker_pid,) = map(int, open(f"/proc/{proxy.proc.pid}/task/{proxy.proc.pid}/children").read().split())
+        assert "orjson" in open(f"/proc/{worker_pid}/maps").read()
+        assert "orjson" not in open(f"/proc/{proxy.proc.pid}/maps").read()
+
+
 def test_idle_penalty_times_flask_both_ways():
     idle = run.idle_penalty(rounds=20, idle_s=0.001)
     assert idle["idle_ms"] == 1.0
@@ -62,6 +74,8 @@ def test_the_table_reports_every_target_and_names_the_missed(overhead):
     queue = {"p50": 0.0, "p90": 0.0, "p99": 0.0, "n": 1}
     results = {
         "date": "2026-12-01 00:00 UTC", "model": "tiny.gguf", "overhead": overhead, "rss_mb": {"proxy": 90.0, "collector": 80.0},
+        "rss_idle_mb": {"proxy": 61.4, "proxy_parts": [26.0, 35.4], "collector": 50.0, "collector_parts": [20.0, 30.0]},
+        "rss_peak_parts_mb": {"proxy": [26.0, 64.0], "collector": [20.0, 60.0]},
         "machine": {**run.machine(), "idle": run.idle_penalty(rounds=5, idle_s=0.001)},
         "concurrency": {"clients": 50, "seconds": 120.0, "requests": 3, "by_kind": {"main": 1, "title": 1, "count_tokens": 1},
                         "failed": 1, "failures": ["main -1"], "max_upstream_processing": 1.0, "max_upstream_deferred": 0.0,
@@ -84,6 +98,10 @@ def test_the_table_reports_every_target_and_names_the_missed(overhead):
     # One failed request under load is a missed target, and the table says so.
     assert "| concurrency_failed <= 0 | 1.000 |  | **MISSED** |" in text
     assert "| cache_second_session_saving >= 0.9 | 0.999 |  | met |" in text
+    # Memory: idle and at the peak, each split into gunicorn's arbiter and worker; idle is over its 60 MB.
+    assert "the proxy 61 MB (arbiter 26 + worker 35) idle" in text and "90 MB (arbiter 26 + worker 64) at the load's peak" in text
+    assert "| proxy_rss_idle_mb <= 60.0 | 61.400 |  | **MISSED** |" in text
+    assert "| proxy_rss_peak_mb <= 120.0 | 90.000 |  | met |" in text
     # An interval that holds the target says the run cannot tell; one that does not, says nothing more.
     assert "| 0.950 to 1.010 (holds the target: this run cannot tell) |" in text
     assert "| 1.500 to 1.900 |" in text
