@@ -13,16 +13,20 @@ import argparse
 import logging
 import sys
 import time
+from typing import Any
 
-from llamabridge.edge import start_problem
-from proxy.serving import bind_address, serve, settings_or_exit, store_or_exit
+from llamabridge.settings import load_env_file
+from proxy.serving import bind_address, checked_in_a_child, serve, settings_or_exit, start_logging, store_or_exit
 
-from .app import create_app
-from .config import from_env
-from .store import Store
+# The app (Flask, APScheduler, prometheus_client), the settings and the store are imported where
+# they are used: gunicorn's arbiter, which this process becomes, only supervises, and whatever it
+# imports stays resident in it, counted again in the worker it forks.
 
 
 def compact() -> int:
+    from .config import from_env
+    from .store import Store
+
     settings = settings_or_exit("collector", from_env)
     store_or_exit("collector", settings.db_path)
     store = Store(settings.db_path)
@@ -45,15 +49,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve (the default) or compact: apply the retention settings to the store now")
     if parser.parse_args(argv).command == "compact":
         return compact()
-    settings = settings_or_exit("collector", from_env)
+    options = checked_in_a_child(_start_check)
+    load_env_file()  # the same .env for the worker, whose settings are read again there
+    start_logging(options["log_level"])
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    serve(_create_app, bind=options["bind"], threads=8, timeout=60, loglevel=options["log_level"], accesslog=None,
+          proc_name="llamabridge-collector")
+    return 0
+
+
+def _start_check() -> dict[str, Any]:
+    """What start-up is refused on (checked_in_a_child), and what gunicorn needs to know."""
+    from llamabridge.edge import start_problem
+
+    from .config import from_env
+
+    settings = settings_or_exit("collector", from_env)
     store_or_exit("collector", settings.db_path)
     if problem := start_problem(settings.edge, "COLLECTOR_HOST", settings.host):
         print(f"llamabridge collector: {problem}", file=sys.stderr)
-        return 2
-    serve(lambda: create_app(settings), bind=bind_address(settings.host, settings.port), threads=8, timeout=60,
-          loglevel=settings.log_level, accesslog=None, proc_name="llamabridge-collector")
-    return 0
+        raise SystemExit(2)
+    return {"bind": bind_address(settings.host, settings.port), "log_level": settings.log_level}
+
+
+def _create_app():
+    """The app, built in gunicorn's worker (settings read again there, as the check accepted them)."""
+    from .app import create_app
+    from .config import from_env
+
+    return create_app(from_env())
 
 
 if __name__ == "__main__":

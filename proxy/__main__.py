@@ -15,14 +15,17 @@ import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from llamabridge import keys
-from llamabridge.edge import start_problem
+from typing import TYPE_CHECKING, Any
 
-from .config import Settings, from_env
-from .serving import bind_address, serve, settings_or_exit, store_or_exit
+from llamabridge.settings import load_env_file
 
-# The app, `requests` and the upstream client are imported where they are used,
-# not here. gunicorn's arbiter is this process and only supervises; the worker it forks imports
+from .serving import bind_address, checked_in_a_child, serve, settings_or_exit, start_logging
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+# The app, `requests`, the upstream client, the settings and the keys are imported where they
+# are used, not here. gunicorn's arbiter is this process and only supervises; the worker it forks imports
 # the app for itself. Imported here, all of it would stay resident in the arbiter for nothing
 # (Flask, Werkzeug, prometheus_client, requests), counted again in the worker's memory, and the
 # pages the worker shares with it are copied as soon as the worker touches their objects.
@@ -148,6 +151,8 @@ def server_context(settings: Settings, key: str = "") -> Context:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = f"http://{host}:{settings.port}"
     info, refused = context_from_proxy(base, key)
+    from llamabridge import keys
+
     keyed = refused or bool(key) or keys.KeyFile(settings.edge.keys_file).configured()
     if refused:
         print(f"# the proxy at {base} asks for a key{' and refused this one' if key else ''}: "
@@ -250,16 +255,40 @@ def print_env(settings: Settings, key: str = "") -> int:
     return 0
 
 
-def _create_app(settings: Settings):
-    """The app, built in gunicorn's worker: the first import of the proxy's modules."""
+def _create_app():
+    """The app, built in gunicorn's worker: the first import of the proxy's modules there (the
+    settings are read again, from the environment the arbiter was given and the .env it loaded,
+    which the start-up check in a child has already accepted)."""
     from .app import create_app
+    from .config import from_env
 
-    return create_app(settings)
+    return create_app(from_env())
+
+
+def _start_check() -> dict[str, Any]:
+    """What start-up is refused on (checked_in_a_child), and what gunicorn needs to know."""
+    from llamabridge.edge import start_problem
+
+    from .config import from_env
+    from .serving import store_or_exit
+
+    settings = settings_or_exit("proxy", from_env)
+    if settings.db_path:
+        store_or_exit("proxy", settings.db_path)
+    if problem := start_problem(settings.edge, "PROXY_HOST", settings.host):
+        print(f"llamabridge proxy: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return {"bind": bind_address(settings.host, settings.port), "threads": settings.threads,
+            "log_level": settings.log_level, "access_log": settings.access_log}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["keys"]:
+        from llamabridge import keys
+
+        from .config import from_env
+
         # Its own sub-commands and options (llamabridge/keys.py); only the file's path comes from the settings.
         return keys.main(argv[1:], settings_or_exit("proxy", from_env).edge.keys_file)
     parser = argparse.ArgumentParser(prog="python -m proxy", description=__doc__.splitlines()[0],
@@ -272,26 +301,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.file and args.command != "env":
         parser.error("--file goes with env")
-    settings = settings_or_exit("proxy", from_env)
     if args.command == "env":
+        from .config import from_env
+
+        settings = settings_or_exit("proxy", from_env)
         return print_file(settings, args.file, args.key) if args.file else print_env(settings, args.key)
-    if settings.db_path:
-        store_or_exit("proxy", settings.db_path)
-    if problem := start_problem(settings.edge, "PROXY_HOST", settings.host):
-        print(f"llamabridge proxy: {problem}", file=sys.stderr)
-        return 2
     if args.command == "check":
+        _start_check()
         return 0
+    options = checked_in_a_child(_start_check)
+    load_env_file()  # the same .env for the worker, whose settings are read again there
+    start_logging(options["log_level"])
     serve(
-        lambda: _create_app(settings),
-        bind=bind_address(settings.host, settings.port),
-        threads=settings.threads,
+        _create_app,
+        bind=options["bind"],
+        threads=options["threads"],
         **SERVER_OPTIONS,
-        loglevel=settings.log_level,
+        loglevel=options["log_level"],
         # Every API call already gets one line from the proxy itself (llamabridge.request: route,
         # class, status, queue wait, tokens); gunicorn's line per HTTP request, which also covers
         # /metrics scrapes and dashboard polls, is for those who want it (ACCESS_LOG=true).
-        accesslog="-" if settings.access_log else None,
+        accesslog="-" if options["access_log"] else None,
         # No headers in the access log: clients send API keys in them.
         access_log_format='%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"',
         proc_name="llamabridge-proxy",

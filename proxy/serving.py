@@ -6,13 +6,13 @@ scheduler, must each exist exactly once.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import logging
+import os
 import select
-import sqlite3
 import sys
+import traceback
 from typing import Any, Callable, TypeVar
 
 from gunicorn import util as gunicorn_util
@@ -33,7 +33,7 @@ def settings_or_exit(service: str, from_env: Callable[[], S]) -> S:
     except ConfigError as exc:
         print(f"llamabridge {service}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging(settings.log_level)
     return settings
 
 
@@ -41,6 +41,8 @@ def store_or_exit(service: str, db_path: str) -> None:
     """Create (or open) and migrate the SQLite store before serving: a DB_PATH that cannot hold
     it, or a file that is not a store, is one line naming DB_PATH and status 2, rather than a
     traceback from a worker that failed to boot."""
+    import sqlite3
+
     from collector.store import Store  # the proxy without a request log never needs it
 
     try:
@@ -84,10 +86,52 @@ def return_large_blocks_to_the_os() -> None:
     the cost of a mapping per large buffer, rare and small beside the work that made it.
     A C library without mallopt (musl's is a no-op, macOS has none) keeps its own behaviour.
     """
+    import ctypes
+
     try:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):
         pass
+
+
+def checked_in_a_child(check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run `check` in a forked child and return what it returns (JSON-able), or end this process
+    with the child's status (2, after its one-line message, for settings, a store or an address
+    it refuses).
+
+    `check` is everything start-up is refused on: the settings, the store, the keys file. It
+    needs modules (SQLite, hashlib, the settings and edge code: about 4 MB resident) that
+    gunicorn's arbiter, which this process becomes, never uses again; what the arbiter imports
+    stays resident in it and is counted again in the worker it forks. Checked in a child that
+    exits, they never load here; the worker imports them for itself.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: check, answer, and exit without running anything of the parent's
+        os.close(read)
+        code = 0
+        try:
+            os.write(write, json.dumps(check()).encode())
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - a bug in a check: show it, refuse to start
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        data = answer.read()
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code != 0:
+        raise SystemExit(code)
+    return json.loads(data)
+
+
+def start_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def bind_address(host: str, port: int) -> str:

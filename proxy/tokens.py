@@ -24,6 +24,12 @@ from .flights import Flights
 from .upstream import Upstream
 
 ESTIMATE_BYTES_PER_TOKEN = 4
+# Exact counts computed at once. Each holds the rendered prompt and llama-server's token list
+# while it runs (about 1.5 MB for Claude Code's ~20k-token first turn: the list arrives as JSON
+# and is parsed into Python ints before it is packed): 50 sessions starting together held 75 MB
+# of them at the same moment. llama-server renders and tokenizes on the same few cores whatever
+# the number asked at once, so a few at a time finish as soon, with a bounded peak.
+EXACT_AT_ONCE = 4
 
 
 class TokenCounter:
@@ -33,6 +39,7 @@ class TokenCounter:
         self._pending = Flights()  # counts being computed, by key
         self._max = max_entries
         self._lock = threading.Lock()
+        self._exact = threading.BoundedSemaphore(EXACT_AT_ONCE)
 
     @staticmethod
     def _key(render: dict, model: str) -> bytes:
@@ -58,10 +65,12 @@ class TokenCounter:
     def tokens(self, render: dict) -> array | None:
         """Exact tokens of a request (and the count goes into the cache), or None if the
         upstream cannot render it."""
-        prompt = self.render(render)
-        if prompt is None:
-            return None
-        ids = self.tokenize(prompt)
+        with self._exact:
+            prompt = self.render(render)
+            if prompt is None:
+                return None
+            ids = self.tokenize(prompt)
+            del prompt
         self._remember(self._key(render, self.upstream.info().model), len(ids))
         return ids
 
