@@ -249,9 +249,9 @@ class Retention:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Retention":
         return cls(
-            requests_days=env_float(env, "REQUEST_LOG_DAYS", cls.requests_days, 0.01, 36500),
-            raw_hours=env_float(env, "SAMPLES_RAW_HOURS", cls.raw_hours, 1, 24 * 36500),
-            minute_days=env_float(env, "SAMPLES_MINUTE_DAYS", cls.minute_days, 1, 36500),
+            requests_days=env_float(env, "REQUEST_LOG_DAYS", cls.requests_days, 0.01, 36500, "days"),
+            raw_hours=env_float(env, "SAMPLES_RAW_HOURS", cls.raw_hours, 1, 24 * 36500, "hours"),
+            minute_days=env_float(env, "SAMPLES_MINUTE_DAYS", cls.minute_days, 1, 36500, "days"),
         )
 
 

@@ -47,14 +47,14 @@ def env_int(env: Mapping[str, str], name: str, default: int, low: int, high: int
     return value
 
 
-def env_float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+def env_float(env: Mapping[str, str], name: str, default: float, low: float, high: float, unit: str = "seconds") -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected a number of seconds") from None
+        raise ConfigError(f"{name}={raw!r}: expected a number of {unit}") from None
     if not low <= value <= high:
         raise ConfigError(f"{name}={value}: expected a number from {low} to {high}")
     return value
