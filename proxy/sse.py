@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Iterator
 
 from . import fastjson
+from .translate import StreamProtocolError  # defined with the translation, which stays free of I/O modules
 
 
 def encode(event: str, data: dict[str, Any]) -> bytes:
@@ -14,10 +15,6 @@ def encode(event: str, data: dict[str, Any]) -> bytes:
 
 # Yielded by decode_openai(keepalive=True) for each comment line (llama-server's `: ping`).
 KEEPALIVE: dict[str, Any] = {"keepalive": True}
-
-
-class StreamProtocolError(ValueError):
-    """The upstream stream is not what an OpenAI-compatible server sends."""
 
 
 def decode_openai(lines: Iterable[bytes], keepalive: bool = False) -> Iterator[dict[str, Any]]:

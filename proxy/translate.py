@@ -22,7 +22,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from .sse import StreamProtocolError
+
+class StreamProtocolError(ValueError):
+    """The upstream stream is not what an OpenAI-compatible server sends (raised while decoding
+    its frames, proxy/sse.py, and while translating them, here)."""
+
 
 Event = tuple[str, dict[str, Any]]
 
