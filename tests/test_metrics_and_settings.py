@@ -70,6 +70,8 @@ def test_request_log_writes_in_the_background_and_drops_the_newest_rather_than_b
         stalled.add({"ts": float(i), "route": "/v1/messages", "status": 200})
     assert stalled.dropped == 3  # the newest: the rows kept are every row up to the stall, in order
     assert [row["ts"] for row in stalled._rows] == [0.0, 1.0]
+    stalled.close()  # the two kept rows written, the drops logged here rather than at interpreter exit
+    assert len(stalled.store.requests()) == 2
 
 
 def test_request_log_drops_only_the_row_the_store_refuses(tmp_path):
