@@ -174,13 +174,15 @@ class ScrapeJob:
         prompt_s = advanced.get("prompt_seconds_total", 0.0)
         gen_s = advanced.get("tokens_predicted_seconds_total", 0.0)
         context = []
-        for slot in reading.slots if isinstance(reading.slots, list) else []:
-            used = 0
+        slots = reading.slots if isinstance(reading.slots, list) else []
+        for slot in slots:
+            # What the slot holds: an idle slot keeps its last prompt (a conversation's cache) and
+            # still reports its size, which is what tells a user a session nears its window.
+            used = int(slot.get("n_prompt_tokens") or 0)
             if slot.get("is_processing"):
-                decoded = (slot.get("next_token") or [{}])[0].get("n_decoded") or 0
-                used = int(slot.get("n_prompt_tokens") or 0) + int(decoded)
+                used += int((slot.get("next_token") or [{}])[0].get("n_decoded") or 0)
             context.append({"slot": slot.get("id"), "used": used, "n_ctx": slot.get("n_ctx")})
-        busy = sum(1 for c in context if c["used"]) if context else None
+        busy = sum(1 for slot in slots if slot.get("is_processing")) if slots else None
         return {
             "up": 1,
             "prompt_tokens": prompt,

@@ -5,6 +5,7 @@ served, and a collector that cannot count must say why."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -131,3 +132,21 @@ def test_another_llama_server_at_the_same_address_starts_a_new_baseline(llama_se
     finally:
         collector.stop()
         llama.stop()
+
+
+def test_an_idle_slot_shows_the_conversation_it_holds(llama_server_bin, tiny_model, tmp_path):
+    """A slot that finished its request keeps the prompt in its cache (the next turn of that
+    conversation reuses it): the context it shows is that prompt's size, not 0, while no slot
+    counts as busy."""
+    with processes.llama_server(llama_server_bin, tiny_model, ctx=4096) as llama, \
+            processes.collector(llama.url, str(tmp_path / "store.db"), interval=0.2) as collector:
+        body = {"messages": [{"role": "user", "content": "a conversation that stays in the slot " * 20}], "max_tokens": 8}
+        timings = requests.post(llama.url + "/v1/chat/completions", json=body, timeout=60).json()["timings"]
+        now = wait_for_scrape(collector, time.time())["now"]
+        held = [slot["used"] for slot in json.loads(now["context_used"])]
+        # llama-server's slot counts its prompt as it was cached, a few tokens more than the
+        # request's timings report, and never more than the prompt and the 8-token answer.
+        prompt = timings["prompt_n"] + timings["cache_n"]
+        assert len(held) == 1 and prompt <= held[0] <= prompt + 8 and held[0] > 100, (held, timings)
+        assert now["busy_slots"] == 0
+        assert metric(collector.url, "llamabridge_context_used_tokens", {"slot": "0"}) == held[0]
