@@ -8,7 +8,7 @@ from typing import Mapping
 
 from llamabridge.edge import EdgeSettings
 from llamabridge.edge import settings_from_env as edge_from_env
-from llamabridge.settings import ConfigError, env_float, env_int
+from llamabridge.settings import env_float, env_int, env_url
 
 from .store import Retention
 
@@ -30,9 +30,7 @@ class CollectorSettings:
 
 def from_env(env: Mapping[str, str] | None = None) -> CollectorSettings:
     env = os.environ if env is None else env
-    llama_url = (env.get("LLAMA_URL", "").strip() or CollectorSettings.llama_url).rstrip("/")
-    if not llama_url.startswith(("http://", "https://")):
-        raise ConfigError(f"LLAMA_URL={llama_url!r}: expected an http(s) URL such as http://127.0.0.1:8080")
+    llama_url = env_url(env, "LLAMA_URL", CollectorSettings.llama_url).rstrip("/")
     db_path = env.get("DB_PATH", "").strip() or DEFAULT_DB_PATH
     return CollectorSettings(
         llama_url=llama_url,

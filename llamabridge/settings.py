@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from typing import Mapping
+from urllib.parse import urlsplit
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,23 @@ def env_int(env: Mapping[str, str], name: str, default: int, low: int, high: int
     if not low <= value <= high:
         raise ConfigError(f"{name}={value}: expected a number from {low} to {high}")
     return value
+
+
+def env_url(env: Mapping[str, str], name: str, default: str) -> str:
+    """An http(s) base URL, checked the way the services will use it (host, port), so a typo or a
+    list of URLs is this one-line error at start-up rather than a traceback in a worker."""
+    raw = env.get(name, "").strip() or default
+    if not raw:
+        return ""
+    problem = f"{name}={raw!r}: expected one http(s) URL such as http://127.0.0.1:8080"
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(problem) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c in raw for c in " ,;"):
+        raise ConfigError(problem)
+    return raw
 
 
 def env_float(env: Mapping[str, str], name: str, default: float, low: float, high: float, unit: str = "seconds") -> float:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
-from urllib.parse import urlparse
 
 from collector.store import Retention
 from llamabridge.edge import EdgeSettings
 from llamabridge.edge import settings_from_env as edge_from_env
-from llamabridge.settings import ConfigError, env_bool, env_float, env_int
+from llamabridge.settings import ConfigError, env_bool, env_float, env_int, env_url
 
 UPSTREAM_APIS = ("openai", "anthropic", "auto")
 
@@ -87,16 +86,11 @@ def _stall_timeout(env: Mapping[str, str]) -> float:
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
-    llama_url = env.get("LLAMA_URL", "").strip() or Settings.llama_url
-    parsed = urlparse(llama_url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise ConfigError(f"LLAMA_URL={llama_url!r}: expected an http(s) URL such as http://127.0.0.1:8080")
+    llama_url = env_url(env, "LLAMA_URL", Settings.llama_url)
     upstream_api = (env.get("UPSTREAM_API", "").strip() or Settings.upstream_api).lower()
     if upstream_api not in UPSTREAM_APIS:
         raise ConfigError(f"UPSTREAM_API={upstream_api!r}: expected one of {', '.join(UPSTREAM_APIS)}")
-    background_url = env.get("BACKGROUND_URL", "").strip()
-    if background_url and urlparse(background_url).scheme not in ("http", "https"):
-        raise ConfigError(f"BACKGROUND_URL={background_url!r}: expected an http(s) URL")
+    background_url = env_url(env, "BACKGROUND_URL", "")
     defaults = {"main": "pass", "subagent": "pass", "title": "local", "probe": "local",
                 "background": "route" if background_url else "shed"}
     policies = []
