@@ -223,7 +223,7 @@ def print_env(settings: Settings, key: str = "") -> int:
     # Not CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC: it also turns off session titles, which the
     # proxy answers at once without the model.
     print("export DISABLE_AUTOUPDATER=1 DISABLE_TELEMETRY=1 DISABLE_ERROR_REPORTING=1")
-    model_id = info.model if info else "<any>"
+    model_id = name if info else "<any>"  # the short name: llama-server's own may be the model file's full path
     print("# Cline (settings, API Provider \"OpenAI Compatible\"); Cursor takes the same values")
     print(f"#   Base URL: {base}/v1   API Key: {ctx.key}   Model ID: {model_id}"
           + (f"   Context Window Size: {n_ctx}" if n_ctx else ""))

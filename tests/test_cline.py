@@ -57,6 +57,11 @@ def set_up(cline_bin: str, proxy, home: Path, work: Path, key: str) -> dict[str,
     line = make_env.block(out, "# Cline's CLI")[0]
     words = shlex.split(line)
     assert words[:4] == ["cline", "auth", "-p", "openai"] and words[words.index("-k") + 1] == key, line
+    # The settings line's Model ID is the model's short name, as in the CLI line, not the path of
+    # the model file (llama-server's own name for a model started without an alias).
+    settings = make_env.block(out, "# Cline (settings")[0]
+    model = words[words.index("-m") + 1]
+    assert f"Model ID: {model} " in settings and "/" not in model and model.endswith(".gguf"), settings
     env = cline_env(home)
     auth = cline(cline_bin, env, *words[1:], cwd=work)
     assert auth.returncode == 0, (auth.stdout, auth.stderr)
