@@ -8,13 +8,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-COPY pyproject.toml README.md LICENSE ./
-COPY llamabridge ./llamabridge
-COPY proxy ./proxy
-COPY collector ./collector
-COPY dashboard ./dashboard
-# Editable, so the source stays at /app next to dashboard/, which the proxy serves from there.
-RUN pip install -e . \
+# Every runtime dependency, transitive ones included, at the version and hashes of
+# requirements.lock (`make lock` writes it from pyproject.toml): the image is the same on every build.
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
+# Then llamabridge itself, a normal install (the dashboard's page is package data), from a copy
+# of the source that does not stay in the image. No build isolation: setuptools is in the lock.
+COPY pyproject.toml README.md LICENSE /tmp/src/
+COPY llamabridge /tmp/src/llamabridge
+COPY proxy /tmp/src/proxy
+COPY collector /tmp/src/collector
+COPY dashboard /tmp/src/dashboard
+RUN pip install --no-deps --no-build-isolation /tmp/src \
+    && pip check \
+    && rm -rf /tmp/src \
     && useradd --system --uid 10001 --no-create-home --home-dir /app llamabridge \
     && mkdir /data && chown llamabridge /data
 

@@ -8,14 +8,17 @@ PY := $(VENV)/bin/python
 # Everything slow (llama-server build, Claude Code CLI, tiny model) is cached here, by version.
 export LLAMABRIDGE_CACHE ?= $(HOME)/.cache/llamabridge
 
-.PHONY: help install install-test llama-server tiny-model claude-code codex aider opencode continue-cli cline run demo proxy collector env test test-unit bench up down logs ps keys clean
+.PHONY: help install install-test lock llama-server tiny-model claude-code codex aider opencode continue-cli cline run demo proxy collector env test test-unit bench up down logs ps keys clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/\$$\$$/$$/g' | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+# The runtime dependencies at requirements.lock's versions and hashes (as the image has them),
+# then llamabridge itself, editable for development.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --require-hashes -r requirements.lock
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
@@ -26,6 +29,12 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 install: $(VENV)/.installed ## create .venv with what the services need
 
 install-test: $(VENV)/.installed-test ## add the test tools and client SDKs to .venv
+
+PIP_TOOLS := $(LLAMABRIDGE_CACHE)/pip-tools-7.7.0
+lock: ## rewrite requirements.lock (every runtime dependency, transitive ones too, pinned with hashes) from pyproject.toml
+	@test -x $(PIP_TOOLS)/bin/pip-compile || { $(PYTHON) -m venv $(PIP_TOOLS) && $(PIP_TOOLS)/bin/pip install --quiet pip-tools==7.7.0; }
+	$(PIP_TOOLS)/bin/pip-compile --quiet --generate-hashes --all-build-deps --allow-unsafe --strip-extras \
+		--no-emit-index-url --no-emit-find-links --output-file=requirements.lock pyproject.toml
 
 llama-server: ## make a llama-server available (PATH, $$LLAMA_SERVER_BIN, or build once); prints its path last
 	@bash llama/build.sh

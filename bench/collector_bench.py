@@ -57,7 +57,7 @@ from collector import job as job_module  # noqa: E402
 from collector import scrape  # noqa: E402
 from collector.job import ScrapeJob  # noqa: E402
 from tests.support import processes  # noqa: E402
-from collector.store import Store  # noqa: E402
+from llamabridge.store import Store  # noqa: E402
 
 INTERVAL = 10.0  # COLLECT_INTERVAL's default
 TICKS_PER_HOUR = int(3600 / INTERVAL)

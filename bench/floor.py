@@ -26,7 +26,7 @@ from proxy.__main__ import SERVER_OPTIONS
 from proxy.config import Settings
 from proxy.disconnect import ClientWatch
 from proxy.errors import ApiError
-from proxy.serving import serve
+from llamabridge.serving import serve
 from proxy.upstream import BROKEN_CONNECTION, Upstream, read_all
 
 _UPSTREAM = Upstream(Settings(llama_url=os.environ.get("LLAMA_URL", "http://127.0.0.1:8080")))

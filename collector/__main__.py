@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from llamabridge.settings import load_env_file
-from proxy.serving import bind_address, checked_in_a_child, serve, settings_or_exit, start_logging, store_or_exit
+from llamabridge.serving import bind_address, checked_in_a_child, serve, settings_or_exit, start_logging, store_or_exit
 
 # The app (Flask, APScheduler, prometheus_client), the settings and the store are imported where
 # they are used: gunicorn's arbiter, which this process becomes, only supervises, and whatever it
@@ -25,7 +25,7 @@ from proxy.serving import bind_address, checked_in_a_child, serve, settings_or_e
 
 def compact() -> int:
     from .config import from_env
-    from .store import Store
+    from llamabridge.store import Store
 
     settings = settings_or_exit("collector", from_env)
     store_or_exit("collector", settings.db_path)

@@ -18,11 +18,11 @@ from werkzeug.http import HTTP_STATUS_CODES
 from llamabridge.edge import Edge, required
 from llamabridge.keys import KeyFile
 
-from . import api
+from llamabridge import api
 from .config import CollectorSettings
 from .exporter import StoreCollector
 from .job import ScrapeJob
-from .store import Store
+from llamabridge.store import Store
 
 
 def create_app(settings: CollectorSettings, start_jobs: bool = True) -> Flask:

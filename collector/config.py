@@ -10,7 +10,7 @@ from llamabridge.edge import EdgeSettings
 from llamabridge.edge import settings_from_env as edge_from_env
 from llamabridge.settings import env_float, env_int, env_url
 
-from .store import Retention
+from llamabridge.store import Retention
 
 DEFAULT_DB_PATH = "data/llamabridge.db"
 

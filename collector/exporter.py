@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .job import ScrapeJob
-from .store import Store
+from llamabridge.store import Store
 
 log = logging.getLogger("llamabridge.exporter")
 

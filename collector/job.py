@@ -23,7 +23,7 @@ from typing import Any, Callable
 import requests
 
 from . import scrape
-from .store import Baseline, LeaseHeld, ScrapePlan, Store, holder_id
+from llamabridge.store import Baseline, LeaseHeld, ScrapePlan, Store, holder_id
 
 log = logging.getLogger("llamabridge.collector")
 

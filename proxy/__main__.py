@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from llamabridge.settings import load_env_file
 
-from .serving import bind_address, checked_in_a_child, serve, settings_or_exit, start_logging
+from llamabridge.serving import bind_address, checked_in_a_child, serve, settings_or_exit, start_logging
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 # (Flask, Werkzeug, prometheus_client, requests), counted again in the worker's memory, and the
 # pages the worker shares with it are copied as soon as the worker touches their objects.
 
-# gunicorn settings beyond serving.py's defaults (bench/floor.py measures a bare app under the same).
+# gunicorn settings beyond llamabridge/serving.py's defaults (bench/floor.py measures a bare app under the same).
 # gthread's timeout is the worker's heartbeat, not a request limit: streams may run long.
 SERVER_OPTIONS = {"timeout": 120, "graceful_timeout": 10, "keepalive": 75}
 
@@ -270,7 +270,7 @@ def _start_check() -> dict[str, Any]:
     from llamabridge.edge import start_problem
 
     from .config import from_env
-    from .serving import store_or_exit
+    from llamabridge.serving import store_or_exit
 
     settings = settings_or_exit("proxy", from_env)
     if settings.db_path:

@@ -7,13 +7,10 @@ error page or a bare 500.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
-import re
 import threading
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from flask import Flask, Response, g, jsonify, redirect, request
@@ -21,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException
 
-from collector import api
+from dashboard import page_and_policy
+from llamabridge import api
 from llamabridge.edge import Edge, required
 from llamabridge.keys import KeyFile
 
@@ -103,26 +101,10 @@ class ApiMode:
             return self._resolved
 
 
-DASHBOARD = Path(__file__).resolve().parent.parent / "dashboard" / "index.html"
 # Liveness answers anyone: Docker's health check and Claude Code's start-up check carry no key.
 OPEN_ROUTES = frozenset({("HEAD", "/"), ("HEAD", "/api/hello"), ("GET", "/healthz"), ("HEAD", "/healthz")})
 # What a browser opens: a 401 there asks it for the key (as the password of HTTP Basic).
 LOGIN_PREFIXES = ("/dashboard", "/api/", "/metrics")
-
-
-def dashboard_page() -> tuple[bytes, str]:
-    """The dashboard and the Content-Security-Policy it runs under: nothing but this origin, and
-    of inline code only the page's own script and style, by hash (a value injected into the page
-    could not run)."""
-    page = DASHBOARD.read_bytes()
-
-    def hashes(tag: bytes) -> str:
-        blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
-        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(block).digest()).decode()}'" for block in blocks)
-
-    policy = (f"default-src 'none'; script-src {hashes(b'script')}; style-src {hashes(b'style')}; connect-src 'self'; "
-              "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-    return page, policy
 
 
 def refusal(environ: dict, start_response: Callable, status: int, message: str, code: str | None,
@@ -221,7 +203,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         store = services.request_log.store
         app.register_blueprint(api.blueprint(store, lambda: {**api.stored_status(store), "queued": services.main.gate.depth()}))
 
-    page, policy = dashboard_page()
+    page, policy = page_and_policy()
 
     @app.route("/dashboard", methods=["GET"])
     def dashboard() -> Response:

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from collector.store import Retention
+from llamabridge.store import Retention
 from llamabridge.edge import EdgeSettings
 from llamabridge.edge import settings_from_env as edge_from_env
 from llamabridge.settings import ConfigError, env_bool, env_float, env_int, env_url

@@ -4,8 +4,9 @@ Contract (the same one clients rely on): clients read `body["error"]["message"]`
 a string and never empty, and `body["error"]["type"]` is always one of the API's documented types.
 Anthropic routes get `{"type": "error", "error": {"type", "message"}}`; OpenAI routes get
 `{"error": {"message", "type", "code"}}`. Inside an open Anthropic stream the same body goes out
-as `event: error`; inside an open OpenAI stream, as a `data:` frame. A request gunicorn cannot parse is answered before any route is known, with
-the fields both envelopes share (`protocol_body`, written by serving.py).
+as `event: error`; inside an open OpenAI stream, as a `data:` frame. A request gunicorn cannot
+parse is answered before any route is known, with the fields both envelopes share
+(`llamabridge.serving.protocol_body`).
 """
 
 from __future__ import annotations
@@ -82,14 +83,6 @@ def anthropic_body(status: int, message: str, error_type: str | None = None) -> 
 
 def openai_body(status: int, message: str, error_type: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type or OPENAI_TYPES.get(status, "server_error"), "code": code or status}}
-
-
-def protocol_body(status: int, message: str) -> dict[str, Any]:
-    """For a request the HTTP server could not parse (a malformed request line, headers too
-    large), answered before any route is known: the fields both envelopes share, so an
-    Anthropic and an OpenAI client each read it as their own (`error.type`, `error.message`)."""
-    error_type = "api_error" if status >= 500 else "permission_error" if status == 403 else "invalid_request_error"
-    return {"type": "error", "error": {"type": error_type, "message": message, "code": status}}
 
 
 def render(flavor: str, err: ApiError) -> Response:

@@ -17,7 +17,7 @@ from .gate import Gate, Threads, Ticket
 from .metrics import ProxyMetrics
 from .prefix import PrefixTracker
 from .quotas import Quotas
-from .requestlog import RequestLog
+from llamabridge.requestlog import RequestLog
 from .tokens import TokenCounter
 from .upstream import ServerInfo, Upstream
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from collector import scrape
-from collector.store import Store, connect
+from llamabridge.store import Store, connect
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # The Process-Start-Time-Unix headers recorded with the two texts.
@@ -185,7 +185,7 @@ def test_roll_ups_compute_speeds_from_sums_and_keep_the_last_context(tmp_path):
 
 
 def test_an_outage_reads_as_llama_server_down_not_as_a_missing_collector(tmp_path):
-    from collector.api import stored_status
+    from llamabridge.api import stored_status
     from collector.job import ScrapeJob
     from tests.support.processes import free_port
 

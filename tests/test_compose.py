@@ -123,7 +123,7 @@ def test_docker_waits_for_the_proxy_to_finish_its_requests_and_its_request_log()
     """`docker compose stop` sends SIGTERM, then SIGKILL after stop_grace_period: long enough for
     gunicorn's graceful stop of the requests still running, then the request log's last flush."""
     from proxy.__main__ import SERVER_OPTIONS
-    from proxy.requestlog import EXIT_SECONDS, WRITE_BUSY_SECONDS
+    from llamabridge.requestlog import EXIT_SECONDS, WRITE_BUSY_SECONDS
 
     needed = SERVER_OPTIONS["graceful_timeout"] + EXIT_SECONDS + WRITE_BUSY_SECONDS
     assert duration_seconds(SERVICES["proxy"]["stop_grace_period"]) > needed
@@ -596,8 +596,9 @@ def test_make_keys_manages_the_compose_stack_to_be_when_bind_addr_is_beyond_loop
 def test_make_keys_manages_the_native_proxy_otherwise(stack_copy):
     root, _, log = stack_copy
     (root / "pyproject.toml").write_text("")
+    (root / "requirements.lock").write_text("")
     (root / ".venv/bin").mkdir(parents=True)
-    (root / ".venv/.installed").touch()  # newer than pyproject.toml: make installs nothing
+    (root / ".venv/.installed").touch()  # newer than pyproject.toml and the lock: make installs nothing
     python = root / ".venv/bin/python"
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)

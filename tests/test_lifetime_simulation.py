@@ -23,7 +23,7 @@ from pathlib import Path
 from collector import scrape
 from collector.exporter import StoreCollector
 from collector.job import ScrapeJob
-from collector.store import Retention, Store
+from llamabridge.store import Retention, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERVAL = 600.0  # one scrape per simulated 10 minutes: 144 a day

@@ -54,7 +54,7 @@ def test_env_file_fills_only_unset_variables(tmp_path):
 
 
 def test_request_log_writes_in_the_background_and_drops_the_newest_rather_than_blocks(tmp_path, monkeypatch):
-    from proxy import requestlog
+    from llamabridge import requestlog
 
     now = time.time()  # rows from 1970 would be retention's to delete
     log = requestlog.RequestLog(str(tmp_path / "log.db"))
@@ -77,7 +77,7 @@ def test_request_log_writes_in_the_background_and_drops_the_newest_rather_than_b
 def test_request_log_drops_only_the_row_the_store_refuses(tmp_path):
     """A row SQLite can never take (here a value it cannot bind) is not retried forever, holding
     back every row behind it: its batch is written row by row, and only it is dropped."""
-    from proxy import requestlog
+    from llamabridge import requestlog
 
     now = time.time()
     log = requestlog.RequestLog(str(tmp_path / "log.db"))
@@ -126,7 +126,7 @@ def test_every_setting_the_services_read_is_documented_in_env_example():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    sources = [root / "proxy/config.py", root / "collector/config.py", root / "collector/store.py", *sorted((root / "llamabridge").glob("*.py"))]
+    sources = [root / "proxy/config.py", root / "collector/config.py", *sorted((root / "llamabridge").glob("*.py"))]
     read = {name for path in sources for name in re.findall(r'env(?:\.get|_int|_float|_bool|_list)\((?:env, )?"([A-Z_]+)"', path.read_text())}
     read |= {f"POLICY_{klass.upper()}" for klass in ("main", "subagent", "title", "probe", "background")}
     documented = set(re.findall(r"^#? ?([A-Z_]+)=", (root / ".env.example").read_text(), re.M))

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from collector.store import Store
+from llamabridge.store import Store
 from tests.support import processes
 from tests.support.waiting import wait_until
 

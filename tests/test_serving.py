@@ -1,4 +1,4 @@
-"""proxy/serving.py's gunicorn worker, on a real gunicorn with two threads.
+"""llamabridge/serving.py's gunicorn worker, on a real gunicorn with two threads.
 
 The worker keeps the thread that answered a kept-alive connection waiting there for a moment for
 the next request (see `serving.Worker`). These check what that must not break: requests back to
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from proxy.serving import Worker
+from llamabridge.serving import Worker
 from tests.support import processes
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 # A WSGI app that answers with the request's path, under the same serve() the proxy and the
 # collector use, with two threads.
 APP = """
-from proxy.serving import serve
+from llamabridge.serving import serve
 
 def app(environ, start_response):
     body = environ["PATH_INFO"].encode()

@@ -388,9 +388,6 @@ class Store:
             else:
                 db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
-    def add_event(self, now: float, kind: str, detail: str = "") -> None:
-        self._write(lambda db: self._record(db, now, {}, {}, None, [(kind, detail)], {}))
-
     # -- reads for the API ------------------------------------------------------------------------
 
     def samples(self, since: float, bucket: int = 0, limit: int = 5000) -> list[dict[str, Any]]:

@@ -1,9 +1,9 @@
 """The proxy's request log: one row per request in the shared SQLite store, written off the
-request thread, and no row lost to a store that is busy for a while.
+request thread, and no row lost to a store that is busy for a while. The proxy writes it; the
+collector's dashboard API reads it (llamabridge/api.py).
 
 Request threads append a row to a list under a lock and return: no thread is woken per
-request (waking the writer for every row cost a measurable share of the proxy's added
-latency). One writer thread writes the list, oldest first, in transactions of up to BATCH rows
+request (waking a thread per row is a share of the proxy's added latency). One writer thread writes the list, oldest first, in transactions of up to BATCH rows
 every half second, so a slow disk never slows a request.
 
 The list is also the retry buffer. A batch is taken off it only once written: when the store
@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from collector.store import Retention, Store
+from .store import Retention, Store
 
 log = logging.getLogger("llamabridge.requestlog")
 

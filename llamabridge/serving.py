@@ -1,4 +1,5 @@
-"""Run a Flask app under gunicorn as one process with threads (the proxy and the collector both).
+"""Run a Flask app under gunicorn as one process with threads (the proxy and the collector both),
+and the start-up both share: settings or a one-line error, the store checked, logging.
 
 One process, never several: the proxy's admission gate and session state, and the collector's
 scheduler, must each exist exactly once.
@@ -43,13 +44,21 @@ def store_or_exit(service: str, db_path: str) -> None:
     traceback from a worker that failed to boot."""
     import sqlite3
 
-    from collector.store import Store  # the proxy without a request log never needs it
+    from .store import Store  # the proxy without a request log never needs it
 
     try:
         Store(db_path).close()
     except (OSError, sqlite3.Error) as exc:
         print(f"llamabridge {service}: DB_PATH={db_path}: cannot open the store: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def protocol_body(status: int, message: str) -> dict[str, Any]:
+    """For a request the HTTP server could not parse (a malformed request line, headers too
+    large), answered before any route is known: the fields both APIs' envelopes share, so an
+    Anthropic and an OpenAI client each read it as their own (`error.type`, `error.message`)."""
+    error_type = "api_error" if status >= 500 else "permission_error" if status == 403 else "invalid_request_error"
+    return {"type": "error", "error": {"type": error_type, "message": message, "code": status}}
 
 
 def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
@@ -60,8 +69,6 @@ def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     its workers call for it; it has no setting for the format. An SDK shows an HTML page as
     "Error code: 400 - <html>..."; this body reads as its own error in either API.
     """
-    from .errors import protocol_body  # imports Flask: only ever called in the worker, which has it
-
     message = f"{reason}: {mesg}" if mesg else reason
     body = json.dumps(protocol_body(status_int, message)).encode()
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
@@ -100,8 +107,7 @@ def checked_in_a_child(check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     it refuses).
 
     `check` is everything start-up is refused on: the settings, the store, the keys file. It
-    needs modules (SQLite, hashlib, the settings and edge code: about 4 MB resident) that
-    gunicorn's arbiter, which this process becomes, never uses again; what the arbiter imports
+    needs modules (SQLite, hashlib, the settings and edge code) that gunicorn's arbiter, which this process becomes, never uses again; what the arbiter imports
     stays resident in it and is counted again in the worker it forks. Checked in a child that
     exits, they never load here; the worker imports them for itself.
     """
@@ -144,8 +150,8 @@ class Worker(ThreadWorker):
     gthread hands every request on a kept-alive connection across two threads: its main thread
     waits for the socket to turn readable, then passes the connection to a pool thread, and the
     pool thread passes it back through a pipe when the answer is out. That is three wake-ups and
-    as many hand-overs of the GIL per request, on the path of every one (bench/run.py's floor
-    rows). Clients that talk back to back (an agent's token counts, an SDK's retries, a
+    as many hand-overs of the GIL per request, on the path of every one (the benchmark's floor
+    rows show the cost). Clients that talk back to back (an agent's token counts, an SDK's retries, a
     benchmark) mostly send their next request within microseconds of reading an answer; this
     worker waits for it on the thread that served the last one, for up to `linger_ms`, and
     only then hands the connection back to gthread's poller as before.
@@ -195,8 +201,8 @@ class _Server(BaseApplication):
         app = self._load()
         # What start-up built (modules, the app, its routes and metrics) lives as long as the
         # process. Frozen, it is out of the garbage collector's sight: a full collection then
-        # walks only what requests made, instead of pausing every thread for milliseconds
-        # (~7 ms for the proxy's ~38k start-up objects on a 2-core VM) at unpredictable times.
+        # walks only what requests made, instead of pausing every thread for milliseconds at
+        # unpredictable times to walk start-up's tens of thousands of objects again.
         gc.collect()
         gc.freeze()
         return app
