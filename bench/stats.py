@@ -29,11 +29,10 @@ def interval(statistic: Callable[..., np.ndarray], *samples: Sequence[float]) ->
     The samples are paired: position i of each was measured in the same round, so rounds are
     resampled whole and the machine's drift from round to round stays inside every resample.
     What it answers: would another run of the same length on this machine likely land on the
-    other side of a target? On a shared VM the streamed rate of llama-server itself varies by
-    more than 10% from one stream to the next, and a 40-round median of a ratio is then only
-    good to a few percent (160 rounds, bench/run.py's default, to about half that). None for
-    fewer than MIN_ROUNDS rounds. The resampling is seeded, so the same results give the same
-    interval.
+    other side of a target? On a shared machine llama-server's own speed varies from one round
+    to the next, so a median over a few dozen rounds can miss a target by chance; the interval
+    says when it could have. None for fewer than MIN_ROUNDS rounds. The resampling is seeded, so
+    the same results give the same interval.
     """
     if len(samples[0]) < MIN_ROUNDS:
         return None

@@ -1,6 +1,6 @@
 """`make bench`'s harness, run for a few rounds against the real llama-server.
 
-The benchmark takes nine minutes and is not part of `make test`; these tests make sure it still
+The benchmark runs for many minutes and is not part of `make test`; these tests make sure it still
 measures every path and reports every target, so a broken harness is found here rather than at
 the end of a long run. They never assert a timing: speed is the benchmark's business.
 """
@@ -12,7 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from bench import run, stats
+from bench import host, load, report, stats, targets
+from bench import overhead as bench_overhead
 from tests.support import processes
 
 pytestmark = pytest.mark.integration
@@ -22,8 +23,8 @@ PATHS = ("direct", "floor", "flask", "relay", "anthropic")
 
 @pytest.fixture(scope="module")
 def overhead(llama) -> dict:
-    with processes.proxy(llama.url) as proxy, run.floor(llama.url, "wsgi") as bare, run.floor(llama.url, "flask") as flask:
-        return run.overhead(llama.url, proxy.url, {"wsgi": bare.url, "flask": flask.url}, rounds=3, stream_rounds=2,
+    with processes.proxy(llama.url) as proxy, bench_overhead.floor(llama.url, "wsgi") as bare, bench_overhead.floor(llama.url, "flask") as flask:
+        return bench_overhead.run(llama.url, proxy.url, {"wsgi": bare.url, "flask": flask.url}, rounds=3, stream_rounds=2,
                             llama_pid=llama.proc.pid)
 
 
@@ -39,7 +40,7 @@ def test_streams_are_measured_against_llama_servers_own_rate(overhead):
         assert len(samples) == 2
         for ttft_ms, client_rate, tokens, server_rate, cpu_wait_ms in samples:
             # The JSON schema keeps every reply going; max_tokens ends each at the same token.
-            assert tokens == run.STREAM_TOKENS
+            assert tokens == bench_overhead.STREAM_TOKENS
             assert ttft_ms > 0 and client_rate > 0
             # llama-server's counters saw this stream: its rate is a real rate, near the client's.
             assert 0.5 < client_rate / server_rate < 2
@@ -54,7 +55,7 @@ def test_streams_are_measured_against_llama_servers_own_rate(overhead):
 
 def test_memory_is_the_proxys_arbiter_and_worker_and_the_arbiter_never_loads_the_app(llama):
     with processes.proxy(llama.url) as proxy:
-        idle = run.idle_memory(proxy.url, {"proxy": proxy.proc.pid})
+        idle = load.idle_memory(proxy.url, {"proxy": proxy.proc.pid})
         arbiter, worker = idle["proxy_parts"]  # exactly two processes: gunicorn's arbiter and its one worker
         assert idle["proxy"] == arbiter + worker
         assert arbiter > 0 and worker > 0
@@ -65,7 +66,7 @@ def test_memory_is_the_proxys_arbiter_and_worker_and_the_arbiter_never_loads_the
 
 
 def test_idle_penalty_times_flask_both_ways():
-    idle = run.idle_penalty(rounds=20, idle_s=0.001)
+    idle = host.idle_penalty(rounds=20, idle_s=0.001)
     assert idle["idle_ms"] == 1.0
     assert idle["flask_request_hot_us"] > 0 and idle["flask_request_after_idle_us"] > 0
 
@@ -76,7 +77,7 @@ def test_the_table_reports_every_target_and_names_the_missed(overhead):
         "date": "2026-12-01 00:00 UTC", "model": "tiny.gguf", "overhead": overhead, "rss_mb": {"proxy": 90.0, "collector": 80.0},
         "rss_idle_mb": {"proxy": 61.4, "proxy_parts": [26.0, 35.4], "collector": 50.0, "collector_parts": [20.0, 30.0]},
         "rss_peak_parts_mb": {"proxy": [26.0, 64.0], "collector": [20.0, 60.0]},
-        "machine": {**run.machine(), "idle": run.idle_penalty(rounds=5, idle_s=0.001)},
+        "machine": {**host.describe(), "idle": host.idle_penalty(rounds=5, idle_s=0.001)},
         "concurrency": {"clients": 50, "seconds": 120.0, "requests": 3, "by_kind": {"main": 1, "title": 1, "count_tokens": 1},
                         "failed": 1, "failures": ["main -1"], "max_upstream_processing": 1.0, "max_upstream_deferred": 0.0,
                         "queue_wait_ms": {"main": queue, "title": queue}, "background_local_ms": {"p50": 0.3, "p99": 2.0, "n": 1},
@@ -88,12 +89,12 @@ def test_the_table_reports_every_target_and_names_the_missed(overhead):
                       "sqlite_bytes_month": 9.2e6, "api_ms": {"/api/totals": {"p50": 1.0, "p99": 2.0}}},
     }
     # Three rounds give no interval; a real run's would sit here.
-    assert all(span is None for span in overhead["intervals"].values()) and set(overhead["intervals"]) <= set(run.TARGETS)
+    assert all(span is None for span in overhead["intervals"].values()) and set(overhead["intervals"]) <= set(targets.TARGETS)
     results["overhead"] = dict(overhead, intervals={"relay_stream_throughput_ratio": (0.95, 1.01), "relay_added_p50_ms": (1.5, 1.9)},
                                anthropic_stream_added_ttft_ms=6.1, anthropic_stream_added_ttft_interval_ms=(-3.04, 12.0))
-    results["checks"] = run.checks(results)
-    text = run.table(results)
-    for name in run.TARGETS:
+    results["checks"] = targets.checks(results)
+    text = report.table(results)
+    for name in targets.TARGETS:
         assert f"| {name} " in text
     # One failed request under load is a missed target, and the table says so.
     assert "| concurrency_failed <= 0 | 1.000 |  | **MISSED** |" in text
@@ -113,8 +114,8 @@ def test_the_table_reports_every_target_and_names_the_missed(overhead):
     assert "(+6.1; -3.0 to +12.0) |" in text
     # A value just short of its target is shown with the digits that say so.
     results["cache"]["second_session_saving"] = 0.89996
-    results["checks"] = run.checks(results)
-    assert "| cache_second_session_saving >= 0.9 | 0.89996 |  | **MISSED** |" in run.table(results)
+    results["checks"] = targets.checks(results)
+    assert "| cache_second_session_saving >= 0.9 | 0.89996 |  | **MISSED** |" in report.table(results)
 
 
 def test_intervals_hold_the_truth_and_narrow_with_rounds():

@@ -1,0 +1,120 @@
+"""The results table `make bench` prints and writes to bench/results/latest.md (the README's
+benchmark table is copied from it)."""
+
+from __future__ import annotations
+
+from bench.load import START_BURST_SECONDS
+from bench.targets import undecided
+
+
+def memory(name: str, values: dict, parts: dict | None = None) -> str:
+    """"123 MB (arbiter 28 + worker 95)" from an idle or peak reading."""
+    split = (parts or {}).get(name) or values.get(f"{name}_parts") or []
+    text = f"{values[name]:.0f} MB"
+    if len(split) == 2:
+        text += f" (arbiter {split[0]:.0f} + worker {split[1]:.0f})"
+    return text
+
+
+def table(results: dict) -> str:
+    """Markdown: the overhead table, the load, memory, prompt-cache and collector figures, and every
+    target with its value, its 95% interval where it has one, and its verdict."""
+    o, c, k, col = results["overhead"], results["concurrency"], results["cache"], results["collector"]
+    m = results["machine"]
+
+    def added_ttft(name: str) -> str:
+        span = o.get(f"{name}_stream_added_ttft_interval_ms")
+        text = f"{o[f'{name}_stream_added_ttft_ms']:+.1f}"
+        return text if span is None else f"{text}; {span[0]:+.1f} to {span[1]:+.1f}"
+
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; model: {results['model']}; "
+        f"llama-server 1 slot, -t 1; {results['date']}",
+        "",
+        "| measure | direct | OpenAI relay | Anthropic translation |",
+        "|---|---|---|---|",
+        f"| 1-token completion p50 / p90 / p99 (ms) | {o['latency_ms']['direct']['p50']:.2f} / {o['latency_ms']['direct']['p90']:.2f} / {o['latency_ms']['direct']['p99']:.2f} "
+        f"| {o['latency_ms']['relay']['p50']:.2f} / {o['latency_ms']['relay']['p90']:.2f} / {o['latency_ms']['relay']['p99']:.2f} "
+        f"| {o['latency_ms']['anthropic']['p50']:.2f} / {o['latency_ms']['anthropic']['p90']:.2f} / {o['latency_ms']['anthropic']['p99']:.2f} |",
+        f"| added latency p50 / p90 / p99 (ms) | | {o['relay_added_ms']['p50']:+.2f} / {o['relay_added_ms']['p90']:+.2f} / {o['relay_added_ms']['p99']:+.2f} "
+        f"| {o['anthropic_added_ms']['p50']:+.2f} / {o['anthropic_added_ms']['p90']:+.2f} / {o['anthropic_added_ms']['p99']:+.2f} |",
+        f"| added by a bare WSGI relay under the same gunicorn (bench/floor.py) | | {o['floor_added_ms']['p50']:+.2f} / "
+        f"{o['floor_added_ms']['p90']:+.2f} / {o['floor_added_ms']['p99']:+.2f} | |",
+        f"| added by the same relay as a one-route Flask app (bench/floor.py) | | {o['flask_added_ms']['p50']:+.2f} / "
+        f"{o['flask_added_ms']['p90']:+.2f} / {o['flask_added_ms']['p99']:+.2f} | |",
+        f"| streamed {o['stream']['direct']['tokens']:.0f} tokens: time to first token, median (added, paired by round; its 95% interval) (ms) "
+        f"| {o['stream']['direct']['ttft_ms']:.1f} | {o['stream']['relay']['ttft_ms']:.1f} ({added_ttft('relay')}) "
+        f"| {o['stream']['anthropic']['ttft_ms']:.1f} ({added_ttft('anthropic')}) |",
+        f"| streamed: tokens/s at the client, median (throughput ratio to direct, paired by round) | {o['stream']['direct']['tokens_per_s']:.0f} "
+        f"| {o['stream']['relay']['tokens_per_s']:.0f} ({o['relay_stream_throughput_ratio']:.3f}) "
+        f"| {o['stream']['anthropic']['tokens_per_s']:.0f} ({o['anthropic_stream_throughput_ratio']:.3f}) |",
+        f"| of which: share of llama-server's rate that reached the client (ratio to direct) | "
+        f"| {o['relay_stream_delivered_ratio']:.3f} | {o['anthropic_stream_delivered_ratio']:.3f} |",
+        f"| and: llama-server's own rate for the same streams, median tokens/s (ratio to direct) "
+        f"| {o['stream']['direct']['server_tokens_per_s']:.0f} "
+        f"| {o['stream']['relay']['server_tokens_per_s']:.0f} ({o['relay_stream_server_rate_ratio']:.3f}) "
+        f"| {o['stream']['anthropic']['server_tokens_per_s']:.0f} ({o['anthropic_stream_server_rate_ratio']:.3f}) |",
+        "| llama-server's generating thread per stream: ms waiting for a CPU, mean (share of its generating time) "
+        + "".join(f"| {o['stream'][n]['server_cpu_wait_ms']:.2f} ({o['stream'][n]['server_cpu_wait_ms'] / o['stream'][n]['generating_ms']:.2%}) "
+                  for n in ("direct", "relay", "anthropic")) + "|",
+        "",
+        f"Of the relay's added p50, {o['floor_added_ms']['p50']:.2f} ms is what a bare WSGI relay under the same gunicorn settings adds "
+        f"(the server model by itself, on this machine) and {o['relay_added_ms']['p50'] - o['floor_added_ms']['p50']:.2f} ms is "
+        "llamabridge's own work (admission gate, request parsing, metrics, request log, disconnect watch). Flask's request handling, "
+        "which the completion and message routes skip (proxy/fastpath.py), would add "
+        f"{o['flask_added_ms']['p50'] - o['floor_added_ms']['p50']:.2f} ms more (the one-route Flask relay against the bare one).",
+        "",
+        f"How much the CPU's caches go cold between requests on this machine: Flask's handling of one request takes "
+        f"{m['idle']['flask_request_hot_us']:.0f} µs back to back and {m['idle']['flask_request_after_idle_us']:.0f} µs after "
+        f"{m['idle']['idle_ms']:.0f} ms idle ({m['idle']['flask_request_after_idle_us'] / m['idle']['flask_request_hot_us']:.1f}x). "
+        "Every proxied request runs after such a pause, so part of the added milliseconds above is paid in cache "
+        "misses, and they move with this factor from run to run.",
+        "",
+        f"Under load ({c['clients']} Claude Code-shaped clients, {c['seconds']:.0f} s, {c['requests']} requests: "
+        f"{c['by_kind']['main']} main turns, {c['by_kind']['title']} titles, {c['by_kind']['count_tokens']} token counts): "
+        f"{c['failed']} failed; llama-server processing at most {c['max_upstream_processing']:.0f}, deferred at most "
+        f"{c['max_upstream_deferred']:.0f}.",
+        "",
+        f"Memory (resident, gunicorn's arbiter and worker added up): the proxy {memory('proxy', results['rss_idle_mb'])} idle "
+        f"(after start-up and one request per route), {memory('proxy', results['rss_mb'], results.get('rss_peak_parts_mb'))} "
+        f"at the load's peak; the collector {results['rss_idle_mb']['collector']:.0f} MB idle, "
+        f"{results['rss_mb']['collector']:.0f} MB at the peak.",
+        "",
+        "| class | requests | queue wait p50 / p90 / p99 (ms) |",
+        "|---|---|---|",
+    ]
+    for klass, q in c["queue_wait_ms"].items():
+        lines.append(f"| {klass} | {q['n']} | {q['p50']:.1f} / {q['p90']:.1f} / {q['p99']:.1f} |")
+    lines += [
+        "",
+        f"Background requests answered without the model (session titles, token-count probes): p50 {c['background_local_ms']['p50']:.1f} ms, "
+        f"p99 {c['background_local_ms']['p99']:.1f} ms in the proxy (client-side, titles: p99 {c['title_client_ms']['p99']:.1f} ms); "
+        f"after the first {START_BURST_SECONDS:.0f} s, when all sessions start at once: p99 {c['background_after_start_ms']['p99']:.1f} ms "
+        f"of {c['background_after_start_ms']['n']}. "
+        f"Token counts (count_tokens, exact, then cached): p50 {c['count_tokens_ms']['p50']:.1f} ms, p99 {c['count_tokens_ms']['p99']:.1f} ms, "
+        f"slowest {c['count_tokens_ms']['max']:.0f} ms in the proxy.",
+        "",
+        "| prompt tokens evaluated | " + " | ".join(k["turns"]) + " | total |",
+        "|---|" + "---|" * (len(k["turns"]) + 1),
+        "| direct (llama-server /v1/messages) | " + " | ".join(f"{v:.0f}" for v in k["direct"]) + f" | {k['direct_total']:.0f} |",
+        "| through llamabridge | " + " | ".join(f"{v:.0f}" for v in k["proxy"]) + f" | {k['proxy_total']:.0f} |",
+        "",
+        f"Second session's first turn: {k['second_session_saving']:.1%} fewer prompt tokens through the proxy.",
+        "",
+        f"Collector: a scrape takes {col['scrape_wall_ms_p50']:.1f} ms p50 ({col['scrape_wall_ms_p99']:.1f} ms p99) and "
+        f"{col['scrape_cpu_ms_mean']:.1f} ms of CPU; SQLite grows {col['sqlite_bytes_per_day'] / 1e6:.2f} MB per day of 10 s scrapes "
+        f"({col['sqlite_bytes_month'] / 1e6:.1f} MB after 30 days); dashboard API with a month of data, p50 / p99 ms: "
+        + ", ".join(f"`{path}` {v['p50']:.1f} / {v['p99']:.1f}" for path, v in col["api_ms"].items()) + ".",
+        "",
+        "| target | value | 95% interval | |",
+        "|---|---|---|---|",
+    ]
+    for name, value, op, target, ok, span in results["checks"]:
+        shown = "" if span is None else f"{span[0]:.3f} to {span[1]:.3f}"
+        if undecided(target, span):
+            shown += " (holds the target: this run cannot tell)"
+        digits = 3
+        while f"{value:.{digits}f}" == f"{target:.{digits}f}" and value != target and digits < 6:
+            digits += 1  # 0.97996 is not 0.980: show it so, next to MISSED
+        lines.append(f"| {name} {op} {target} | {value:.{digits}f} | {shown} | {'met' if ok else '**MISSED**'} |")
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""`make bench`'s targets, and the verdict on each from a run's results."""
+
+from __future__ import annotations
+
+# name: (operator, limit). The 1-token and streamed targets come with a 95% interval
+# (bench/overhead.py's "intervals", same keys); the others are counts or single readings.
+TARGETS = {
+    "relay_added_p50_ms": ("<=", 1.0),
+    "relay_added_p99_ms": ("<=", 3.0),
+    "anthropic_added_p50_ms": ("<=", 2.0),
+    "relay_stream_throughput_ratio": (">=", 0.98),
+    "anthropic_stream_throughput_ratio": (">=", 0.98),
+    "concurrency_failed": ("<=", 0),
+    "concurrency_max_upstream_processing": ("<=", 1),
+    "concurrency_max_upstream_deferred": ("<=", 0),
+    "background_p99_ms": ("<", 20.0),
+    # gunicorn's arbiter and its worker together, as `ps` or a container's memory use shows them.
+    "proxy_rss_idle_mb": ("<=", 60.0),
+    "proxy_rss_peak_mb": ("<=", 120.0),
+    "cache_second_session_saving": (">=", 0.90),
+    "cache_turns_worse_than_direct": ("<=", 0),
+}
+
+
+def checks(results: dict) -> list[tuple[str, float, str, float, bool, tuple[float, float] | None]]:
+    """(target, value, operator, limit, met, 95% interval of the value or None) for every target."""
+    values = {
+        "relay_added_p50_ms": results["overhead"]["relay_added_ms"]["p50"],
+        "relay_added_p99_ms": results["overhead"]["relay_added_ms"]["p99"],
+        "anthropic_added_p50_ms": results["overhead"]["anthropic_added_ms"]["p50"],
+        "relay_stream_throughput_ratio": results["overhead"]["relay_stream_throughput_ratio"],
+        "anthropic_stream_throughput_ratio": results["overhead"]["anthropic_stream_throughput_ratio"],
+        "concurrency_failed": results["concurrency"]["failed"],
+        "concurrency_max_upstream_processing": results["concurrency"]["max_upstream_processing"],
+        "concurrency_max_upstream_deferred": results["concurrency"]["max_upstream_deferred"],
+        "background_p99_ms": results["concurrency"]["background_local_ms"]["p99"],
+        "proxy_rss_idle_mb": results["rss_idle_mb"]["proxy"],
+        "proxy_rss_peak_mb": results["rss_mb"]["proxy"],
+        "cache_second_session_saving": results["cache"]["second_session_saving"],
+        "cache_turns_worse_than_direct": results["cache"]["turns_worse_than_direct"],
+    }
+    intervals = results["overhead"].get("intervals") or {}
+    out = []
+    for name, (op, target) in TARGETS.items():
+        value = values[name]
+        ok = {"<=": value <= target, ">=": value >= target, "<": value < target}[op]
+        out.append((name, value, op, target, ok, intervals.get(name)))
+    return out
+
+
+def undecided(limit: float, span: tuple[float, float] | None) -> bool:
+    """Whether the run could as well have landed on the other side of the limit."""
+    return span is not None and span[0] <= limit <= span[1]
