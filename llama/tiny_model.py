@@ -6,7 +6,7 @@ real tokenizer (llama.cpp's own `ggml-vocab-llama-spm.gguf`) and a tool-capable 
 (Qwen 2.5's, with `<tool_call>` tags), so llama-server exercises its real chat, tool-call,
 tokenizer and prompt-cache paths. Its words are noise; its structure is real.
 
-Facts that make it work (see also llama-server's own behaviour notes in the README):
+Facts that make it work (see also llama-server's own behaviour notes in CONTRIBUTING.md):
 - `tokenizer.ggml.add_space_prefix = false`, otherwise every tool request fails with
   "Failed to initialize samplers".
 - a separate, untied `output.weight`: a tied output only repeats newlines.

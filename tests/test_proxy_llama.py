@@ -36,7 +36,7 @@ WEATHER_TOOL = {
     },
 }
 # The tiny model's weights are random: an assistant prefill of "<tool_call>\n" makes llama-server's
-# tool grammar produce a schema-valid call every time (see the README's testing notes).
+# tool grammar produce a schema-valid call every time (see CONTRIBUTING.md's testing notes).
 TOOL_PREFILL = [{"role": "user", "content": "What is the weather?"}, {"role": "assistant", "content": "<tool_call>\n"}]
 
 
