@@ -3,7 +3,7 @@
 Reference points for the overhead benchmark, not a product. FLOOR_APP=wsgi (the default) is a
 bare WSGI app (no Flask, no admission gate, no metrics, no request log, no disconnect watch)
 that relays the request body to llama-server with the proxy's own upstream client (kept-alive
-connections, httptools; `proxy/upstream.py`) and returns the answer; FLOOR_APP=flask is the
+connections, httptools; `proxy/upstream.py` over `proxy/http1.py`) and returns the answer; FLOOR_APP=flask is the
 same relay as a one-route Flask app.
 Either is served by gunicorn with exactly the settings `python -m proxy` uses (one process,
 the same threaded worker, same keep-alive). Measured in the same interleaved run, the latency the bare one adds

@@ -27,7 +27,7 @@ from . import errors, messages, models, relay, translate
 from .config import Settings
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import ApiError, Rejected
-from .fastpath import FastPath, Reply, json_body
+from .fastpath import BareResponse, FastPath, json_body
 from .metrics import Call
 from .services import Services
 from .upstream import Upstream
@@ -271,8 +271,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         if path != "/v1/models":
             app.add_url_rule(path, endpoint=path, view_func=openai_relay, methods=list(methods))
 
-    def completion(body: dict, raw: bytes, environ: dict, call: Call) -> Reply:
-        return Reply(*relay.generation(call.route, body, raw, services, ClientWatch(environ), call))
+    def completion(body: dict, raw: bytes, environ: dict, call: Call) -> BareResponse:
+        return BareResponse(*relay.generation(call.route, body, raw, services, ClientWatch(environ), call))
 
     # The busiest routes' ordinary requests skip Flask's request handling (fastpath.py).
     fast_routes = {"/v1/messages": message, **{path: completion for path in relay.GENERATION_ROUTES}}

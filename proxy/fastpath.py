@@ -1,11 +1,12 @@
 """The busiest routes' ordinary requests, served in front of Flask's request handling.
 
 `POST /v1/messages` and the generation routes (`/v1/chat/completions`, `/v1/completions`,
-`/v1/responses`, `/completion`, `/infill`) are what agents send on every turn. On a small
-machine Flask's part of such a request (request and response objects, URL matching, context
-push and pop, after-request hooks) costs 0.35 to 0.5 ms, more than the relay's own work: the
-benchmark's reference rows (`make bench`, bench/floor.py) measure it. So a POST to one of those routes with a body that is a JSON object within the size limit goes
-from WSGI straight to the route's handler, the same function its Flask view calls.
+`/v1/responses`, `/completion`, `/infill`) are what agents send on every turn. Flask's part of
+such a request (request and response objects, URL matching, context push and pop,
+after-request hooks) costs more than the relay's own work: the benchmark's reference rows
+(`make bench`, bench/floor.py) measure it. So a POST to one of those routes with a body that is
+a JSON object within the size limit goes from WSGI straight to the route's handler, the same
+function its Flask view calls.
 
 Everything else is Flask's, so its answers stay the only ones: other routes and methods, and a
 missing, empty, oversized, chunked or malformed body (handed on unread, or re-readable). An
@@ -28,11 +29,11 @@ from .metrics import Call
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 # A route's handler: (the body as a JSON object, its bytes, the WSGI environ, the request's
-# record) to the response, as a WSGI app (a Flask Response, or a Reply).
+# record) to the response, as a WSGI app (a Flask Response, or a BareResponse).
 Handler = Callable[[dict, bytes, dict, Call], WSGIApp]
 
 
-class Reply:
+class BareResponse:
     """A response that is only a status, headers and a body iterator (no Response object)."""
 
     __slots__ = ("status", "headers", "body")
@@ -79,15 +80,22 @@ class FastPath:
         try:
             response = handler(body, raw, environ, call)
         except Exception as err:  # noqa: BLE001 - rendered exactly as Flask renders it
-            return self._error(environ, start_response, call, err)
+            with self.app.request_context(environ):
+                g.call = call
+                return flask_error_response(self.app, err)(environ, start_response)
         return ClosingIterator(response(environ, start_response), self.after)
 
-    def _error(self, environ: dict[str, Any], start_response: Callable, call: Call, err: Exception) -> Iterable[bytes]:
-        """The response Flask's error handlers give `err` (they finish and record the call)."""
-        with self.app.request_context(environ):
-            g.call = call
-            response = self.app.finalize_request(self.app.handle_user_exception(err))
-            return response(environ, start_response)
+
+def flask_error_response(app: Flask, err: Exception) -> WSGIApp:
+    """The response Flask's error handlers give `err` (they finish and record the call), inside
+    the request context the caller pushed.
+
+    The one reach into Flask's request handling: these two steps are what
+    `Flask.full_dispatch_request` does with an exception from a view, so an error from a fast
+    handler gets the very answer, hooks included, that its Flask view would. Pinned by
+    tests/test_fastpath.py, which compares the two byte for byte.
+    """
+    return app.finalize_request(app.handle_user_exception(err))
 
 
 def json_body(raw: bytes) -> Any:

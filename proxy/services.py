@@ -62,7 +62,7 @@ class Services:
 
     def prepare_connections(self) -> None:
         """Open a connection ahead of the next request to each llama-server that closed one
-        after answering (`_Connections.prepare`)."""
+        after answering (`Connections.prepare`)."""
         self.main.upstream.connections.prepare()
         if self.background is not None:
             self.background.upstream.connections.prepare()

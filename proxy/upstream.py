@@ -1,36 +1,24 @@
-"""The one module that speaks HTTP to llama-server.
+"""The one module that speaks HTTP to llama-server: what the proxy asks of it and how.
 
-One HTTP/1.1 client (`_Connection`, a plain socket, and `Answer`, which reads the answer with
-httptools), used two ways:
+Requests go over the HTTP/1.1 client in `proxy/http1.py`, two ways:
 - `json()` / `request()`: small calls (`/props`, `/tokenize`, `/apply-template`, `/health`),
   each on a connection of its own that closes after the answer. llama-server serves every open
   connection on one of its threads until the connection closes or has been idle for 5 s, and
   when many connections arrive at once its pool can leave one queued with no thread to take
-  it: that one waits until some other connection ends. With a kept-alive connection per proxy
-  thread, that was up to 5 s: when 50 Claude Code sessions started at once, one `/apply-template`
-  of a count_tokens burst waited 2.4 to 5.1 s in 8 of 13 runs, and every session's count with
-  it. Closed after each answer, those connections free their threads at once (0 of 9 runs
-  stalled), for a new connection's ~0.3 ms, next to the milliseconds these calls take.
-- `open()`: generation requests, on connections kept for the next one. A non-streamed
+  it: that one waits until some other connection ends. Kept alive, the small calls' connections
+  would hold threads idle, and a burst of token counts (many agent sessions starting at once)
+  could wait for one of them to time out; closed after each answer, they free their threads at
+  once, for the small cost of a new connection.
+- `open()`: generation requests, on pooled connections kept for the next one. A non-streamed
   completion sends nothing until it is done, so while waiting for the answer we `poll()`
   llama-server's socket and look at the client's: if the client has gone, closing this
   connection is what makes llama-server stop generating and free the slot. An answer that goes
   quiet is watched by a `StallWatch`, which ends it once llama-server has stopped working on it
-  (UPSTREAM_STALL_TIMEOUT). A connection whose
-  answer was read to the end goes back to a small idle pool (`_Connections`) for the next
-  request: a new TCP connection per request is a measurable part of what the proxy adds to a
-  short one.
-
-Before httptools (the C parser uvicorn uses), generations went through the standard library's
-`http.client` and small calls through `requests`: answers went through the `email` package's
-header parser and a Python chunked-body reader, about 0.2 ms of the ~1 ms a bare relay adds to a
-1-token request on a 2-core machine. And `requests` keeps a connection for reuse unless the
-answer says "Connection: close", which Python's http.server and servers like it do not (they
-close it a moment later, failing the next call that took it).
+  (UPSTREAM_STALL_TIMEOUT).
 
 llama-server closes the connection after every streamed answer (every Anthropic request is
 streamed from it), so once such a response has gone to the client the pool opens the next
-connection ahead of the next request (`_Connections.prepare`, called by the app).
+connection ahead of the next request (`Connections.prepare`, called by the app).
 """
 
 from __future__ import annotations
@@ -38,23 +26,22 @@ from __future__ import annotations
 import logging
 import os
 import select
-import socket
 import ssl
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
-from http.client import HTTPException, RemoteDisconnected
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from urllib.parse import urlparse
-from wsgiref.headers import Headers
-
-import httptools
 
 from . import fastjson
 from .config import Settings
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import UPSTREAM_DOWN, ApiError, from_upstream
+from .http1 import BROKEN_CONNECTION, Answer, Connection, Pool, read_all, readable, stream_chunks, stream_lines
+
+# The routes read llama-server's answers with these, through the module that talks to it.
+__all__ = ["BROKEN_CONNECTION", "Answer", "Connections", "ServerInfo", "SmallAnswer", "StallWatch", "Upstream", "read_all",
+           "relay_headers", "stream_chunks", "stream_lines"]
 
 log = logging.getLogger("llamabridge.upstream")
 
@@ -81,14 +68,6 @@ QUIET_TICK_SECONDS = 1.0
 # 404 or 501 means the route is disabled (--no-slots; --metrics not given). Not /health, which
 # its HTTP threads answer even when the main loop hangs.
 PROBE_PATHS = ("/slots", "/metrics")
-# Errors that mean a kept-alive connection was closed by the server before it read our request.
-_STALE = (ConnectionResetError, BrokenPipeError, RemoteDisconnected)
-# What a broken connection to llama-server raises while a request is sent or its answer read.
-BROKEN_CONNECTION = (OSError, HTTPException)
-
-
-class UpstreamProtocolError(HTTPException):
-    """llama-server's answer is not HTTP we can read, or ended before its body did."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +81,7 @@ class ServerInfo:
 
 
 @dataclass(frozen=True)
-class Reply:
+class SmallAnswer:
     """A small call's answer, read to its end."""
 
     status_code: int
@@ -131,8 +110,8 @@ class Upstream:
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         tls = ssl.create_default_context() if parsed.scheme == "https" else None
         self._host_header = parsed.netloc.rsplit("@", 1)[-1]
-        self._new_connection = lambda: _Connection(host, port, settings.connect_timeout, tls)
-        self.connections = _Connections(self._new_connection)
+        self._new_connection = lambda: Connection(host, port, settings.connect_timeout, tls, peer="llama-server")
+        self.connections = Connections(self._new_connection)
         self._probe_paths = list(PROBE_PATHS)  # those not found disabled yet
         self._probe_doubt_logged = False
 
@@ -150,7 +129,7 @@ class Upstream:
             head.append(f"Content-Length: {len(body or b'')}")
         return "\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + (body or b"")
 
-    def request(self, method: str, path: str, *, json_body: Any = None, timeout: float | None = None) -> "Reply":
+    def request(self, method: str, path: str, *, json_body: Any = None, timeout: float | None = None) -> SmallAnswer:
         """Send a small request on a connection of its own (closed after: never hold a
         llama-server thread idle, above) and return the answer, whatever its status.
 
@@ -166,7 +145,7 @@ class Upstream:
         finally:
             conn.close()
 
-    def _ask(self, conn: "_Connection", method: str, path: str, json_body: Any, timeout: float | None) -> "Reply":
+    def _ask(self, conn: Connection, method: str, path: str, json_body: Any, timeout: float | None) -> SmallAnswer:
         """`request()` on a connection already open (the caller closes it)."""
         body = None if json_body is None else fastjson.dumps(json_body)
         data = self._request_bytes(method, path, body, "application/json" if body is not None else None, close=True)
@@ -176,7 +155,7 @@ class Upstream:
             conn.sock.settimeout(timeout or self.settings.read_timeout)
             answer = Answer(conn, None, head_only=method == "HEAD")
             try:
-                return Reply(answer.status, read_all(answer, _NO_CLIENT))
+                return SmallAnswer(answer.status, read_all(answer, _NO_CLIENT))
             finally:
                 answer.close()
         except TimeoutError:
@@ -195,7 +174,7 @@ class Upstream:
             raise ApiError(502, f"llama-server answered {path} with something that is not JSON") from None
 
     def open(self, method: str, path: str, body: bytes | None, watch: ClientWatch,
-             content_type: str | None = "application/json") -> "Answer":
+             content_type: str | None = "application/json") -> Answer:
         """Send a generation request and return the response once its headers arrive.
 
         Raises ApiError(529) if llama-server cannot be reached, ClientDisconnected if the client
@@ -203,27 +182,12 @@ class Upstream:
         body (`stream_chunks`, `stream_lines`) and must `close()` the response.
         """
         request = self._request_bytes(method, path, body, content_type, close=False)
-
-        def send(conn: _Connection) -> Answer:
-            conn.send(request)
-            return self._answer(conn, watch, method)
-
-        conn, reused = self.connections.get()
         try:
-            try:
-                return send(conn)
-            except _STALE:
-                if not reused:
-                    raise
-                # The server closed the idle connection as we sent: it never saw the request.
-                conn.close()
-                conn = self.connections.new()
-                return send(conn)
+            return self.connections.send(request, lambda conn: self._answer(conn, watch, method))
         except BROKEN_CONNECTION as exc:
-            conn.close()
             raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
 
-    def _answer(self, conn: "_Connection", watch: ClientWatch, method: str) -> "Answer":
+    def _answer(self, conn: Connection, watch: ClientWatch, method: str) -> Answer:
         """Wait for the answer's headers, watching the client while llama-server works."""
         sock = conn.sock
         assert sock is not None
@@ -249,7 +213,7 @@ class Upstream:
             # Was the connect timeout. With a StallWatch, a quiet answer wakes its reader every
             # tick to look at the probe (Answer._recv), and UPSTREAM_READ_TIMEOUT is counted there.
             sock.settimeout(self.settings.read_timeout if stall is None else stall.tick)
-            answer = Answer(conn, self.connections, head_only=method == "HEAD", stall=stall)
+            answer = Answer(conn, self.connections, head_only=method == "HEAD", silence=stall)
             if stall is not None:
                 stall.heard()  # the headers are progress; the body's silence is counted from here
             return answer
@@ -289,7 +253,7 @@ class Upstream:
             return f"llama-server at {self.base} was restarted (a new one is loading its model)"
         return None
 
-    def send_probe(self, timeout: float) -> "_Connection | None":
+    def send_probe(self, timeout: float) -> Connection | None:
         """Ask llama-server's task queue for a sign of life: a request to the first probe route not
         found disabled, sent on a connection of its own and left for the caller to poll
         (`probe_answered`), so that a reader waits for it without blocking. None when it could
@@ -307,7 +271,7 @@ class Upstream:
             return None
         return conn
 
-    def probe_answered(self, conn: "_Connection") -> bool | None:
+    def probe_answered(self, conn: Connection) -> bool | None:
         """Read the answer to `send_probe` (its socket is readable) and close its connection.
 
         True: llama-server's main loop answered, so it is working. False: it did not (the
@@ -408,103 +372,19 @@ class Upstream:
         return False, f"llama-server /health answered HTTP {resp.status_code}: {resp.text[:200]}"
 
 
-class _Connections:
-    """Connections to llama-server: new ones, and those whose last answer was read to the end,
-    kept idle (newest first) for the next request."""
+class Connections(Pool):
+    """The pool of connections to llama-server, which also counts, for /metrics, the answers given
+    up on because llama-server stopped working on them (StallWatch)."""
 
-    def __init__(self, factory: Callable[[], "_Connection"], limit: int = 8):
-        self._factory = factory
-        self.limit = limit
-        self.opened = 0  # for /metrics
-        self.stalls = 0  # answers given up on because llama-server stopped working on them (StallWatch), for /metrics
-        self._idle: deque[tuple[float, _Connection]] = deque()
-        self._lock = threading.Lock()
-        self._owed = False  # a connection was closed after its answer: prepare() opens the next one
-
-    def new(self) -> "_Connection":
-        with self._lock:
-            self.opened += 1
-        return self._factory()
-
-    def get(self) -> tuple["_Connection", bool]:
-        """(connection, reused): a recently used one still open, else a new one."""
-        now = time.monotonic()
-        while True:
-            with self._lock:
-                if not self._idle:
-                    break
-                since, conn = self._idle.pop()
-            # An idle connection's socket is readable only if the server closed it.
-            if now - since < IDLE_REUSE_SECONDS and conn.sock is not None and not _readable(conn.sock):
-                return conn, True
-            conn.close()
-        return self.new(), False
+    def __init__(self, factory: Callable[[], Connection]):
+        # llama-server closes the connection after every streamed answer, whatever its headers say.
+        super().__init__(factory, IDLE_REUSE_SECONDS, keep_after_streams=False)
+        self.stalls = 0
+        self._stalls_lock = threading.Lock()
 
     def count_stall(self) -> None:
-        with self._lock:
+        with self._stalls_lock:
             self.stalls += 1
-
-    def closed_one(self) -> None:
-        """A connection was closed after its answer (llama-server ends one after every streamed
-        answer, and the proxy hangs up on one whose client left): `prepare()` opens the next."""
-        self._owed = True
-
-    def prepare(self) -> None:
-        """Open the connection the next request will need now, if one was closed and none is
-        idle. Called once a response has gone to the client: accepting a new connection and
-        handing it to a thread costs llama-server about 0.3 ms on a 2-core machine, which an
-        agent's next request (usually within a second, in a tool loop) would otherwise wait
-        for. One left unused is dropped by `get()` once older than IDLE_REUSE_SECONDS, as any
-        idle connection is."""
-        with self._lock:
-            owed, self._owed = self._owed, False
-            if not owed or self._idle:
-                return
-        conn = self.new()
-        try:
-            conn.connect()
-        except OSError as exc:
-            conn.close()
-            log.debug("opening a connection ahead of the next request failed: %s", exc)
-            return
-        self.give(conn)
-
-    def give(self, conn: "_Connection") -> None:
-        with self._lock:
-            if len(self._idle) < self.limit:
-                self._idle.append((time.monotonic(), conn))
-                return
-        conn.close()
-
-
-class _Connection:
-    """One HTTP/1.1 connection to llama-server: a socket, opened on first use."""
-
-    def __init__(self, host: str, port: int, timeout: float, tls: ssl.SSLContext | None):
-        self.host, self.port, self.timeout, self.tls = host, port, timeout, tls
-        self.sock: socket.socket | None = None
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self.host, self.port), self.timeout)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a request is one write; send it now
-            if self.tls is not None:
-                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-    def send(self, data: bytes) -> None:
-        if self.sock is None:
-            self.connect()
-        assert self.sock is not None
-        self.sock.sendall(data)
-
-    def close(self) -> None:
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            sock.close()
 
 
 class StallWatch:
@@ -521,8 +401,8 @@ class StallWatch:
     UPSTREAM_STALL_TIMEOUT seconds raises the client's 529 (`Upstream.stalled`).
 
     llama-server's SSE pings (`:` comment frames) are not progress: its HTTP thread sends them on
-    a timer whatever the main loop does. Nothing here runs while bytes flow: the reader calls
-    `quiet()` only when its socket has been silent for a tick, or on a ping.
+    a timer whatever the main loop does. While bytes flow, only `received()` looks at each chunk:
+    the reader calls `quiet()` when its socket has been silent for a tick, or on a ping.
     """
 
     def __init__(self, upstream: Upstream):
@@ -532,7 +412,7 @@ class StallWatch:
         self.every = min(PROBE_SECONDS, self.limit / 4)
         self.tick = min(QUIET_TICK_SECONDS, self.every)
         self.quiet_since: float | None = None  # None while the answer makes progress
-        self._probe: _Connection | None = None
+        self._probe: Connection | None = None
         self._next_probe = 0.0
 
     def heard(self) -> None:
@@ -549,7 +429,7 @@ class StallWatch:
             self._next_probe = self.quiet_since + self.every
         probe = self._probe
         if probe is not None:
-            if probe.sock is None or _readable(probe.sock):
+            if probe.sock is None or readable(probe.sock):
                 self._probe = None
                 working = self._upstream.probe_answered(probe)
                 now = time.monotonic()
@@ -566,6 +446,13 @@ class StallWatch:
             self._drop_probe()
             raise self._upstream.stalled(now - self.quiet_since)
 
+    def received(self, body: bytes) -> None:
+        """Body bytes arrived: progress, unless they are only `:` comment frames (pings)."""
+        if body[0] == 58 and not body.strip(b":\r\n"):
+            self.quiet()
+        elif self.quiet_since is not None:
+            self.heard()
+
     def _drop_probe(self) -> None:
         probe, self._probe = self._probe, None
         if probe is not None:
@@ -575,175 +462,8 @@ class StallWatch:
         self._drop_probe()
 
 
-def _readable(sock: socket.socket) -> bool:
-    """Whether a socket has something to read (or was closed by its peer), without waiting.
-    poll(), not select(): select() cannot watch a descriptor numbered 1024 or above."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-class _Parsed:
-    """httptools' callbacks for one answer: headers, then the body as it is decoded (chunked
-    framing removed)."""
-
-    def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.headers: list[tuple[str, str]] = []
-        self.head_done = False
-        self.keep_alive = False
-        self.complete = False
-        self.messages = 0
-        self.body: list[bytes] = []
-
-    def on_message_begin(self) -> None:
-        self.messages += 1
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
-
-    def on_headers_complete(self) -> None:
-        self.head_done = True
-        self.keep_alive = self.parser.should_keep_alive()  # the parser forgets it once the answer ends
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-
-
-class Answer:
-    """A response from `Upstream.open`, owning its connection until `close()`, which keeps the
-    connection for the next request if the answer was read to the end, else hangs up (which is
-    what stops llama-server generating for a client that left).
-
-    Reads the status line and headers when made; `read_some()` gives the body as it arrives.
-    """
-
-    def __init__(self, conn: _Connection, pool: _Connections | None, head_only: bool = False,
-                 stall: StallWatch | None = None):
-        self._conn: _Connection | None = conn
-        self._pool = pool
-        self._stall = stall
-        self._parsed = _Parsed()
-        self._parser = self._parsed.parser
-        self.finished = False  # set by stream_chunks once the body was read to its end
-        received = False
-        while not self._parsed.head_done:
-            data = self._recv()
-            if not data:
-                if not received:  # the server closed the connection without a byte of answer
-                    raise RemoteDisconnected("llama-server closed the connection without answering")
-                raise UpstreamProtocolError("llama-server closed the connection in the middle of the answer's headers")
-            received = True
-            self._feed(data)
-        self.status: int = self._parser.get_status_code()
-        self.headers = Headers(self._parsed.headers)
-        self.content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if head_only:  # the answer to HEAD has headers only, whatever its Content-Length says
-            self._parsed.complete = True
-            self._parsed.messages += 1  # so the connection is not reused: its framing is ours to guess
-        # Neither a length nor chunks: the body ends when llama-server closes the connection.
-        self._until_close = "Content-Length" not in self.headers and "Transfer-Encoding" not in self.headers
-
-    def _recv(self) -> bytes:
-        assert self._conn is not None and self._conn.sock is not None
-        sock = self._conn.sock
-        stall = self._stall
-        if stall is None:
-            return sock.recv(65536)
-        # The socket's timeout is the watch's tick: each one that passes without a byte is a
-        # moment to look at the probe, until UPSTREAM_READ_TIMEOUT of silence.
-        silent_since = None
-        while True:
-            try:
-                return sock.recv(65536)
-            except TimeoutError:
-                now = time.monotonic()
-                if silent_since is None:
-                    silent_since = now - stall.tick
-                if now - silent_since >= stall.read_timeout:
-                    raise
-                stall.quiet(now - silent_since)
-
-    def _feed(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            raise UpstreamProtocolError(f"llama-server's answer is not valid HTTP: {exc}") from None
-
-    def read_some(self) -> bytes:
-        """The body bytes that have arrived since the last call, waiting for some; b"" at the end."""
-        parsed = self._parsed
-        while not parsed.body:
-            if parsed.complete or self._conn is None:
-                return b""
-            data = self._recv()
-            if not data:
-                if self._until_close:
-                    parsed.complete = True
-                    parsed.messages += 1  # the connection is closed: never reused
-                    return b""
-                raise UpstreamProtocolError("llama-server closed the connection before the end of the answer")
-            self._feed(data)
-        body = parsed.body[0] if len(parsed.body) == 1 else b"".join(parsed.body)
-        parsed.body.clear()
-        stall = self._stall
-        if stall is not None:
-            if body[0] == 58 and not body.strip(b":\r\n"):  # only ":" comment frames: llama-server's pings
-                stall.quiet()
-            elif stall.quiet_since is not None:
-                stall.heard()
-        return body
-
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        if self._stall is not None:
-            self._stall.close()
-        self._parsed.parser = None  # the parser holds _parsed: no cycle left for the collector
-        # Only an answer read to its end, and nothing after it, leaves the connection clean for
-        # the next request. After a stream, llama-server closes the connection whatever its
-        # headers said (Keep-Alive): hang up too, and let the pool open the next request's
-        # connection ahead of it.
-        clean = self.finished and self._parsed.messages == 1 and self._parsed.keep_alive
-        if self._pool is None:  # a small call's own connection
-            conn.close()
-        elif clean and self.content_type != "text/event-stream":
-            self._pool.give(conn)
-        else:
-            conn.close()
-            self._pool.closed_one()
-
-
 def relay_headers(resp: Answer) -> list[tuple[str, str]]:
     return [(k, v) for k, v in resp.headers.items() if k.lower() not in _SKIP_RESPONSE_HEADERS]
-
-
-def stream_chunks(answer: Answer, watch: ClientWatch) -> Iterator[bytes]:
-    """The body as it arrives (what one read of the socket brought), checking the client each time."""
-    read = answer.read_some
-    while chunk := read():
-        watch.check()
-        yield chunk
-    answer.finished = True
-
-
-def stream_lines(resp: Answer, watch: ClientWatch) -> Iterator[bytes]:
-    """The body line by line (without line endings), for server-sent events."""
-    pending = b""
-    for chunk in stream_chunks(resp, watch):
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        yield from lines
-    if pending:
-        yield pending
-
-
-def read_all(resp: Answer, watch: ClientWatch) -> bytes:
-    return b"".join(stream_chunks(resp, watch))
 
 
 def _reason(exc: Exception) -> str:

@@ -218,7 +218,7 @@ class PrefixProxy(LocalServer):
     def __init__(self, target: str, prefix: str = "/llm"):
         outer = self
 
-        class Handler(QuietHandler):
+        class PrefixHandler(QuietHandler):
             def do_GET(self) -> None:
                 if not self.path.startswith(prefix + "/"):
                     outer.misses.append(self.path)
@@ -239,7 +239,7 @@ class PrefixProxy(LocalServer):
                     self.wfile.write(data)
 
         self.misses: list[str] = []
-        super().__init__(Handler)
+        super().__init__(PrefixHandler)
         self.prefixed = self.url + prefix  # where the dashboard is reached through it
 
 

@@ -3,7 +3,8 @@
 The worker keeps the thread that answered a kept-alive connection waiting there for a moment for
 the next request (see `serving.Worker`). These check what that must not break: requests back to
 back and pipelined on one connection, a connection that went quiet, more connections than
-threads, and a stop while a thread waits.
+threads, and a stop while a thread waits; and that a thread does wait, which rests on gunicorn
+internals that a new gunicorn could change.
 """
 
 from __future__ import annotations
@@ -34,11 +35,37 @@ def app(environ, start_response):
 serve(lambda: app, bind="127.0.0.1:0", threads=2, keepalive=75, graceful_timeout=10, loglevel="info")
 """
 
+# The same, with threads that wait on their connection for longer than a test takes, answering
+# with the path and the thread that served it.
+LINGERING_APP = """
+import threading
+from proxy.serving import Worker, serve
+
+Worker.linger_ms = 60_000
+
+def app(environ, start_response):
+    body = f"{environ['PATH_INFO']} {threading.get_ident()}".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+serve(lambda: app, bind="127.0.0.1:0", threads=2, keepalive=75, graceful_timeout=10, loglevel="info")
+"""
+
+
+def serving(source: str) -> processes.Service:
+    return processes.Service("serving", [sys.executable, "-c", source], r"Listening at: http://127\.0\.0\.1:(?P<port>\d+)",
+                             cwd=processes.ROOT)
+
 
 @pytest.fixture
 def server():
-    with processes.Service("serving", [sys.executable, "-c", APP], r"Listening at: http://127\.0\.0\.1:(?P<port>\d+)",
-                           cwd=processes.ROOT) as service:
+    with serving(APP) as service:
+        yield service
+
+
+@pytest.fixture
+def lingering_server():
+    with serving(LINGERING_APP) as service:
         yield service
 
 
@@ -115,3 +142,21 @@ def test_a_stop_does_not_wait_for_a_kept_alive_connection(server):
         assert server.proc.wait(timeout=8) == 0
         sock.settimeout(5)
         assert sock.recv(1) == b""  # closed by the server, not left hanging
+
+
+def test_each_thread_waits_on_the_connection_it_served(lingering_server):
+    """The gunicorn internals `serving.Worker` relies on, pinned: gthread's `handle(conn)` returns
+    True for a connection kept alive, and the worker's `alive`, `nr_conns`, `conn.sock` and the
+    read-ahead buffer `conn.parser.unreader.buf` are there to be read (the pipelined test above
+    covers the buffer's content). With the wait longer than the test, the thread that served a
+    connection is still waiting on it when its next request comes, so the other connection gets
+    the other thread, every time. Without the wait, gthread gives each request to whichever
+    thread is idle, and the two connections' requests mix over both threads."""
+    threads: dict[str, set[str]] = {"/a": set(), "/b": set()}
+    with connect(lingering_server) as a, connect(lingering_server) as b:
+        for _ in range(10):
+            for sock, path in ((a, "/a"), (b, "/b"), (b, "/b"), (a, "/a")):
+                sock.sendall(request(path))
+                answered, thread = answers(sock, 1)[0].split()
+                threads[answered].add(thread)
+    assert len(threads["/a"]) == len(threads["/b"]) == 1 and threads["/a"] != threads["/b"], threads

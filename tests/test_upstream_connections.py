@@ -305,14 +305,14 @@ class PropsServer(LocalServer):
         self.served = 0
         test = self
 
-        class Handler(QuietHandler):
+        class PropsHandler(QuietHandler):
             def do_GET(self) -> None:
                 test.answer.wait()
                 test.served += 1
                 self.send_json(test.status, {"default_generation_settings": {"n_ctx": 4096}, "total_slots": test.slots,
                                              "model_alias": "tiny"})
 
-        super().__init__(Handler)
+        super().__init__(PropsHandler)
 
     def close(self) -> None:
         self.answer.set()

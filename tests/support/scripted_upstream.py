@@ -56,7 +56,7 @@ class ScriptedUpstream(LocalServer):
     def _handler(self):
         upstream = self
 
-        class Handler(QuietHandler):
+        class ScriptedHandler(QuietHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
@@ -91,4 +91,4 @@ class ScriptedUpstream(LocalServer):
                 else:
                     self.send_json(404, {"error": {"code": 404, "message": "not found", "type": "not_found_error"}})
 
-        return Handler
+        return ScriptedHandler
