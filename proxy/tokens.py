@@ -25,10 +25,9 @@ from .upstream import Upstream
 
 ESTIMATE_BYTES_PER_TOKEN = 4
 # Exact counts computed at once. Each holds the rendered prompt and llama-server's token list
-# while it runs (about 1.5 MB for Claude Code's ~20k-token first turn: the list arrives as JSON
-# and is parsed into Python ints before it is packed): 50 sessions starting together held 75 MB
-# of them at the same moment. llama-server renders and tokenizes on the same few cores whatever
-# the number asked at once, so a few at a time finish as soon, with a bounded peak.
+# (as Python ints) while it runs, megabytes for a long conversation, and sessions starting
+# together ask for dozens at once. llama-server renders and tokenizes on the same few cores
+# whatever the number asked at once, so a few at a time finish as soon, with a bounded peak.
 EXACT_AT_ONCE = 4
 
 
