@@ -23,7 +23,7 @@ from typing import Iterator
 from flask import Response
 
 from . import classify, fastjson, translate
-from .disconnect import ClientDisconnected, ClientWatch
+from .disconnect import ClientWatch, client_leaving
 from .errors import ApiError, from_upstream, openai_stream_error
 from .generation import Generation
 from .metrics import Call
@@ -148,9 +148,8 @@ def _plain(method: str, path: str, raw_body: bytes | None, content_type: str | N
 
     def body() -> Iterator[bytes]:
         try:
-            yield from stream_chunks(resp, watch)
-        except ClientDisconnected:
-            pass
+            with client_leaving():  # nothing to release but the connection, closed below
+                yield from stream_chunks(resp, watch)
         except ApiError:
             pass  # llama-server stopped working on it: logged by upstream.StallWatch
         except BROKEN_CONNECTION as exc:
