@@ -5,7 +5,8 @@ prefilling a long prompt or while a non-streamed reply is being generated. The p
 llama-server for SSE pings on every streamed upstream request, and at every upstream line
 (token or ping) looks at the client's socket: readable with nothing to read means the peer
 closed it. Closing our upstream connection is what makes llama-server stop and free the slot.
-`client_leaving` is where every response body handles a client that went away, however it was noticed.
+`client_leaving` is where every response body handles a client that went away, however it was
+noticed.
 """
 
 from __future__ import annotations
