@@ -113,7 +113,8 @@ def _bench_scrapes(llama_url: str, workdir: Path, scrapes: int) -> tuple[dict[st
             cpu.append((c1 - c0) * 1000)
         if job.scrape_errors or not job.up:
             raise RuntimeError(f"{job.scrape_errors} of {scrapes} scrapes of {llama_url} failed")
-        slots = job.last_reading.slots if job.last_reading and isinstance(job.last_reading.slots, list) else []
+        live = job.read_upstream().slots  # one more read, after the timed ones, for the simulation's shape
+        slots = live if isinstance(live, list) else []
     finally:
         job.session.close()
         store.close()

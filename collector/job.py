@@ -54,7 +54,6 @@ class ScrapeJob:
         self.error: scrape.ScrapeError | None = None  # why the last read failed
         self.standby: LeaseHeld | None = None  # another collector writes the store
         self.stopped = False
-        self.last_reading: scrape.Reading | None = None
 
     @property
     def up(self) -> bool:
@@ -120,7 +119,6 @@ class ScrapeJob:
             log.warning("llama-server restarted (%s); counting its counters from 0", outcome["why"])
         self.error = None
         self.last_success = now
-        self.last_reading = reading
 
     def read_upstream(self) -> scrape.Reading:
         """One reading of llama-server (a simulation replaces this to drive the job through time)."""

@@ -5,6 +5,8 @@ prefilling a long prompt or while a non-streamed reply is being generated. The p
 llama-server for SSE pings on every streamed upstream request, and at every upstream line
 (token or ping) looks at the client's socket: readable with nothing to read means the peer
 closed it. Closing our upstream connection is what makes llama-server stop and free the slot.
+`client_leaving` is where every response body handles a client that went away, however it was
+noticed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import select
 import socket
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 # How often check() looks at the socket: a system call per streamed token adds up, and a client
 # that left is still noticed within a tenth of a second.
@@ -58,3 +61,25 @@ class ClientWatch:
         self._checked = now
         if self.gone():
             raise ClientDisconnected()
+
+
+@contextmanager
+def client_leaving(left: Callable[[], None] | None = None, closed: Callable[[], None] | None = None) -> Iterator[None]:
+    """Around the part of a response body that writes to the client: the one place that handles
+    the client going away.
+
+    Noticed by ClientWatch (ClientDisconnected), `left()` runs and the body ends quietly after the
+    `with` block. Noticed by the server because a write failed (a broken pipe), the body's
+    generator is closed (GeneratorExit): `closed()` runs (`left()` unless given) and the exit goes
+    on, since a closing generator may not yield again. Anything else raised is the caller's.
+    """
+    try:
+        yield
+    except ClientDisconnected:
+        if left is not None:
+            left()
+    except GeneratorExit:
+        then = closed or left
+        if then is not None:
+            then()
+        raise

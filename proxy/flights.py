@@ -1,7 +1,7 @@
 """Single flight: identical work asked for while it is already running waits for that run.
 
 Used twice: a Claude Code session that retries a turn whose generation is still running gets
-that generation's events (`messages.py`, keyed by session and body digest), and identical token
+that generation's events (`followers.py`, keyed by session and body digest), and identical token
 counts asked at the same time go to llama-server once (`tokens.py`, keyed by content).
 """
 

@@ -166,20 +166,6 @@ class Gate:
                 self._cond.wait(remaining)
             return waiter.ticket
 
-    def admit(self, klass: str, priority: int, session: str | None, check=lambda: None, step: float = 0.25,
-              user: str | None = None) -> Ticket:
-        """Enqueue and wait until admitted, calling `check()` (which may raise) between steps."""
-        waiter = self.enqueue(klass, priority, session, user)
-        try:
-            while True:
-                ticket = self.wait(waiter, step)
-                if ticket is not None:
-                    return ticket
-                check()
-        except BaseException:
-            self.cancel(waiter)
-            raise
-
     def cancel(self, waiter: Waiter) -> None:
         """Leave the queue; if a ticket was granted in the meantime, give the slot back."""
         with self._cond:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from . import classify, fastjson, sse, translate
-from .disconnect import ClientDisconnected, ClientWatch
+from .disconnect import ClientDisconnected, ClientWatch, client_leaving
 from .errors import ApiError, from_upstream
 from .gate import Ticket, Waiter
 from .metrics import Call
@@ -108,15 +108,11 @@ class Generation:
     def relay(self, chunks: Iterator[bytes], on_broken: Callable[[BaseException], Iterator[bytes]]) -> Iterator[bytes]:
         """Pass the answer's bytes on as they come, and close the generation however it ends."""
         try:
-            for chunk in chunks:
-                self.call.first_token()
-                yield chunk
-            self.completed = True
-        except ClientDisconnected:
-            self.client_left = True
-        except GeneratorExit:
-            self.client_left = True  # the server could not write to the client
-            raise
+            with client_leaving(self.client_gone):
+                for chunk in chunks:
+                    self.call.first_token()
+                    yield chunk
+                self.completed = True
         except ApiError as exc:  # llama-server stopped working on it (upstream.StallWatch)
             self.fail(exc)
             yield from on_broken(exc)
@@ -134,13 +130,17 @@ class Generation:
         try:
             yield
         except ClientDisconnected:
-            self.client_left = True
+            self.client_gone()
             self.close()
             raise
         except BaseException as exc:
             self.fail(exc)
             self.close()
             raise
+
+    def client_gone(self) -> None:
+        """The client went away: close() records 499 and frees the slot once llama-server lets it go."""
+        self.client_left = True
 
     def fail(self, exc: BaseException) -> None:
         if isinstance(exc, ApiError):

@@ -23,7 +23,7 @@ from typing import Iterator
 from flask import Response
 
 from . import classify, fastjson, translate
-from .disconnect import ClientDisconnected, ClientWatch
+from .disconnect import ClientWatch, client_leaving
 from .errors import ApiError, from_upstream, openai_stream_error
 from .generation import Generation
 from .metrics import Call
@@ -95,8 +95,10 @@ def generation(path: str, parsed: dict, raw_body: bytes, services: Services, wat
 
 
 # The two objects the request log's usage comes from, found by their keys near the end of an
-# answer (a JSON string cannot hold `"timings":` unescaped, so a match is the real key). Flat
-# `timings`; `usage` holds one level of details.
+# answer (a JSON string cannot hold `"timings":` unescaped, so a match is the real key), then
+# parsed as JSON. Parsing the whole answer instead would mean keeping all of it, which the relay
+# never does, and a parse of every large answer on the hot path. Flat `timings`; `usage` holds
+# one level of details.
 _TIMINGS = re.compile(rb'"timings":\s*(\{[^{}]*\})')
 _USAGE = re.compile(rb'"usage":\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
 
@@ -148,9 +150,8 @@ def _plain(method: str, path: str, raw_body: bytes | None, content_type: str | N
 
     def body() -> Iterator[bytes]:
         try:
-            yield from stream_chunks(resp, watch)
-        except ClientDisconnected:
-            pass
+            with client_leaving():  # nothing to release but the connection, closed below
+                yield from stream_chunks(resp, watch)
         except ApiError:
             pass  # llama-server stopped working on it: logged by upstream.StallWatch
         except BROKEN_CONNECTION as exc:

@@ -88,8 +88,11 @@ def test_gates_never_hold_more_requests_than_their_threads():
     background.cancel(queued)  # leaving the queue
     background.cancel(queued)
     assert threads.held == 3
+    timing_out = background.enqueue("background", 2, None)
     with pytest.raises(QueueTimeout):
-        background.admit("background", 2, None, step=0.01)  # dropped at the timeout, then cancelled by admit
+        while background.wait(timing_out, 0.01) is None:
+            pass
+    background.cancel(timing_out)  # dropped at the timeout, then cancelled on the request's way out
     assert threads.held == 3
 
 
@@ -103,21 +106,20 @@ def test_wait_times_out_and_leaves_the_queue():
     assert gate.depth() == 0
 
 
-def test_admit_blocks_until_release_and_check_can_abort():
+def test_wait_blocks_until_release_and_a_waiter_that_leaves_is_gone():
     gate = Gate(slots=1, queue_max=5, queue_timeout=60)
-    first = gate.admit("main", 0, None)
+    first = gate.enqueue("main", 0, None).ticket
+    waiter = gate.enqueue("main", 0, None)
     got = []
-    worker = threading.Thread(target=lambda: got.append(gate.admit("main", 0, None, step=0.01)))
+    worker = threading.Thread(target=lambda: got.append(gate.wait(waiter, 30)))
     worker.start()
     gate.release(first)
     worker.join(5)
     assert got and got[0].slot == 0
 
-    class Gone(Exception):
-        pass
-
-    with pytest.raises(Gone):
-        gate.admit("main", 0, None, check=lambda: (_ for _ in ()).throw(Gone()), step=0.01)
+    leaver = gate.enqueue("main", 0, None)
+    assert gate.wait(leaver, 0.01) is None  # still queued: the request checks its client, which has gone
+    gate.cancel(leaver)
     assert gate.depth() == 0
 
 
@@ -131,16 +133,16 @@ def test_cancel_after_grant_gives_the_slot_back():
 
 def test_sessions_return_to_their_slot_and_cold_slots_are_preferred():
     gate = Gate(slots=3, queue_max=5, queue_timeout=60)
-    a = gate.admit("main", 0, "session-a")
-    b = gate.admit("main", 0, "session-b")
+    a = gate.enqueue("main", 0, "session-a").ticket
+    b = gate.enqueue("main", 0, "session-b").ticket
     assert a.slot != b.slot
     gate.release(a)
     gate.release(b)
     assert gate.has_cold_free_slot()
-    anon = gate.admit("background", 2, None)
+    anon = gate.enqueue("background", 2, None).ticket
     assert anon.slot not in (a.slot, b.slot)  # the slot holding nobody's cache
     assert not gate.has_cold_free_slot()
-    again = gate.admit("main", 0, "session-b")
+    again = gate.enqueue("main", 0, "session-b").ticket
     assert again.slot == b.slot
 
 
