@@ -27,7 +27,8 @@ from proxy.config import Settings
 from proxy.disconnect import ClientWatch
 from proxy.errors import ApiError
 from llamabridge.serving import serve
-from proxy.upstream import BROKEN_CONNECTION, Upstream, read_all
+from proxy.http1 import BROKEN_CONNECTION, read_all
+from proxy.upstream import Upstream
 
 _UPSTREAM = Upstream(Settings(llama_url=os.environ.get("LLAMA_URL", "http://127.0.0.1:8080")))
 _NO_CLIENT = ClientWatch({})  # no disconnect watch: that is the proxy's own work

@@ -19,7 +19,7 @@ from .errors import ApiError, from_upstream
 from .gate import Ticket, Waiter
 from .metrics import Call
 from .services import Services, Target
-from .upstream import BROKEN_CONNECTION, Answer, read_all, stream_lines
+from .http1 import BROKEN_CONNECTION, Answer, read_all, stream_lines
 
 log = logging.getLogger("llamabridge.proxy")
 

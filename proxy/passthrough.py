@@ -17,7 +17,8 @@ from .generation import BROKEN, Generation
 from .metrics import Call
 from .reply import error_for
 from .services import Services, Target
-from .upstream import read_all, relay_headers, stream_chunks
+from .http1 import read_all, stream_chunks
+from .upstream import relay_headers
 
 
 def native_body(body: dict, model: str) -> dict:

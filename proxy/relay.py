@@ -28,7 +28,8 @@ from .errors import ApiError, from_upstream, openai_stream_error
 from .generation import Generation
 from .metrics import Call
 from .services import Services
-from .upstream import BROKEN_CONNECTION, read_all, relay_headers, stream_chunks
+from .http1 import BROKEN_CONNECTION, read_all, stream_chunks
+from .upstream import relay_headers
 
 log = logging.getLogger("llamabridge.relay")
 

@@ -37,11 +37,7 @@ from . import fastjson
 from .config import Settings
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import UPSTREAM_DOWN, ApiError, from_upstream
-from .http1 import BROKEN_CONNECTION, Answer, Connection, Pool, read_all, readable, stream_chunks, stream_lines
-
-# The routes read llama-server's answers with these, through the module that talks to it.
-__all__ = ["BROKEN_CONNECTION", "Answer", "Connections", "ServerInfo", "SmallAnswer", "StallWatch", "Upstream", "read_all",
-           "relay_headers", "stream_chunks", "stream_lines"]
+from .http1 import BROKEN_CONNECTION, Answer, Connection, Pool, read_all, readable
 
 log = logging.getLogger("llamabridge.upstream")
 

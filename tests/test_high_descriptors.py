@@ -18,7 +18,8 @@ import pytest
 
 from proxy.config import Settings
 from proxy.disconnect import ClientWatch
-from proxy.upstream import Upstream, read_all
+from proxy.http1 import read_all
+from proxy.upstream import Upstream
 
 HIGH = 1024
 

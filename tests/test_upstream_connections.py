@@ -18,7 +18,8 @@ import pytest
 from proxy.config import Settings
 from proxy.disconnect import ClientWatch
 from proxy.errors import ApiError
-from proxy.upstream import BROKEN_CONNECTION, Upstream, read_all, stream_chunks
+from proxy.http1 import BROKEN_CONNECTION, read_all, stream_chunks
+from proxy.upstream import Upstream
 from tests.support.local_http import LocalServer, QuietHandler
 
 ANSWER = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
