@@ -31,9 +31,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from .keys import Key, KeyFile, KeysFileError, read as read_keys
 from .settings import ConfigError, env_bool, env_list, is_loopback

@@ -47,7 +47,7 @@ def send(proxy, text: str, session: str, agent: str = "claude-cli/2.1.328 (exter
 
 def wait_for_a_scrape_after_the_requests(proxy, collector, headers: dict | None = None) -> None:
     after = time.time()
-    last_scrape = lambda: requests.get(proxy.url + "/api/totals", headers=headers, timeout=5).json()["last_scrape"] or 0  # noqa: E731
+    last_scrape = lambda: requests.get(proxy.url + "/api/totals", headers=headers, timeout=5).json()["last_scrape"] or 0
     wait_until(lambda: last_scrape() >= after + 0.5, 20, what=lambda: "a scrape after the requests: " + collector.log_text()[-2000:])
 
 
@@ -143,7 +143,7 @@ def test_every_section_shows_what_the_api_returns(stack, browser):
     totals = requests.get(stack.url + "/api/totals", timeout=5).json()
     lifetime, upstream = totals["lifetime"], totals["upstream"]
     page.wait_for_function("() => document.getElementById('lt-requests').textContent !== '–'")
-    text = lambda sel: page.locator(sel).text_content().strip()  # noqa: E731
+    text = lambda sel: page.locator(sel).text_content().strip()
     assert text("#status") == "llama-server up"
     assert f"{upstream['n_ctx']:,} tokens context" in text("#model")
     for selector, value in (("#lt-prompt", lifetime["prompt_tokens"]), ("#lt-cached", lifetime["cached_prompt_tokens"]),
@@ -256,7 +256,7 @@ def test_works_behind_a_path_prefix(stack, browser):
 
 def inline_hashes(page: bytes, tag: bytes) -> list[str]:
     """The CSP source of each inline <tag> block: 'sha256-' and the base64 SHA-256 of its text."""
-    blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+    blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.DOTALL)
     return [f"'sha256-{base64.b64encode(hashlib.sha256(block).digest()).decode()}'" for block in blocks]
 
 
@@ -269,7 +269,7 @@ def test_with_keys_users_their_filter_and_the_login(keyed_stack, browser):
         context = browser.new_context(http_credentials={"username": "me", "password": password} if password else None)
         page = context.new_page()
         seen = []
-        page.on("response", lambda r: seen.append((r.status, r.headers.get("www-authenticate", ""))))
+        page.on("response", lambda r, seen=seen: seen.append((r.status, r.headers.get("www-authenticate", ""))))
         if password is None:
             with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
                 page.goto(proxy.url + "/dashboard")
