@@ -172,6 +172,27 @@ def test_every_section_shows_what_the_api_returns(stack, browser):
     page.context.close()
 
 
+def test_history_charts_before_any_sample(llama, browser, tmp_path):
+    """A store with nothing in it yet (no collector has scraped): each chart says so, and its y axis
+    reads 0, 1, 2 from the bottom, three distinct labels, not a rounded half that repeats the top."""
+    with processes.proxy(llama.url, DB_PATH=str(tmp_path / "empty.db")) as proxy:
+        assert requests.get(proxy.url + "/api/samples", timeout=5).json()["samples"] == []
+        context = browser.new_context()
+        context.add_init_script(RECORD_CSP_VIOLATIONS)
+        page = context.new_page()
+        page.errors, page.outside = [], []
+        page.on("pageerror", lambda e: page.errors.append(str(e)))
+        page.goto(proxy.url + "/dashboard")
+        for chart in ("#chart-speed", "#chart-tokens"):
+            page.wait_for_function("(chart) => document.querySelectorAll(chart + ' text.empty').length === 1", arg=chart)
+            ticks = page.locator(f"{chart} text.tick").all_text_contents()
+            assert ticks == ["0", "1", "2"], (chart, ticks)
+            assert page.locator(f"{chart} text.empty").text_content() == "no data yet"
+            assert page.locator(f"{chart} polyline.series").count() == 0
+        assert_clean(page)
+        context.close()
+
+
 def test_request_log_updates_filters_and_escapes(stack, browser):
     page = open_page(browser, stack.url + "/dashboard")
     # A request whose User-Agent is markup is shown as text and runs nothing.
