@@ -54,7 +54,7 @@ class Service:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def start(self) -> Service:
+    def start(self) -> Self:
         self.proc = subprocess.Popen(
             self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=self.env, cwd=self.cwd, start_new_session=True,

@@ -56,7 +56,7 @@ class TmuxSession:
             raise TmuxError(f"tmux {' '.join(args[:3])} failed ({result.returncode}): {result.stderr.strip()}")
         return result
 
-    def start(self) -> TmuxSession:
+    def start(self) -> Self:
         if shutil.which("tmux") is None:
             raise TmuxError("tmux is not installed (Debian: apt-get install -y tmux)")
         env_args = [f"{k}={v}" for k, v in self.env.items()]
