@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # Everything slow (llama-server build, Claude Code CLI, tiny model) is cached here, by version.
 export LLAMABRIDGE_CACHE ?= $(HOME)/.cache/llamabridge
 
-.PHONY: help install install-test lock llama-server tiny-model claude-code codex aider opencode continue-cli cline run demo proxy collector env test test-unit bench up down logs ps keys clean
+.PHONY: help install install-test lock llama-server tiny-model claude-code codex aider opencode continue-cli cline run demo proxy collector env lint test test-unit bench up down logs ps keys clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/\$$\$$/$$/g' | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -75,9 +75,16 @@ collector: $(VENV)/.installed ## run the lifetime-metrics collector natively aga
 env: $(VENV)/.installed ## print the Claude Code / Cline / Codex / Aider / Continue / OpenCode settings for the running proxy (native or compose), with the real context window; FILE=aider|continue|opencode|codex prints that config file alone; KEY=<your key> fills it in
 	@$(if $(KEY),LLAMABRIDGE_API_KEY='$(KEY)' )$(PY) -m proxy env $(if $(FILE),--file $(FILE))
 
+# The Python that `make lint` checks: the packages, the benchmark, the scripts and the tests.
+LINT_PATHS := proxy collector llamabridge bench llama scripts tests
+
+lint: $(VENV)/.installed-test ## ruff and mypy over the Python code (pyproject.toml configures both); `make test` runs it first
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/mypy $(LINT_PATHS)
+
 # `make test` prepares everything it needs (tmux, venv, llama-server, tiny model, Claude Code, Codex, Aider, OpenCode, Continue's and Cline's CLIs)
 # and then runs the whole suite against real processes on loopback.
-test: $(VENV)/.installed-test ## set everything up and run the whole test suite
+test: lint ## lint, set everything up and run the whole test suite
 	@bash scripts/system-deps.sh
 	@set -e; \
 	LLAMA_SERVER_BIN="$$(bash llama/build.sh | tail -n 1)"; \

@@ -27,12 +27,11 @@ import os
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import source  # noqa: E402  (sibling module; this file is run as a script)
-
-import gguf  # noqa: E402
+import source  # the sibling module: this file is run as a script, not imported from a package
 
 MODEL_VERSION = "3"  # bump when the generated weights or metadata change: part of the cache key
 N_LAYER = 2

@@ -31,9 +31,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from .keys import Key, KeyFile, KeysFileError, read as read_keys
 from .settings import ConfigError, env_bool, env_list, is_loopback
@@ -214,15 +215,15 @@ class Edge:
                                 f"{_hostname(host)!r} to ALLOWED_HOSTS (names are refused so that a web page cannot "
                                 "re-point its own name here: DNS rebinding)")
         origin = environ.get("HTTP_ORIGIN")
-        cross = origin is not None and not self._same_origin(origin, host)
-        if cross and not self._origin_allowed(origin):
+        cross_origin = origin if origin is not None and not self._same_origin(origin, host) else None
+        if cross_origin is not None and not self._origin_allowed(cross_origin):
             return self._refuse(environ, start_response, "origin", 403,
                                 f"requests from web pages at {origin!r} are refused: add it to ALLOWED_ORIGINS to allow them")
         if origin is None and environ.get("HTTP_SEC_FETCH_SITE") in ("cross-site", "same-site") \
                 and environ.get("HTTP_SEC_FETCH_MODE") != "navigate":
             return self._refuse(environ, start_response, "origin", 403, "requests from other web sites are refused")
-        if cross and method == "OPTIONS" and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ:
-            return self._preflight(environ, start_response, origin)
+        if cross_origin is not None and method == "OPTIONS" and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ:
+            return self._preflight(environ, start_response, cross_origin)
         if method not in SAFE_METHODS and not _json_type(environ.get("CONTENT_TYPE", "")):
             return self._refuse(environ, start_response, "content_type", 415,
                                 f"{method} needs a JSON body with Content-Type: application/json "
@@ -236,8 +237,8 @@ class Edge:
             if isinstance(key, Key):
                 environ[USER] = key.name
                 environ[LIMITS] = key.limits
-        if cross or method in SAFE_METHODS:
-            start_response = self._with_headers(start_response, origin if cross else None, browser=method in SAFE_METHODS)
+        if cross_origin is not None or method in SAFE_METHODS:
+            start_response = self._with_headers(start_response, cross_origin, browser=method in SAFE_METHODS)
         return self.app(environ, start_response)
 
     def _host_allowed(self, host: str) -> bool:

@@ -26,9 +26,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 log = logging.getLogger("llamabridge.keys")
 
@@ -230,10 +230,10 @@ def main(argv: list[str], path: str) -> int:
             for option in ("concurrent", "tokens_per_minute"):
                 if getattr(args, option) is not None and getattr(args, option) < 1:
                     parser.error(f"--{option.replace('_', '-')} must be at least 1")
-            key = add(path, args.name, Limits(args.concurrent, args.tokens_per_minute))
+            secret = add(path, args.name, Limits(args.concurrent, args.tokens_per_minute))
             print(f"Added the key {args.name!r} to {path}; services using that file take it at once.")
             print("Only its hash is stored: copy it now, it is not shown again.")
-            print(key)
+            print(secret)
         elif args.command == "remove":
             if not remove(path, args.name):
                 print(f"no key named {args.name!r} in {path}", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Mapping
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 
@@ -18,7 +18,7 @@ class ConfigError(ValueError):
     """A setting is present but unusable; the message names the variable and what it accepts."""
 
 
-def load_env_file(env: "os._Environ[str] | dict[str, str] | None" = None) -> str | None:
+def load_env_file(env: os._Environ[str] | dict[str, str] | None = None) -> str | None:
     """Fill unset variables from `.env` in the working directory (or $LLAMABRIDGE_ENV_FILE).
 
     Variables already in the environment win, as with Docker Compose, so `X=1 make run` overrides

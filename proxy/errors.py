@@ -159,7 +159,8 @@ def from_upstream(status: int, raw: bytes | str) -> ApiError:
     try:
         parsed = json.loads(text)
         if isinstance(parsed, dict):
-            err = parsed.get("error") if isinstance(parsed.get("error"), dict) else parsed
+            inner = parsed.get("error")
+            err = inner if isinstance(inner, dict) else parsed
     except ValueError:
         pass
     message = str(err.get("message") or text.strip() or f"upstream returned HTTP {status}")[:2000]

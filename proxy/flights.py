@@ -8,7 +8,8 @@ counts asked at the same time go to llama-server once (`tokens.py`, keyed by con
 from __future__ import annotations
 
 import threading
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 
 class Flight:

@@ -18,7 +18,7 @@ from . import translate
 
 TITLE_WORDS = 6
 TITLE_CHARS = 60
-_SESSION_BLOCK = re.compile(r"<session>\s*(.*?)\s*</session>", re.S)
+_SESSION_BLOCK = re.compile(r"<session>\s*(.*?)\s*</session>", re.DOTALL)
 _TAG = re.compile(r"<[^>]+>")
 
 

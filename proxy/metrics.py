@@ -11,8 +11,9 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -131,7 +132,7 @@ class Call:
             self.generated_tokens = token_count(usage.get("output_tokens"))
 
     @classmethod
-    def of(cls, route: str, environ: dict[str, Any]) -> "Call":
+    def of(cls, route: str, environ: dict[str, Any]) -> Call:
         """A new record for the request in this WSGI environ (its agent and Claude Code session)."""
         session = environ.get(_SESSION_KEY, "").strip()[:100] or None
         if session is None and not route.startswith("/v1/messages"):
@@ -144,7 +145,7 @@ class _StateCollector(Collector):
     """Read at scrape time: the gate's queue and slots, connections opened to llama-server, and
     request-log rows dropped."""
 
-    def __init__(self, gate: "Gate", request_log, connections=None):
+    def __init__(self, gate: Gate, request_log, connections=None):
         self.gate = gate
         self.request_log = request_log
         self.connections = connections
@@ -216,7 +217,7 @@ class ProxyMetrics:
             child = self._children[key] = metric.labels(*values)
         return child
 
-    def watch_gate(self, gate: "Gate", connections=None) -> None:
+    def watch_gate(self, gate: Gate, connections=None) -> None:
         self.registry.register(_StateCollector(gate, self.request_log, connections))
 
     def record(self, call: Call) -> None:

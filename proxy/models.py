@@ -10,8 +10,9 @@ from the list, so `models.retrieve(id)` works in both SDKs.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from .errors import ApiError, Rejected
 
@@ -44,7 +45,7 @@ def anthropic_entry(model: dict) -> dict:
         "type": "model",
         "id": model["id"],
         "display_name": model["id"],
-        "created_at": datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_at": datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "lifecycle": "active",
         "deprecated_at": None,
         "retires_at": None,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from . import fastjson
 from .translate import StreamProtocolError  # defined with the translation, which stays free of I/O modules

@@ -18,6 +18,7 @@ die() {
 # A setting from the environment, else from .env as Compose reads it: the last assignment wins,
 # `export` is allowed, a quoted value ends at its closing quote, and in an unquoted one a `#`
 # after whitespace starts a comment (LLAMA_DEVICE=cpu  # no GPU here).
+# Parsed here rather than with python-dotenv: `make up` needs only Docker and bash, no Python on the host.
 setting() {
     local name=$1 value
     if [[ -n "${!name:-}" ]]; then

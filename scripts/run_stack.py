@@ -20,13 +20,13 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from llamabridge.settings import load_env_file  # noqa: E402 - after making the repository importable
+from llamabridge.settings import load_env_file  # after the line above makes the repository importable
 STOP_GRACE_SECONDS = 10
 
 

@@ -8,6 +8,7 @@ the end of a long run. They never assert a timing: speed is the benchmark's busi
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,9 +61,9 @@ def test_memory_is_the_proxys_arbiter_and_worker_and_the_arbiter_never_loads_the
         assert idle["proxy"] == arbiter + worker
         assert arbiter > 0 and worker > 0
         # The arbiter only supervises: the app's compiled modules are mapped in the worker alone.
-        (worker_pid,) = map(int, open(f"/proc/{proxy.proc.pid}/task/{proxy.proc.pid}/children").read().split())
-        assert "orjson" in open(f"/proc/{worker_pid}/maps").read()
-        assert "orjson" not in open(f"/proc/{proxy.proc.pid}/maps").read()
+        (worker_pid,) = map(int, Path(f"/proc/{proxy.proc.pid}/task/{proxy.proc.pid}/children").read_text().split())
+        assert "orjson" in Path(f"/proc/{worker_pid}/maps").read_text()
+        assert "orjson" not in Path(f"/proc/{proxy.proc.pid}/maps").read_text()
 
 
 def test_idle_penalty_times_flask_both_ways():

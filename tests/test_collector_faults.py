@@ -71,9 +71,9 @@ def test_a_llama_server_with_an_api_key(llama_server_bin, tiny_model, tmp_path):
     why nothing is counted."""
     key = "llama-secret-key"
     auth = {"Authorization": f"Bearer {key}"}
-    with processes.llama_server(llama_server_bin, tiny_model, ctx=4096, extra=["--api-key", key]) as llama:
-        with processes.collector(llama.url, str(tmp_path / "keyed.db"), interval=0.2, LLAMA_API_KEY=key) as keyed, \
-                processes.collector(llama.url, str(tmp_path / "keyless.db"), interval=0.2) as keyless:
+    with (processes.llama_server(llama_server_bin, tiny_model, ctx=4096, extra=["--api-key", key]) as llama,
+          processes.collector(llama.url, str(tmp_path / "keyed.db"), interval=0.2, LLAMA_API_KEY=key) as keyed,
+          processes.collector(llama.url, str(tmp_path / "keyless.db"), interval=0.2) as keyless):
             wait_for_scrape(keyed, time.time())
             body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 12}
             answer = requests.post(llama.url + "/v1/chat/completions", json=body, headers=auth, timeout=60)

@@ -73,7 +73,7 @@ def test_images_are_pinned():
         image = SERVICES[name]["image"]
         assert re.fullmatch(r"[a-z/]+:v?\d+\.\d+\.\d+@sha256:[0-9a-f]{64}", image), image
     dockerfile = (ROOT / "Dockerfile").read_text()
-    base = re.search(r"^FROM (\S+)", dockerfile, re.M)[1]
+    base = re.search(r"^FROM (\S+)", dockerfile, re.MULTILINE)[1]
     assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), base
 
 
@@ -195,9 +195,9 @@ def test_every_file_the_stack_mounts_or_builds_from_exists():
 
 def test_dockerfile_runs_as_a_non_root_user_with_a_healthcheck():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    users = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)
     assert users and users[-1] not in ("root", "0")
-    assert re.search(r"^HEALTHCHECK .*\n?.*CMD", dockerfile, re.M)
+    assert re.search(r"^HEALTHCHECK .*\n?.*CMD", dockerfile, re.MULTILINE)
     assert 'CMD ["python", "-m", "proxy"]' in dockerfile
 
 
@@ -472,7 +472,7 @@ def test_make_up_gpu_cpu_and_external_llama_server(stack_copy):
                                   "docker compose run --rm --no-deps -T proxy python -m proxy check COMPOSE_PROFILES=gpu",
                                   "docker compose up --detach --remove-orphans COMPOSE_PROFILES=gpu"]
     # First run: .env made from the example, with a generated Grafana password.
-    password = re.search(r"^GRAFANA_ADMIN_PASSWORD=(\S{20,})$", (root / ".env").read_text(), re.M)
+    password = re.search(r"^GRAFANA_ADMIN_PASSWORD=(\S{20,})$", (root / ".env").read_text(), re.MULTILINE)
     assert password and password[1] not in result.stdout
     (root / "models").mkdir(exist_ok=True)
     (root / "models/m.gguf").write_bytes(b"GGUF")
@@ -495,7 +495,7 @@ def test_make_up_generates_the_stacks_keys_once_and_never_prints_them(stack_copy
     first = make_up(stack_copy, **HF_REPO)
     assert first.returncode == 0, first.stderr
     env = (root / ".env").read_text()
-    made = {name: re.search(rf"^{name}=([A-Za-z0-9]{{20,}})$", env, re.M)
+    made = {name: re.search(rf"^{name}=([A-Za-z0-9]{{20,}})$", env, re.MULTILINE)
             for name in ("GRAFANA_ADMIN_PASSWORD", "LLAMA_API_KEY", "METRICS_API_KEY")}
     assert all(made.values()), env
     assert len({m[1] for m in made.values()}) == 3
@@ -512,8 +512,8 @@ def test_make_up_leaves_the_key_of_your_own_llama_server_to_you(stack_copy):
     result = make_up(stack_copy, LLAMA_URL="http://gpu-box.lan:8080")
     assert result.returncode == 0, result.stderr
     env = (root / ".env").read_text()
-    assert not re.search(r"^LLAMA_API_KEY=\S", env, re.M) and "LLAMA_API_KEY" not in result.stdout
-    assert re.search(r"^METRICS_API_KEY=\S{20,}$", env, re.M)
+    assert not re.search(r"^LLAMA_API_KEY=\S", env, re.MULTILINE) and "LLAMA_API_KEY" not in result.stdout
+    assert re.search(r"^METRICS_API_KEY=\S{20,}$", env, re.MULTILINE)
 
 
 def test_make_up_stops_when_the_proxy_would_refuse_to_start(stack_copy):
@@ -649,7 +649,7 @@ def test_make_keys_adds_lists_and_removes_a_real_native_key(stack_copy, tmp_path
     assert [(k.name, k.limits) for k in stored] == [("alice", keyfile.Limits(concurrent=2, tokens_per_minute=20000))]
     assert stored[0].matches(key.encode()) and key not in keys_file.read_text()
     listed = make()
-    assert listed.returncode == 0 and re.search(r"^alice\t.*concurrent 2, tokens per minute 20000$", listed.stdout, re.M)
+    assert listed.returncode == 0 and re.search(r"^alice\t.*concurrent 2, tokens per minute 20000$", listed.stdout, re.MULTILINE)
     removed = make("REMOVE=alice")
     assert removed.returncode == 0 and keyfile.read(keys_file) == []
     again = make("REMOVE=alice")

@@ -6,6 +6,7 @@ context window reported to clients."""
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def test_second_session_reuses_the_cached_system_prompt_and_tools(proxy, llama, 
     assert post(proxy.url, first, "session-one").status_code == 200
     resp = post(proxy.url, second, "session-two")
     assert resp.status_code == 200
-    usage = [d["usage"] for e, d in parse(resp.content) if e == "message_delta"][0]
+    usage = next(d["usage"] for e, d in parse(resp.content) if e == "message_delta")
     assert usage["cache_read_input_tokens"] >= 0.9 * shared, (usage, shared)
 
     # The same two requests straight to llama-server's native endpoint miss from the header on.
@@ -193,7 +194,7 @@ def test_a_long_prefill_is_kept_alive_with_pings(proxy, capture_messages):
     content = next(i for i, e in enumerate(events) if e in ("content_block_start", "message_delta"))
     if times[content] - times[0] > 6:  # a prefill long enough to need them
         assert "ping" in events[:content]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) < 10, gaps
     assert events[-1] == "message_stop"
 

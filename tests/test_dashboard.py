@@ -47,7 +47,7 @@ def send(proxy, text: str, session: str, agent: str = "claude-cli/2.1.328 (exter
 
 def wait_for_a_scrape_after_the_requests(proxy, collector, headers: dict | None = None) -> None:
     after = time.time()
-    last_scrape = lambda: requests.get(proxy.url + "/api/totals", headers=headers, timeout=5).json()["last_scrape"] or 0  # noqa: E731
+    last_scrape = lambda: requests.get(proxy.url + "/api/totals", headers=headers, timeout=5).json()["last_scrape"] or 0
     wait_until(lambda: last_scrape() >= after + 0.5, 20, what=lambda: "a scrape after the requests: " + collector.log_text()[-2000:])
 
 
@@ -143,7 +143,7 @@ def test_every_section_shows_what_the_api_returns(stack, browser):
     totals = requests.get(stack.url + "/api/totals", timeout=5).json()
     lifetime, upstream = totals["lifetime"], totals["upstream"]
     page.wait_for_function("() => document.getElementById('lt-requests').textContent !== '–'")
-    text = lambda sel: page.locator(sel).text_content().strip()  # noqa: E731
+    text = lambda sel: page.locator(sel).text_content().strip()
     assert text("#status") == "llama-server up"
     assert f"{upstream['n_ctx']:,} tokens context" in text("#model")
     for selector, value in (("#lt-prompt", lifetime["prompt_tokens"]), ("#lt-cached", lifetime["cached_prompt_tokens"]),
@@ -170,6 +170,27 @@ def test_every_section_shows_what_the_api_returns(stack, browser):
     assert page.locator("#alert").is_hidden()  # llama-server is read: nothing to warn of
     assert_clean(page)
     page.context.close()
+
+
+def test_history_charts_before_any_sample(llama, browser, tmp_path):
+    """A store with nothing in it yet (no collector has scraped): each chart says so, and its y axis
+    reads 0, 1, 2 from the bottom, three distinct labels, not a rounded half that repeats the top."""
+    with processes.proxy(llama.url, DB_PATH=str(tmp_path / "empty.db")) as proxy:
+        assert requests.get(proxy.url + "/api/samples", timeout=5).json()["samples"] == []
+        context = browser.new_context()
+        context.add_init_script(RECORD_CSP_VIOLATIONS)
+        page = context.new_page()
+        page.errors, page.outside = [], []
+        page.on("pageerror", lambda e: page.errors.append(str(e)))
+        page.goto(proxy.url + "/dashboard")
+        for chart in ("#chart-speed", "#chart-tokens"):
+            page.wait_for_function("(chart) => document.querySelectorAll(chart + ' text.empty').length === 1", arg=chart)
+            ticks = page.locator(f"{chart} text.tick").all_text_contents()
+            assert ticks == ["0", "1", "2"], (chart, ticks)
+            assert page.locator(f"{chart} text.empty").text_content() == "no data yet"
+            assert page.locator(f"{chart} polyline.series").count() == 0
+        assert_clean(page)
+        context.close()
 
 
 def test_request_log_updates_filters_and_escapes(stack, browser):
@@ -256,7 +277,7 @@ def test_works_behind_a_path_prefix(stack, browser):
 
 def inline_hashes(page: bytes, tag: bytes) -> list[str]:
     """The CSP source of each inline <tag> block: 'sha256-' and the base64 SHA-256 of its text."""
-    blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+    blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.DOTALL)
     return [f"'sha256-{base64.b64encode(hashlib.sha256(block).digest()).decode()}'" for block in blocks]
 
 
@@ -269,7 +290,7 @@ def test_with_keys_users_their_filter_and_the_login(keyed_stack, browser):
         context = browser.new_context(http_credentials={"username": "me", "password": password} if password else None)
         page = context.new_page()
         seen = []
-        page.on("response", lambda r: seen.append((r.status, r.headers.get("www-authenticate", ""))))
+        page.on("response", lambda r, seen=seen: seen.append((r.status, r.headers.get("www-authenticate", ""))))
         if password is None:
             with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
                 page.goto(proxy.url + "/dashboard")

@@ -92,7 +92,7 @@ def test_make_demo_serves_claude_code_and_stops_cleanly(claude_bin, tiny_model, 
     env = dict(os.environ, LLAMA_URL=f"http://127.0.0.1:{llama_port}", PROXY_PORT=str(proxy_port),
                COLLECTOR_PORT=str(collector_port), DB_PATH=str(tmp_path / "demo.db"), LLAMA_MODEL=tiny_model,
                LLAMA_SERVER_BIN=llama_server_bin, COLLECT_INTERVAL="1", LLAMABRIDGE_ENV_FILE=example_env_file)
-    log = open(tmp_path / "demo.log", "w")
+    log = open(tmp_path / "demo.log", "w")  # noqa: SIM115 - `make demo` writes it until the `finally` below closes it
     demo = subprocess.Popen(["make", "-s", "demo"], cwd=processes.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     proxy = f"http://127.0.0.1:{proxy_port}"

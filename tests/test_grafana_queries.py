@@ -81,7 +81,7 @@ def stack(llama_server_bin, tiny_model, tmp_path_factory):
 
 
 def test_every_dashboard_query_returns_data(stack, capture_messages):
-    proxy, collector, prom, user_key, metrics_key = stack
+    proxy, _collector, prom, user_key, metrics_key = stack
 
     # Every target scraped once before the traffic, so rates and increases have a starting point.
     def all_up() -> bool:

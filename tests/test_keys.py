@@ -308,7 +308,7 @@ def test_users_take_turns_within_a_class(llama_server_bin, tiny_model, tmp_path)
             sent = []
             for i in range(1, 7):
                 sent.append(send(a, f"ann-{i}"))
-                wait_until(lambda: depth() == i, what=f"ann's request {i} to queue")
+                wait_until(lambda i=i: depth() == i, what=f"ann's request {i} to queue")
             sent.append(send(b, "ben-1"))
             wait_until(lambda: depth() == 7, what="ben's request to queue")
         assert all(f.result(timeout=120).status_code == 200 for f in sent)

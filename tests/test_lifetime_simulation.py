@@ -149,8 +149,8 @@ def test_forty_days_of_lifetime_counters_never_fall_and_add_up(tmp_path):
             # scrapes and compactions; this one resumes after it from whatever it committed.
             job.stop()
             first, end = tick + 1, tick + KILL_SPAN
-            child = subprocess.Popen([sys.executable, "-c", "from tests.test_lifetime_simulation import run_ticks; "
-                                      f"run_ticks({db!r}, {first}, {end})"], cwd=ROOT, stdin=subprocess.PIPE,
+            child = subprocess.Popen([sys.executable, "-c", ("from tests.test_lifetime_simulation import run_ticks; "
+                                                             f"run_ticks({db!r}, {first}, {end})")], cwd=ROOT, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
             # Killed once it reports a tick picked at random: by then it is in the writes of the
             # next one (or in the compaction before them).

@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests

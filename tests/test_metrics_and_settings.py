@@ -129,7 +129,7 @@ def test_every_setting_the_services_read_is_documented_in_env_example():
     sources = [root / "proxy/config.py", root / "collector/config.py", *sorted((root / "llamabridge").glob("*.py"))]
     read = {name for path in sources for name in re.findall(r'env(?:\.get|_int|_float|_bool|_list)\((?:env, )?"([A-Z_]+)"', path.read_text())}
     read |= {f"POLICY_{klass.upper()}" for klass in ("main", "subagent", "title", "probe", "background")}
-    documented = set(re.findall(r"^#? ?([A-Z_]+)=", (root / ".env.example").read_text(), re.M))
+    documented = set(re.findall(r"^#? ?([A-Z_]+)=", (root / ".env.example").read_text(), re.MULTILINE))
     assert read and read <= documented, sorted(read - documented)
 
 
@@ -141,5 +141,5 @@ def test_a_llama_url_that_is_not_one_url_stops_either_service_with_one_line(tmp_
             env = dict(os.environ, DB_PATH=str(tmp_path / "x.db"), **{port: "0"}, LLAMA_URL=url)
             result = subprocess.run([sys.executable, "-m", service], env=env, capture_output=True, text=True, timeout=60)
             assert result.returncode == 2, (service, url, result.stderr[-2000:])
-            assert result.stderr.strip().splitlines() == [f"llamabridge {service}: LLAMA_URL={url!r}: expected one http(s) URL "
-                                                          "such as http://127.0.0.1:8080"]
+            assert result.stderr.strip().splitlines() == [(f"llamabridge {service}: LLAMA_URL={url!r}: expected one http(s) URL "
+                                                           "such as http://127.0.0.1:8080")]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -150,8 +149,8 @@ def test_prompt_over_the_context_is_prompt_too_long(claude, llama):
 
 def test_count_tokens_equals_what_the_request_costs(claude, llama):
     wait_slots_idle(llama)
-    kwargs = dict(model="claude-sonnet-4-5", system="You are terse.", tools=[WEATHER_TOOL],
-                  messages=[{"role": "user", "content": "How many tokens is this exactly? " + "x" * 37}])
+    kwargs = {"model": "claude-sonnet-4-5", "system": "You are terse.", "tools": [WEATHER_TOOL],
+              "messages": [{"role": "user", "content": "How many tokens is this exactly? " + "x" * 37}]}
     counted = claude.messages.count_tokens(**kwargs).input_tokens
     msg = claude.messages.create(max_tokens=4, **kwargs)
     assert counted == msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0)
@@ -345,7 +344,7 @@ def test_clients_hanging_up_at_any_moment_leave_nothing_holding_the_slot(llama):
                     try:
                         if not sock.recv(65536):
                             break  # answered in full before the client meant to leave
-                    except socket.timeout:
+                    except TimeoutError:
                         break
 
     with processes.proxy(llama.url, QUEUE_MAX="64") as proxy:
@@ -384,7 +383,7 @@ def test_after_a_stream_the_next_request_finds_a_connection_open(llama):
     the next request does not wait for llama-server to accept one."""
     short = {"model": "x", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
     with processes.proxy(llama.url) as proxy:  # its own: a pool no other test has touched
-        opened = lambda: metric(proxy.url, "llamabridge_proxy_upstream_connections_total")  # noqa: E731
+        opened = lambda: metric(proxy.url, "llamabridge_proxy_upstream_connections_total")
         assert requests.post(proxy.url + "/v1/chat/completions", json=short, timeout=30).status_code == 200
         assert opened() == 1  # kept for the next request
         with requests.post(proxy.url + "/v1/chat/completions", json={**short, "stream": True}, stream=True, timeout=30) as stream:

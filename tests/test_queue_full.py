@@ -135,7 +135,7 @@ def test_too_few_threads_for_the_queue_stops_the_proxy_with_one_line(tmp_path):
         result = subprocess.run([sys.executable, "-m", "proxy", *command], env=dict(base, PROXY_THREADS="64"),
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, result.stderr[-2000:]
-        assert result.stderr.splitlines() == [
+        assert result.stderr.splitlines() == [(
             "llamabridge proxy: PROXY_THREADS=64 is too few: QUEUE_MAX=64 waiting requests, 1 slot (UPSTREAM_SLOTS=0) generating "
             "and 16 threads kept for requests that need no slot (health checks, metrics, the dashboard) need PROXY_THREADS>=81; "
-            "raise PROXY_THREADS or lower QUEUE_MAX"]
+            "raise PROXY_THREADS or lower QUEUE_MAX")]

@@ -72,7 +72,7 @@ def test_rows_kept_while_the_store_is_locked_all_arrive_once_it_is_free(llama, c
                 cheap_requests(proxy.url, capture_messages[0], 10)
                 sent += 10
                 failures += 1
-                wait_until(lambda: proxy.log_text().count(FAILED_WRITE) >= failures, timeout=30,
+                wait_until(lambda failures=failures: proxy.log_text().count(FAILED_WRITE) >= failures, timeout=30,
                            what=f"failed write {failures}")
                 for path in ("/api/totals", "/api/requests", "/api/samples"):
                     answer = requests.get(proxy.url + path, timeout=1)  # not behind the writer's 2 s waits

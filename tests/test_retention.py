@@ -50,7 +50,7 @@ def test_the_proxy_alone_applies_retention(tmp_path):
     nowhere = f"http://127.0.0.1:{processes.free_port()}"  # no llama-server, no collector: the proxy alone
     with processes.proxy(nowhere, DB_PATH=db, REQUEST_LOG_DAYS="30") as proxy:
         wait_until(lambda: counts(db)[0] == 7, 30, what=lambda: f"retention from the proxy: {counts(db)} {proxy.log_text()[-2000:]}")
-        rows, total, samples = counts(db)
+        _rows, total, samples = counts(db)
         assert total == 12  # the lifetime request count is a running total: it does not drop with the rows
         assert samples.get(0, 0) == 0 and samples[60] >= 1  # 3-day-old scrapes rolled up into minutes
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import itertools
 import json
 import sqlite3
 import threading
 import time
 import uuid
+from typing import Self
 
 import pytest
 import requests
@@ -96,7 +98,7 @@ class UpstreamMonitor:
             self.samples += 1
             self._stop.wait(0.01)
 
-    def __enter__(self) -> "UpstreamMonitor":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -184,7 +186,7 @@ def admission_order(proxy, sessions: list[str]) -> list[str]:
     """Sessions in the order the gate admitted them, from the proxy's request log."""
     def rows() -> list[tuple]:
         with sqlite3.connect(proxy.db_path) as db:
-            found = db.execute("SELECT session, ts + queue_wait FROM requests WHERE session IN (%s)" % ",".join("?" * len(sessions)),
+            found = db.execute(f"SELECT session, ts + queue_wait FROM requests WHERE session IN ({','.join('?' * len(sessions))})",
                                sessions).fetchall()
         return found if len(found) == len(sessions) else []
 
@@ -297,7 +299,7 @@ def test_streamed_request_waiting_for_a_slot_gets_pings(pass_proxy, llama):
     assert events[0] == "message_start" and "ping" in events
     first_block = events.index("content_block_start") if "content_block_start" in events else events.index("message_delta")
     assert events.index("ping") < first_block
-    gaps = [b - a for a, b in zip(arrived, arrived[1:first_block + 1])]
+    gaps = [b - a for a, b in itertools.pairwise(arrived[:first_block + 1])]
     assert max(gaps) < 10, gaps  # never silent for 10 s while waiting
     assert events[-1] == "message_stop"
 

@@ -39,7 +39,7 @@ def test_recorded_text_stream_with_stop_sequence():
     # One text_delta per upstream content delta: nothing is merged or held back.
     assert len(deltas) == sum(1 for c in chunks if c.get("choices") and c["choices"][0]["delta"].get("content"))
     assert "".join(deltas) == text
-    final = [d for e, d in events if e == "message_delta"][0]
+    final = next(d for e, d in events if e == "message_delta")
     assert final["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "e"}
     timings = chunks[-1]["timings"]
     assert final["usage"]["input_tokens"] == timings["prompt_n"]
@@ -57,13 +57,13 @@ def test_recorded_tool_call_becomes_one_tool_use_block_with_valid_json():
     partial = "".join(d["delta"]["partial_json"] for e, d in events if e == "content_block_delta")
     args = json.loads(partial)
     assert args["city"] in ("Lima", "Oslo") and 1 <= args["days"] <= 5
-    assert [d for e, d in events if e == "message_delta"][0]["delta"]["stop_reason"] == "tool_use"
+    assert next(d for e, d in events if e == "message_delta")["delta"]["stop_reason"] == "tool_use"
 
 
 def test_recorded_length_stop_is_max_tokens():
     events = events_of(recorded("llama-stream-length.jsonl"))
     check_order(events)
-    final = [d for e, d in events if e == "message_delta"][0]
+    final = next(d for e, d in events if e == "message_delta")
     assert final["delta"]["stop_reason"] == "max_tokens"
     assert final["usage"]["output_tokens"] == 8
 
@@ -87,7 +87,7 @@ def test_reasoning_then_text_gives_a_signed_thinking_block_then_a_text_block():
         ("content_block_start", "text"), ("content_block_delta", "text_delta"), ("content_block_stop", None),
         ("message_delta", None), ("message_stop", None),
     ]
-    assert [d for e, d in events if e == "message_delta"][0]["usage"] == {
+    assert next(d for e, d in events if e == "message_delta")["usage"] == {
         "input_tokens": 10, "cache_read_input_tokens": 40, "output_tokens": 7, "cache_creation_input_tokens": 0}
 
 

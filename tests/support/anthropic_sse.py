@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def parse(raw: bytes | str) -> list[tuple[str, dict]]:

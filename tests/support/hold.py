@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from typing import Iterator
+from collections.abc import Iterator
 
 # Forced by its grammar to about 4,000 tokens (about 20 s on the tiny model with -t 1).
 LONG_CHAT = {"model": "m", "max_tokens": 8000, "stream": True, "messages": [{"role": "user", "content": "digits"}],

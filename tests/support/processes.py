@@ -14,8 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Self
 
 import psutil
 import requests
@@ -42,7 +43,8 @@ class Service:
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+        # The service writes here for as long as it runs and the test reads it by path: no `with` fits.
+        self._log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)  # noqa: SIM115
         self.log_path = Path(self._log.name)
 
     @property
@@ -52,7 +54,7 @@ class Service:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def start(self) -> "Service":
+    def start(self) -> Self:
         self.proc = subprocess.Popen(
             self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=self.env, cwd=self.cwd, start_new_session=True,
@@ -110,7 +112,7 @@ class Service:
         except ProcessLookupError:
             pass
 
-    def __enter__(self) -> "Service":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

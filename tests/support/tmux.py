@@ -22,10 +22,12 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Pattern, Sequence, Union
+from re import Pattern
+from typing import Self
 
-Condition = Union[str, Pattern[str], Callable[[str], object]]
+Condition = str | Pattern[str] | Callable[[str], object]
 
 
 class TmuxError(RuntimeError):
@@ -54,7 +56,7 @@ class TmuxSession:
             raise TmuxError(f"tmux {' '.join(args[:3])} failed ({result.returncode}): {result.stderr.strip()}")
         return result
 
-    def start(self) -> "TmuxSession":
+    def start(self) -> Self:
         if shutil.which("tmux") is None:
             raise TmuxError("tmux is not installed (Debian: apt-get install -y tmux)")
         env_args = [f"{k}={v}" for k, v in self.env.items()]
@@ -141,7 +143,7 @@ class TmuxSession:
             raise TmuxError(f"processes {members} from tmux session {self.name} would not die")
         self.pane_pid = None
 
-    def __enter__(self) -> "TmuxSession":
+    def __enter__(self) -> Self:
         try:
             return self.start()
         except BaseException:
