@@ -76,7 +76,7 @@ env: $(VENV)/.installed ## print the Claude Code / Cline / Codex / Aider / Conti
 	@$(if $(KEY),LLAMABRIDGE_API_KEY='$(KEY)' )$(PY) -m proxy env $(if $(FILE),--file $(FILE))
 
 # The Python that `make lint` checks: the packages, the benchmark, the scripts and the tests.
-LINT_PATHS := proxy collector llamabridge bench llama scripts tests
+LINT_PATHS := proxy collector llamabridge dashboard bench llama scripts tests
 
 lint: $(VENV)/.installed-test ## ruff and mypy over the Python code (pyproject.toml configures both); `make test` runs it first
 	$(VENV)/bin/ruff check $(LINT_PATHS)

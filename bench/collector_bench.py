@@ -43,7 +43,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import requests
@@ -52,12 +53,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a script, a module, or imported by bench/run.py
     sys.path.insert(0, str(ROOT))
 
-from bench.stats import percentile  # noqa: E402
-from collector import job as job_module  # noqa: E402
-from collector import scrape  # noqa: E402
-from collector.job import ScrapeJob  # noqa: E402
-from tests.support import processes  # noqa: E402
-from llamabridge.store import Store  # noqa: E402
+from bench.stats import percentile
+from collector import job as job_module
+from collector import scrape
+from collector.job import ScrapeJob
+from tests.support import processes
+from llamabridge.store import Store
 
 INTERVAL = 10.0  # COLLECT_INTERVAL's default
 TICKS_PER_HOUR = int(3600 / INTERVAL)
@@ -334,7 +335,7 @@ class _Simulation:
                 store.record_scrape(float(meta["last_scrape"]), advanced_sum, self.last_raw, None, (), meta)
             self._day_end()
 
-    def copy_to(self, path: Path) -> "_Simulation":
+    def copy_to(self, path: Path) -> _Simulation:
         """A copy of the database (SQLite's backup API, page for page) to go on simulating."""
         _remove_db(path)
         with self.store.lock, sqlite3.connect(str(path)) as target:
@@ -458,7 +459,7 @@ def run(llama_url: str, workdir: Path, scrapes: int = 200) -> dict:
     # After day 30 minute rows become hourly ones and growth nearly stops (simulated below, in notes).
     result["sqlite_bytes_per_day"] = round(float((sizes[MONTH_DAYS - 1] - sizes[1]) / (MONTH_DAYS - 2)), 0)
     result["sqlite_bytes_month"] = float(sizes[MONTH_DAYS - 1])
-    mb = lambda n: f"{n / 1e6:.2f}"  # noqa: E731
+    mb = lambda n: f"{n / 1e6:.2f}"
     notes.append(f"disk: {MONTH_DAYS} days of 10 s scrapes (days 1-{JOB_PATH_DAYS} through ScrapeJob.run, the rest batched "
                  f"an hour per transaction with the same rows), Store.compact hourly; synthetic llama-server with "
                  f"{n_slots} slots of n_ctx {n_ctx} like the live one, busy 35% of 08-20 h and 3% otherwise, a restart "

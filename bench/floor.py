@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from http import HTTPStatus
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from proxy.__main__ import SERVER_OPTIONS
 from proxy.config import Settings

@@ -7,7 +7,7 @@ proxy's request log), and the services' resident memory idle and at the load's p
 
 from __future__ import annotations
 
-import concurrent.futures as futures
+from concurrent import futures
 import copy
 import sqlite3
 import threading

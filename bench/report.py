@@ -28,57 +28,57 @@ def table(results: dict) -> str:
         return text if span is None else f"{text}; {span[0]:+.1f} to {span[1]:+.1f}"
 
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; model: {results['model']}; "
-        f"llama-server 1 slot, -t 1; {results['date']}",
+        (f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; model: {results['model']}; "
+        f"llama-server 1 slot, -t 1; {results['date']}"),
         "",
         "| measure | direct | OpenAI relay | Anthropic translation |",
         "|---|---|---|---|",
-        f"| 1-token completion p50 / p90 / p99 (ms) | {o['latency_ms']['direct']['p50']:.2f} / {o['latency_ms']['direct']['p90']:.2f} / {o['latency_ms']['direct']['p99']:.2f} "
+        (f"| 1-token completion p50 / p90 / p99 (ms) | {o['latency_ms']['direct']['p50']:.2f} / {o['latency_ms']['direct']['p90']:.2f} / {o['latency_ms']['direct']['p99']:.2f} "
         f"| {o['latency_ms']['relay']['p50']:.2f} / {o['latency_ms']['relay']['p90']:.2f} / {o['latency_ms']['relay']['p99']:.2f} "
-        f"| {o['latency_ms']['anthropic']['p50']:.2f} / {o['latency_ms']['anthropic']['p90']:.2f} / {o['latency_ms']['anthropic']['p99']:.2f} |",
-        f"| added latency p50 / p90 / p99 (ms) | | {o['relay_added_ms']['p50']:+.2f} / {o['relay_added_ms']['p90']:+.2f} / {o['relay_added_ms']['p99']:+.2f} "
-        f"| {o['anthropic_added_ms']['p50']:+.2f} / {o['anthropic_added_ms']['p90']:+.2f} / {o['anthropic_added_ms']['p99']:+.2f} |",
-        f"| added by a bare WSGI relay under the same gunicorn (bench/floor.py) | | {o['floor_added_ms']['p50']:+.2f} / "
-        f"{o['floor_added_ms']['p90']:+.2f} / {o['floor_added_ms']['p99']:+.2f} | |",
-        f"| added by the same relay as a one-route Flask app (bench/floor.py) | | {o['flask_added_ms']['p50']:+.2f} / "
-        f"{o['flask_added_ms']['p90']:+.2f} / {o['flask_added_ms']['p99']:+.2f} | |",
-        f"| streamed {o['stream']['direct']['tokens']:.0f} tokens: time to first token, median (added, paired by round; its 95% interval) (ms) "
+        f"| {o['latency_ms']['anthropic']['p50']:.2f} / {o['latency_ms']['anthropic']['p90']:.2f} / {o['latency_ms']['anthropic']['p99']:.2f} |"),
+        (f"| added latency p50 / p90 / p99 (ms) | | {o['relay_added_ms']['p50']:+.2f} / {o['relay_added_ms']['p90']:+.2f} / {o['relay_added_ms']['p99']:+.2f} "
+        f"| {o['anthropic_added_ms']['p50']:+.2f} / {o['anthropic_added_ms']['p90']:+.2f} / {o['anthropic_added_ms']['p99']:+.2f} |"),
+        (f"| added by a bare WSGI relay under the same gunicorn (bench/floor.py) | | {o['floor_added_ms']['p50']:+.2f} / "
+        f"{o['floor_added_ms']['p90']:+.2f} / {o['floor_added_ms']['p99']:+.2f} | |"),
+        (f"| added by the same relay as a one-route Flask app (bench/floor.py) | | {o['flask_added_ms']['p50']:+.2f} / "
+        f"{o['flask_added_ms']['p90']:+.2f} / {o['flask_added_ms']['p99']:+.2f} | |"),
+        (f"| streamed {o['stream']['direct']['tokens']:.0f} tokens: time to first token, median (added, paired by round; its 95% interval) (ms) "
         f"| {o['stream']['direct']['ttft_ms']:.1f} | {o['stream']['relay']['ttft_ms']:.1f} ({added_ttft('relay')}) "
-        f"| {o['stream']['anthropic']['ttft_ms']:.1f} ({added_ttft('anthropic')}) |",
-        f"| streamed: tokens/s at the client, median (throughput ratio to direct, paired by round) | {o['stream']['direct']['tokens_per_s']:.0f} "
+        f"| {o['stream']['anthropic']['ttft_ms']:.1f} ({added_ttft('anthropic')}) |"),
+        (f"| streamed: tokens/s at the client, median (throughput ratio to direct, paired by round) | {o['stream']['direct']['tokens_per_s']:.0f} "
         f"| {o['stream']['relay']['tokens_per_s']:.0f} ({o['relay_stream_throughput_ratio']:.3f}) "
-        f"| {o['stream']['anthropic']['tokens_per_s']:.0f} ({o['anthropic_stream_throughput_ratio']:.3f}) |",
-        f"| of which: share of llama-server's rate that reached the client (ratio to direct) | "
-        f"| {o['relay_stream_delivered_ratio']:.3f} | {o['anthropic_stream_delivered_ratio']:.3f} |",
-        f"| and: llama-server's own rate for the same streams, median tokens/s (ratio to direct) "
+        f"| {o['stream']['anthropic']['tokens_per_s']:.0f} ({o['anthropic_stream_throughput_ratio']:.3f}) |"),
+        (f"| of which: share of llama-server's rate that reached the client (ratio to direct) | "
+        f"| {o['relay_stream_delivered_ratio']:.3f} | {o['anthropic_stream_delivered_ratio']:.3f} |"),
+        (f"| and: llama-server's own rate for the same streams, median tokens/s (ratio to direct) "
         f"| {o['stream']['direct']['server_tokens_per_s']:.0f} "
         f"| {o['stream']['relay']['server_tokens_per_s']:.0f} ({o['relay_stream_server_rate_ratio']:.3f}) "
-        f"| {o['stream']['anthropic']['server_tokens_per_s']:.0f} ({o['anthropic_stream_server_rate_ratio']:.3f}) |",
+        f"| {o['stream']['anthropic']['server_tokens_per_s']:.0f} ({o['anthropic_stream_server_rate_ratio']:.3f}) |"),
         "| llama-server's generating thread per stream: ms waiting for a CPU, mean (share of its generating time) "
         + "".join(f"| {o['stream'][n]['server_cpu_wait_ms']:.2f} ({o['stream'][n]['server_cpu_wait_ms'] / o['stream'][n]['generating_ms']:.2%}) "
                   for n in ("direct", "relay", "anthropic")) + "|",
         "",
-        f"Of the relay's added p50, {o['floor_added_ms']['p50']:.2f} ms is what a bare WSGI relay under the same gunicorn settings adds "
+        (f"Of the relay's added p50, {o['floor_added_ms']['p50']:.2f} ms is what a bare WSGI relay under the same gunicorn settings adds "
         f"(the server model by itself, on this machine) and {o['relay_added_ms']['p50'] - o['floor_added_ms']['p50']:.2f} ms is "
         "llamabridge's own work (admission gate, request parsing, metrics, request log, disconnect watch). Flask's request handling, "
         "which the completion and message routes skip (proxy/fastpath.py), would add "
-        f"{o['flask_added_ms']['p50'] - o['floor_added_ms']['p50']:.2f} ms more (the one-route Flask relay against the bare one).",
+        f"{o['flask_added_ms']['p50'] - o['floor_added_ms']['p50']:.2f} ms more (the one-route Flask relay against the bare one)."),
         "",
-        f"How much the CPU's caches go cold between requests on this machine: Flask's handling of one request takes "
+        (f"How much the CPU's caches go cold between requests on this machine: Flask's handling of one request takes "
         f"{m['idle']['flask_request_hot_us']:.0f} µs back to back and {m['idle']['flask_request_after_idle_us']:.0f} µs after "
         f"{m['idle']['idle_ms']:.0f} ms idle ({m['idle']['flask_request_after_idle_us'] / m['idle']['flask_request_hot_us']:.1f}x). "
         "Every proxied request runs after such a pause, so part of the added milliseconds above is paid in cache "
-        "misses, and they move with this factor from run to run.",
+        "misses, and they move with this factor from run to run."),
         "",
-        f"Under load ({c['clients']} Claude Code-shaped clients, {c['seconds']:.0f} s, {c['requests']} requests: "
+        (f"Under load ({c['clients']} Claude Code-shaped clients, {c['seconds']:.0f} s, {c['requests']} requests: "
         f"{c['by_kind']['main']} main turns, {c['by_kind']['title']} titles, {c['by_kind']['count_tokens']} token counts): "
         f"{c['failed']} failed; llama-server processing at most {c['max_upstream_processing']:.0f}, deferred at most "
-        f"{c['max_upstream_deferred']:.0f}.",
+        f"{c['max_upstream_deferred']:.0f}."),
         "",
-        f"Memory (resident, gunicorn's arbiter and worker added up): the proxy {memory('proxy', results['rss_idle_mb'])} idle "
+        (f"Memory (resident, gunicorn's arbiter and worker added up): the proxy {memory('proxy', results['rss_idle_mb'])} idle "
         f"(after start-up and one request per route), {memory('proxy', results['rss_mb'], results.get('rss_peak_parts_mb'))} "
         f"at the load's peak; the collector {results['rss_idle_mb']['collector']:.0f} MB idle, "
-        f"{results['rss_mb']['collector']:.0f} MB at the peak.",
+        f"{results['rss_mb']['collector']:.0f} MB at the peak."),
         "",
         "| class | requests | queue wait p50 / p90 / p99 (ms) |",
         "|---|---|---|",
@@ -87,12 +87,12 @@ def table(results: dict) -> str:
         lines.append(f"| {klass} | {q['n']} | {q['p50']:.1f} / {q['p90']:.1f} / {q['p99']:.1f} |")
     lines += [
         "",
-        f"Background requests answered without the model (session titles, token-count probes): p50 {c['background_local_ms']['p50']:.1f} ms, "
+        (f"Background requests answered without the model (session titles, token-count probes): p50 {c['background_local_ms']['p50']:.1f} ms, "
         f"p99 {c['background_local_ms']['p99']:.1f} ms in the proxy (client-side, titles: p99 {c['title_client_ms']['p99']:.1f} ms); "
         f"after the first {START_BURST_SECONDS:.0f} s, when all sessions start at once: p99 {c['background_after_start_ms']['p99']:.1f} ms "
         f"of {c['background_after_start_ms']['n']}. "
         f"Token counts (count_tokens, exact, then cached): p50 {c['count_tokens_ms']['p50']:.1f} ms, p99 {c['count_tokens_ms']['p99']:.1f} ms, "
-        f"slowest {c['count_tokens_ms']['max']:.0f} ms in the proxy.",
+        f"slowest {c['count_tokens_ms']['max']:.0f} ms in the proxy."),
         "",
         "| prompt tokens evaluated | " + " | ".join(k["turns"]) + " | total |",
         "|---|" + "---|" * (len(k["turns"]) + 1),

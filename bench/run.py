@@ -44,23 +44,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script (`python bench/run.py`), as `make bench` does
 
-from bench import cache, collector_bench, host, load, overhead  # noqa: E402
-from bench.plot import plot  # noqa: E402
-from bench.report import table  # noqa: E402
-from bench.recorded import capture_messages  # noqa: E402
-from bench.targets import checks, undecided  # noqa: E402
-from proxy.config import Settings  # noqa: E402
-from tests.support import processes  # noqa: E402
+from bench import cache, collector_bench, host, load, overhead
+from bench.plot import plot
+from bench.report import table
+from bench.recorded import capture_messages
+from bench.targets import checks, undecided
+from proxy.config import Settings
+from tests.support import processes
 
 RESULTS = ROOT / "bench" / "results"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 1000)))
+    parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "1000")))
     parser.add_argument("--stream-rounds", type=int, default=int(os.environ.get("BENCH_STREAM_ROUNDS", overhead.STREAM_ROUNDS)))
-    parser.add_argument("--clients", type=int, default=int(os.environ.get("BENCH_CLIENTS", 50)))
-    parser.add_argument("--seconds", type=float, default=float(os.environ.get("BENCH_SECONDS", 120)))
+    parser.add_argument("--clients", type=int, default=int(os.environ.get("BENCH_CLIENTS", "50")))
+    parser.add_argument("--seconds", type=float, default=float(os.environ.get("BENCH_SECONDS", "120")))
     args = parser.parse_args()
     binary = os.environ.get("LLAMA_SERVER_BIN") or subprocess.run(["bash", "llama/build.sh"], cwd=ROOT, capture_output=True,
                                                                   text=True, check=True).stdout.strip().splitlines()[-1]
@@ -69,7 +69,7 @@ def main() -> int:
     os.environ["LLAMABRIDGE_ENV_FILE"] = os.devnull  # measure the defaults, not someone's .env
     RESULTS.mkdir(parents=True, exist_ok=True)
     messages = capture_messages()
-    results: dict = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": host.describe(),
+    results: dict = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": host.describe(),
                      "model": Path(model).name, "llama_server": binary}
     work = Path(tempfile.mkdtemp(prefix="llamabridge-bench-"))
     db = str(work / "bench.db")

@@ -23,6 +23,7 @@ from .config import CollectorSettings
 from .exporter import StoreCollector
 from .job import ScrapeJob
 from llamabridge.store import Store
+from datetime import UTC
 
 
 def create_app(settings: CollectorSettings, start_jobs: bool = True) -> Flask:
@@ -80,8 +81,8 @@ def _refuse(environ: dict, start_response, status: int, message: str, code: str 
 
 
 def _now():  # APScheduler: run the first time right away
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 

@@ -18,7 +18,7 @@ def page_and_policy() -> tuple[bytes, str]:
     page = resources.files(__name__).joinpath("index.html").read_bytes()
 
     def hashes(tag: bytes) -> str:
-        blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+        blocks = re.findall(rb"<%s>(.*?)</%s>" % (tag, tag), page, re.DOTALL)
         return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(block).digest()).decode()}'" for block in blocks)
 
     policy = (f"default-src 'none'; script-src {hashes(b'script')}; style-src {hashes(b'style')}; connect-src 'self'; "

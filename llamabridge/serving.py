@@ -14,7 +14,8 @@ import os
 import select
 import sys
 import traceback
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable
 
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication

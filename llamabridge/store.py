@@ -29,7 +29,8 @@ import threading
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 from llamabridge.settings import env_float
 
@@ -247,7 +248,7 @@ class Retention:
     minute_days: float = 30.0  # per-minute samples, then one per hour (SAMPLES_MINUTE_DAYS)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "Retention":
+    def from_env(cls, env: Mapping[str, str]) -> Retention:
         return cls(
             requests_days=env_float(env, "REQUEST_LOG_DAYS", cls.requests_days, 0.01, 36500, "days"),
             raw_hours=env_float(env, "SAMPLES_RAW_HOURS", cls.raw_hours, 1, 24 * 36500, "hours"),

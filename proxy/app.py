@@ -11,7 +11,8 @@ import hashlib
 import json
 import logging
 import threading
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 from flask import Flask, Response, g, jsonify, redirect, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Mapping
+from collections.abc import Mapping
 
 from llamabridge.store import Retention
 from llamabridge.edge import EdgeSettings

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterable, Iterator
 
 from flask import Flask, g
 from werkzeug.http import HTTP_STATUS_CODES
@@ -36,7 +37,7 @@ Handler = Callable[[dict, bytes, dict, Call], WSGIApp]
 class BareResponse:
     """A response that is only a status, headers and a body iterator (no Response object)."""
 
-    __slots__ = ("status", "headers", "body")
+    __slots__ = ("body", "headers", "status")
 
     def __init__(self, status: int, headers: list[tuple[str, str]], body: Iterator[bytes]):
         self.status, self.headers, self.body = status, headers, body

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from array import array
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from . import classify, fastjson, sse, translate
 from .disconnect import ClientDisconnected, ClientWatch, client_leaving

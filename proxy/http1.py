@@ -22,7 +22,8 @@ import threading
 import time
 from collections import deque
 from http.client import HTTPException, RemoteDisconnected
-from typing import Callable, Iterator, Protocol, TypeVar
+from typing import Protocol, TypeVar
+from collections.abc import Callable, Iterator
 from wsgiref.headers import Headers
 
 import httptools

@@ -6,7 +6,7 @@ client's model name put back in the answer, and errors in Anthropic's envelope.
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 from flask import Response
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
 from flask import Response
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from flask import Response
 

@@ -12,7 +12,7 @@ events of a completed answer are handed to the identical requests that waited fo
 from __future__ import annotations
 
 from array import array
-from typing import Hashable
+from collections.abc import Hashable
 
 from flask import Response
 

@@ -30,7 +30,8 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 from . import fastjson
@@ -424,14 +425,13 @@ class StallWatch:
             self.quiet_since = now - silent_for
             self._next_probe = self.quiet_since + self.every
         probe = self._probe
-        if probe is not None:
-            if probe.sock is None or readable(probe.sock):
-                self._probe = None
-                working = self._upstream.probe_answered(probe)
-                now = time.monotonic()
-                if working:
-                    self.quiet_since = now
-                self._next_probe = now if working is None else now + self.every
+        if probe is not None and (probe.sock is None or readable(probe.sock)):
+            self._probe = None
+            working = self._upstream.probe_answered(probe)
+            now = time.monotonic()
+            if working:
+                self.quiet_since = now
+            self._next_probe = now if working is None else now + self.every
         if self._probe is None and now >= self._next_probe:
             if not self._upstream.can_probe():
                 self.quiet_since = now  # nothing can tell a hung llama-server from a busy one

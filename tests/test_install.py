@@ -53,8 +53,8 @@ def test_a_normal_install_serves_the_dashboard_and_its_api_outside_the_checkout(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LLAMABRIDGE_ENV_FILE")}
-    where = subprocess.run([python, "-c", "import proxy, collector, llamabridge, dashboard; "
-                            "print(proxy.__file__, dashboard.__file__, sep='\\n')"],
+    where = subprocess.run([python, "-c", ("import proxy, collector, llamabridge, dashboard; "
+                            "print(proxy.__file__, dashboard.__file__, sep='\\n')")],
                            cwd=elsewhere, env=env, check=True, capture_output=True, text=True).stdout.split()
     assert all(Path(path).is_relative_to(purelib) for path in where), where
 
@@ -74,10 +74,10 @@ def test_a_normal_install_serves_the_dashboard_and_its_api_outside_the_checkout(
 
 def test_the_lock_file_pins_every_dependency_with_hashes_at_pyprojects_versions():
     lock = (ROOT / "requirements.lock").read_text()
-    entries = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\\n((?:    --hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", lock, re.M)
+    entries = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\\n((?:    --hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", lock, re.MULTILINE)
     pins = {name.lower().replace("_", "-"): version for name, version, _ in entries}
     # Every requirement line is a pin with hashes (pip refuses the rest under --require-hashes).
-    assert len(entries) == len(re.findall(r"^[A-Za-z0-9]", lock, re.M)) > 0
+    assert len(entries) == len(re.findall(r"^[A-Za-z0-9]", lock, re.MULTILINE)) > 0
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     for requirement in declared:
         name, version = requirement.split("==")

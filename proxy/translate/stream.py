@@ -10,7 +10,8 @@ import hashlib
 import json
 import math
 import uuid
-from typing import Any, Iterable, Iterator
+from typing import Any
+from collections.abc import Iterable, Iterator
 
 from .exceptions import StreamProtocolError, UpstreamStreamError, json_type
 
