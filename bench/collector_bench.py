@@ -394,7 +394,7 @@ def _bench_api(llama_url: str, db_path: Path, notes: list[str]) -> dict[str, dic
                     times.append(elapsed)
             results[path] = {"p50": _pct(times, 50), "p99": _pct(times, 99)}
 
-        # What the charts get: the newest points of each range, one per bucket (collector/api.py RANGES).
+        # What the charts get: the newest points of each range, one per bucket (llamabridge/api.py RANGES).
         newest = session.get(base + "/api/totals", timeout=30).json()["now"]["ts"]
         for name in ("1h", "24h", "30d"):
             resp = session.get(f"{base}/api/samples?range={name}", timeout=30)

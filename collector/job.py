@@ -84,7 +84,8 @@ class ScrapeJob:
             before = base.meta.get("upstream_identity")
             if identity and before and identity != before:
                 # Another server at this URL: its counters hold history served elsewhere.
-                why, advanced = "changed", dict.fromkeys(reading.counters, 0.0)
+                why: str | None = "changed"
+                advanced = dict.fromkeys(reading.counters, 0.0)
                 events.append(("upstream_changed", f"{scrape.describe(before)} -> {scrape.describe(identity)}"))
             else:
                 why = scrape.restart_reason(base.last_raw, reading.counters, base.meta.get("process_start"),

@@ -14,7 +14,7 @@ import os
 import select
 import sys
 import traceback
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from collections.abc import Callable
 
 from gunicorn import util as gunicorn_util
@@ -23,7 +23,12 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from llamabridge.settings import ConfigError, load_env_file
 
-S = TypeVar("S")
+class _Settings(Protocol):
+    @property
+    def log_level(self) -> str: ...
+
+
+S = TypeVar("S", bound=_Settings)
 
 
 def settings_or_exit(service: str, from_env: Callable[[], S]) -> S:

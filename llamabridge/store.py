@@ -383,11 +383,11 @@ class Store:
             db.execute("INSERT INTO events VALUES (?, ?, ?)", (now, kind, detail))
             if kind in COUNTED_EVENTS:
                 _advance(db, COUNTED_EVENTS[kind], 1)
-        for key, value in meta.items():
-            if value is None:
+        for key, text in meta.items():
+            if text is None:
                 db.execute("DELETE FROM meta WHERE key = ?", (key,))
             else:
-                db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+                db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, text))
 
     # -- reads for the API ------------------------------------------------------------------------
 

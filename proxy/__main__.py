@@ -13,7 +13,6 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +44,16 @@ OPENCODE_MAX_OUTPUT = 32_000
 KEY_PLACEHOLDER = "YOUR_LLAMABRIDGE_KEY"
 
 
-def context_from_proxy(base: str, key: str = "") -> tuple[SimpleNamespace | None, bool]:
+@dataclass(frozen=True)
+class Served:
+    """The served model as `make env` learns it, from the proxy or from llama-server."""
+
+    model: str | None
+    n_ctx: int
+    total_slots: int | None
+
+
+def context_from_proxy(base: str, key: str = "") -> tuple[Served | None, bool]:
     """The model, context window and slots as the running proxy reports them (`/v1/models`), and
     whether it asks for keys (it answered 401).
 
@@ -62,7 +70,7 @@ def context_from_proxy(base: str, key: str = "") -> tuple[SimpleNamespace | None
         return None, False
     if not isinstance(model, dict) or not model.get("context_window"):
         return None, False
-    return SimpleNamespace(model=model.get("id"), n_ctx=int(model["context_window"]), total_slots=model.get("slots")), False
+    return Served(model.get("id"), int(model["context_window"]), model.get("slots")), False
 
 
 def opencode_config(base: str, model: str, n_ctx: int, key: str) -> dict:
@@ -134,7 +142,7 @@ class Context:
     """What `make env` knows of the running proxy."""
 
     base: str  # the proxy's base URL for clients
-    info: SimpleNamespace | None  # model, n_ctx, total_slots; None when neither the proxy nor llama-server answers
+    info: Served | None  # model, n_ctx, total_slots; None when neither the proxy nor llama-server answers
     name: str  # the model's short name (llama-server's may be the GGUF's path; any name is served)
     keyed: bool  # the proxy asks for keys
     key: str  # what the printed settings send as the key
@@ -160,7 +168,8 @@ def server_context(settings: Settings, key: str = "") -> Context:
     if info is None:
         # No proxy running here yet (a native setup being prepared), or it wants a key: ask llama-server itself.
         try:
-            info = Upstream(settings).info()
+            server = Upstream(settings).info()
+            info = Served(server.model, server.n_ctx, server.total_slots)
         except Exception as exc:  # noqa: BLE001 - any failure is reported the same way
             if refused:
                 said = f"llama-server at {settings.upstream_base} did not answer either"

@@ -15,6 +15,7 @@ from typing import Any
 from collections.abc import Callable, Iterable
 
 from flask import Flask, Response, g, jsonify, redirect, request
+from flask.typing import ResponseReturnValue
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import HTTPException
@@ -28,7 +29,7 @@ from . import errors, messages, models, relay, translate
 from .config import Settings
 from .disconnect import ClientDisconnected, ClientWatch
 from .errors import ApiError, Rejected
-from .fastpath import BareResponse, FastPath, json_body
+from .fastpath import BareResponse, FastPath, Handler, json_body
 from .metrics import Call
 from .services import Services
 from .upstream import Upstream
@@ -211,7 +212,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         return Response(page, mimetype="text/html", headers={"Content-Security-Policy": policy, "Cache-Control": "no-cache"})
 
     @app.route("/dashboard/", methods=["GET"])
-    def dashboard_slash() -> Response:
+    def dashboard_slash() -> ResponseReturnValue:
         # The page reads its JSON by relative URL (so that it works behind a path prefix), which
         # under /dashboard/ would point into /dashboard/api/...: send the browser to the one URL.
         # Relative, so the redirect keeps any prefix in front of the proxy too.
@@ -276,7 +277,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         return BareResponse(*relay.generation(call.route, body, raw, services, ClientWatch(environ), call))
 
     # The busiest routes' ordinary requests skip Flask's request handling (fastpath.py).
-    fast_routes = {"/v1/messages": message, **{path: completion for path in relay.GENERATION_ROUTES}}
+    fast_routes: dict[str, Handler] = {"/v1/messages": message, **{path: completion for path in relay.GENERATION_ROUTES}}
     fast = FastPath(app, fast_routes, settings.max_request_bytes, services.prepare_connections)
     # In front of everything, the fast path included: browser attacks refused, keys checked.
     app.wsgi_app = Edge(fast, settings.edge, KeyFile(settings.edge.keys_file), refusal,  # type: ignore[method-assign]

@@ -32,7 +32,7 @@ BROKEN = (*BROKEN_CONNECTION, sse.StreamProtocolError)
 
 
 class Generation:
-    def __init__(self, services: Services, target: Target, call: Call, watch: ClientWatch, path: str, payload: dict,
+    def __init__(self, services: Services, target: Target, call: Call, watch: ClientWatch, path: str, payload: dict | None,
                  tokens: array | None = None):
         self.services = services
         self.target = target
@@ -77,6 +77,7 @@ class Generation:
     def open(self) -> Answer:
         """Send the request on the admitted slot; an error status raises the client's ApiError."""
         assert self.ticket is not None
+        assert self.payload is not None  # only the relay sends the client's own bytes (relay._open)
         if self.target.gate.slots > 1:
             self.payload["id_slot"] = self.ticket.slot
         body = fastjson.dumps(self.payload)
@@ -162,7 +163,7 @@ class Generation:
         if self.client_left:
             self.call.status = 499
             self.call.error = self.call.error or "client disconnected"
-        if self._counted:
+        if self._counted and self.call.user is not None:  # counted: it has a user
             self.services.quotas.release(self.call.user, self.call.prompt_tokens + self.call.generated_tokens)
         self._check_prefix()
         self.services.metrics.record(self.call)

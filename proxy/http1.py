@@ -316,7 +316,7 @@ class Answer:
             return
         if self._silence is not None:
             self._silence.close()
-        self._parsed.parser = None  # the parser holds _parsed: no cycle left for the collector
+        del self._parsed.parser  # the parser holds _parsed: no cycle left for the collector
         # Only an answer read to its end, and nothing after it, leaves the connection clean for
         # the next request.
         clean = self.finished and self._parsed.messages == 1 and self._parsed.keep_alive

@@ -14,13 +14,15 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from werkzeug.datastructures import Headers
+
 from .errors import ApiError, Rejected
 
 ANTHROPIC_DEFAULT_LIMIT = 20  # as Anthropic's API
 ANTHROPIC_MAX_LIMIT = 1000
 
 
-def wants_anthropic(headers: Mapping[str, str]) -> bool:
+def wants_anthropic(headers: Mapping[str, str] | Headers) -> bool:
     return "anthropic-version" in headers
 
 

@@ -42,7 +42,7 @@ GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses",
 
 def relay(method: str, path: str, parsed: dict | None, raw_body: bytes | None, content_type: str | None,
           services: Services, watch: ClientWatch, call: Call) -> Response:
-    if path not in GENERATION_ROUTES or parsed is None:
+    if path not in GENERATION_ROUTES or parsed is None or raw_body is None:
         return _plain(method, path, raw_body, content_type, services, watch)
     status, headers, body = generation(path, parsed, raw_body, services, watch, call)
     return Response(body, status=status, headers=headers)

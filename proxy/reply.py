@@ -32,7 +32,8 @@ def error_for(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, translate.UpstreamStreamError):
-        status = exc.error.get("code") if isinstance(exc.error.get("code"), int) else 500
+        code = exc.error.get("code")
+        status = code if isinstance(code, int) else 500
         return from_upstream(status, json.dumps({"error": exc.error}))
     log.warning("upstream stream broke: %r", exc)
     return ApiError(502, f"{BROKE_MESSAGE}: {type(exc).__name__}")
