@@ -68,7 +68,8 @@ def protocol_body(status: int, message: str) -> dict[str, Any]:
 
 
 def _write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
-    """gunicorn's answer to a request it cannot parse, as JSON in place of its HTML page.
+    """gunicorn's answer to a request it cannot parse, as JSON in place of its HTML page
+    (pinned by tests/test_proxy_errors.py::test_requests_the_http_server_cannot_parse_get_json_both_sdks_read).
 
     gunicorn answers such requests itself, before the app sees them (a malformed request line,
     a header over 8 KB, a URI over 4 KB), through `gunicorn.util.write_error`, the one function
@@ -166,6 +167,11 @@ class Worker(ThreadWorker):
     still has a thread to go to; the most a waiting thread can cost a connection opened meanwhile
     is one `linger_ms`. Everything else (parsing, keep-alive limits, draining unread bodies,
     graceful stop) is gthread's own code, called as it is.
+
+    What it reads of gthread beyond its documented settings, each pinned by tests/test_serving.py:
+    `handle(conn)` returning True for a kept-alive connection, `alive`, `nr_conns` and `conn.sock`
+    (test_each_thread_waits_on_the_connection_it_served), and the bytes its parser read ahead,
+    `conn.parser.unreader.buf` (test_requests_back_to_back_and_pipelined_on_one_connection).
     """
 
     linger_ms = 50
