@@ -39,7 +39,7 @@ serve(lambda: app, bind="127.0.0.1:0", threads=2, keepalive=75, graceful_timeout
 # with the path and the thread that served it.
 LINGERING_APP = """
 import threading
-from proxy.serving import Worker, serve
+from llamabridge.serving import Worker, serve
 
 Worker.linger_ms = 60_000
 
@@ -81,7 +81,8 @@ def request(path: str) -> bytes:
 
 def answers(sock: socket.socket, count: int) -> list[str]:
     """The next `count` answers' bodies on a kept-alive connection, in order."""
-    buf, bodies = b"", []
+    buf = b""
+    bodies: list[str] = []
     while len(bodies) < count:
         head, sep, rest = buf.partition(b"\r\n\r\n")
         if sep:
