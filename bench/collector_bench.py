@@ -268,7 +268,9 @@ class _Simulation:
         job = ScrapeJob(self.store, SIM_URL, INTERVAL, clock=lambda: clock["now"])
         session = _SimSession()
         job.session.close()
-        job.session = session
+        # A stand-in, not a requests.Session: scrape.read only calls get() on it, and ScrapeJob
+        # types its session as the real one.
+        job.session = session  # type: ignore[assignment]
         job.down_since = self.down_since
         for _ in range(days * TICKS_PER_DAY):
             self._hour_start()

@@ -33,6 +33,7 @@ def idle_penalty(rounds: int = 400, idle_s: float = 0.006) -> dict:
     several times its hot CPU time. This number says how strongly that holds on the machine the
     bench ran on.
     """
+    from werkzeug.datastructures import Headers
     from werkzeug.test import EnvironBuilder
 
     from bench.floor import flask_app
@@ -40,7 +41,7 @@ def idle_penalty(rounds: int = 400, idle_s: float = 0.006) -> dict:
     app = flask_app().wsgi_app
 
     def one() -> float:
-        environ = EnvironBuilder(path="/", headers={"User-Agent": "python-requests", "Accept": "*/*"}).get_environ()
+        environ = EnvironBuilder(path="/", headers=Headers({"User-Agent": "python-requests", "Accept": "*/*"})).get_environ()
         start = time.perf_counter()
         for _ in app(environ, lambda status, headers, exc_info=None: None):
             pass

@@ -12,6 +12,7 @@ import copy
 import sqlite3
 import threading
 import time
+from typing import Any
 
 import requests
 
@@ -28,7 +29,7 @@ def idle_memory(proxy_url: str, pids: dict[str, int]) -> dict:
     of the proxy's two fast paths, so what the first request loads and builds is counted.
     `<name>_parts` lists the process, then its children (the proxy's arbiter, then worker)."""
     session = requests.Session()
-    warm = {"/v1/chat/completions": {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+    warm: dict[str, dict[str, Any]] = {"/v1/chat/completions": {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
             "/v1/messages": {"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}}
     for path, body in warm.items():
         resp = session.post(proxy_url + path, json=body, timeout=30)
@@ -123,12 +124,12 @@ def run(llama_url: str, proxy_url: str, db_path: str, clients: int, seconds: flo
     for klass, handled, wait, _, _ in rows:
         by_class.setdefault(klass, []).append((wait or 0) * 1000)
     # Claude Code's background requests the proxy answers itself: session titles and token-count probes.
-    local = [(total * 1000, ts) for klass, handled, _, total, ts in rows if handled == "local" and klass in ("title", "probe")]
+    local_at = [(total * 1000, ts) for klass, handled, _, total, ts in rows if handled == "local" and klass in ("title", "probe")]
     # All sessions start at one instant, so their titles, token counts and first main turns reach
     # the proxy together. No target of its own, but it tells that burst apart from the steady
     # state that follows.
-    settled = [ms for ms, ts in local if ts >= started_at + START_BURST_SECONDS]
-    local = [ms for ms, _ in local]
+    settled = [ms for ms, ts in local_at if ts >= started_at + START_BURST_SECONDS]
+    local = [ms for ms, _ in local_at]
     titles_client = [ms for kind, status, ms in outcomes if kind == "title"]
     # Token counts are exact (llama-server's template and tokenizer, two calls each), then cached:
     # the slowest are the first of each in the start burst.

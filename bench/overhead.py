@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -44,13 +45,14 @@ STREAM_ROUNDS = 160
 WARMUP_ROUNDS = 20  # 1-token rounds run first and discarded
 STREAM_WARMUP_ROUNDS = 2
 
-SHORT_OPENAI = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
-SHORT_ANTHROPIC = {"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
-LONG_OPENAI = {"model": "m", "max_tokens": STREAM_TOKENS, "stream": True, "stream_options": {"include_usage": True},
-               "messages": [{"role": "user", "content": "digits"}],
-               "response_format": {"type": "json_schema", "json_schema": {"name": "digits", "schema": LONG_SCHEMA}}}
-LONG_ANTHROPIC = {"model": "claude-sonnet-4-5", "max_tokens": STREAM_TOKENS, "stream": True, "messages": [{"role": "user", "content": "digits"}],
-                  "output_config": {"format": {"type": "json_schema", "schema": LONG_SCHEMA}}}
+SHORT_OPENAI: dict[str, Any] = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+SHORT_ANTHROPIC: dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+LONG_OPENAI: dict[str, Any] = {"model": "m", "max_tokens": STREAM_TOKENS, "stream": True, "stream_options": {"include_usage": True},
+                               "messages": [{"role": "user", "content": "digits"}],
+                               "response_format": {"type": "json_schema", "json_schema": {"name": "digits", "schema": LONG_SCHEMA}}}
+LONG_ANTHROPIC: dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": STREAM_TOKENS, "stream": True,
+                                  "messages": [{"role": "user", "content": "digits"}],
+                                  "output_config": {"format": {"type": "json_schema", "schema": LONG_SCHEMA}}}
 
 
 def floor(llama_url: str, app: str) -> processes.Service:
@@ -164,6 +166,7 @@ def _stream(session: requests.Session, url: str, body: dict, anthropic: bool) ->
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
     end = time.perf_counter()
+    assert first is not None, f"{url} streamed no token"
     return (first - start) * 1000, tokens / (end - first), tokens
 
 

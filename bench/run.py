@@ -78,6 +78,7 @@ def main() -> int:
             processes.proxy(llama.url, DB_PATH=db, PROXY_THREADS=str(Settings.threads)) as proxy, \
             processes.collector(llama.url, db, interval=10) as collector:
         # The product's defaults (its proxy threads, a scrape every 10 s), not the test suite's.
+        assert llama.proc is not None and proxy.proc is not None and collector.proc is not None, "started by `with`"
         services = {"proxy": proxy.proc.pid, "collector": collector.proc.pid}
         results["rss_idle_mb"] = load.idle_memory(proxy.url, services)
         print(f"overhead: {args.rounds} interleaved rounds, {args.stream_rounds} streamed", flush=True)

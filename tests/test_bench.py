@@ -125,7 +125,9 @@ def test_intervals_hold_the_truth_and_narrow_with_rounds():
     def span(rounds: int) -> tuple[float, float]:
         direct = rng.normal(250, 30, rounds)
         through = direct * rng.normal(0.99, 0.08, rounds)  # a 1% slower relay, in noise like this VM's
-        return stats.interval(stats.median_ratio, through, direct)
+        found = stats.interval(stats.median_ratio, through, direct)
+        assert found is not None, f"{rounds} rounds are too few for an interval"
+        return found
 
     short, long = span(40), span(1000)
     assert short[0] < 0.99 < short[1] and long[0] < 0.99 < long[1]

@@ -23,8 +23,10 @@ pytestmark = pytest.mark.integration
 def llama_counters(llama, headers: dict | None = None) -> tuple[float, float, float]:
     """llama-server's own counters: uncached prompt, cached prompt and generated tokens."""
     page = requests.get(llama.url + "/metrics", headers=headers, timeout=10).text
-    return tuple(metric_in(page, f"llamacpp:{name}") for name in ("prompt_tokens_total", "prompt_tokens_cached_total",
-                                                                  "tokens_predicted_total"))
+    prompt, cached, generated = (metric_in(page, f"llamacpp:{name}") for name in ("prompt_tokens_total", "prompt_tokens_cached_total",
+                                                                                  "tokens_predicted_total"))
+    assert prompt is not None and cached is not None and generated is not None, page
+    return prompt, cached, generated
 
 
 def lifetime(collector) -> tuple[float, float, float]:

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import threading
 import time
+from typing import Any
 
 import pytest
 import requests
@@ -36,8 +37,8 @@ class Traffic:
             with self.lock:
                 self.sent += 1
                 i = self.sent
-            body = {"messages": [{"role": "user", "content": f"request {i}: " + "tell me something " * (i % 5)}],
-                    "max_tokens": 24, "temperature": 0.8}
+            body: dict[str, Any] = {"messages": [{"role": "user", "content": f"request {i}: " + "tell me something " * (i % 5)}],
+                                    "max_tokens": 24, "temperature": 0.8}
             t = requests.post(self.url + "/v1/chat/completions", json=body, timeout=60).json()["timings"]
             with self.lock:
                 self.prompt += t["prompt_n"]

@@ -218,7 +218,9 @@ def scrape_credentials() -> dict[str, tuple[str, str]]:
     for job in config["scrape_configs"]:
         path = job["authorization"]["credentials_file"]
         content = COMPOSE["configs"][sources[path]]["content"]
-        found[job["job_name"]] = (path, re.fullmatch(r"\$\{(\w+):-[^}]+\}", content)[1])
+        variable = re.fullmatch(r"\$\{(\w+):-[^}]+\}", content)
+        assert variable is not None, f"{sources[path]}'s content is not a single ${{VAR:-default}}: {content!r}"
+        found[job["job_name"]] = (path, variable[1])
     return found
 
 

@@ -42,7 +42,7 @@ def run_cn(continue_bin: str, env: dict[str, str], cwd: Path, config: Path, *arg
                           text=True, timeout=240, stdin=subprocess.DEVNULL)
 
 
-def logged(proxy) -> list[tuple[int, int, int, int]]:
+def logged(proxy) -> list[tuple[int | None, int, int, int]]:
     """(status, prompt, cached, generated) of every generation in the proxy's request log."""
     return [(e.status, e.prompt, e.cached, e.generated) for e in request_log.entries(proxy, route="/v1/chat/completions")
             if e.handled == "upstream"]

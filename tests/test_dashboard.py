@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -35,7 +36,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 HOSTILE = "evil-agent/1.0 <script>window.__pwned = 1</script><img src=x onerror=window.__pwned=2>"
-MAIN = {"model": "claude-sonnet-4-5", "max_tokens": 24, "tools": [{"name": "Agent", "input_schema": {"type": "object"}}]}
+MAIN: dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": 24, "tools": [{"name": "Agent", "input_schema": {"type": "object"}}]}
 
 
 def send(proxy, text: str, session: str, agent: str = "claude-cli/2.1.328 (external, cli)", key: str | None = None) -> None:

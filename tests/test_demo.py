@@ -22,6 +22,7 @@ from tests.test_claude_code import run_claude
 pytestmark = pytest.mark.integration
 
 spec = importlib.util.spec_from_file_location("run_stack", processes.ROOT / "scripts" / "run_stack.py")
+assert spec is not None and spec.loader is not None, "scripts/run_stack.py is missing"
 run_stack = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_stack)
 

@@ -14,6 +14,7 @@ import json
 
 import pytest
 from prometheus_client import CollectorRegistry
+from werkzeug.datastructures import Headers
 from werkzeug.test import EnvironBuilder
 
 from proxy.app import create_app
@@ -38,7 +39,7 @@ def run(wsgi, environ: dict) -> tuple[str, dict[str, str], bytes]:
 
 def environ(method: str = "POST", path: str = "/v1/chat/completions", data: bytes | None = None, **headers: str) -> dict:
     content_type = "application/json" if method == "POST" else None  # the edge in front refuses any other body
-    return EnvironBuilder(method=method, path=path, data=data, headers=headers, content_type=content_type).get_environ()
+    return EnvironBuilder(method=method, path=path, data=data, headers=Headers(headers), content_type=content_type).get_environ()
 
 
 def fast_path(app):

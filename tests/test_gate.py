@@ -146,6 +146,12 @@ def test_sessions_return_to_their_slot_and_cold_slots_are_preferred():
     assert again.slot == b.slot
 
 
+def slot_of(w: Waiter) -> int:
+    """The slot the gate granted a waiter the model holds as granted."""
+    assert w.ticket is not None, f"waiter {w.seq} has no ticket"
+    return w.ticket.slot
+
+
 class GateModel(RuleBasedStateMachine):
     """Random sequences of what request threads do to the gate (join, leave, finish, and
     llama-server restarting with another slot count), checked after every step against what
@@ -178,15 +184,15 @@ class GateModel(RuleBasedStateMachine):
         for w in expected:
             mine = [s for s, o in self.owner.items() if o == w.session and not self._busy(s, w)]
             if w.session is not None and mine and mine[0] < self.gate.slots:
-                assert w.ticket.slot == mine[0], "a session did not get the slot holding its cache"
+                assert slot_of(w) == mine[0], "a session did not get the slot holding its cache"
             if w.session is not None:
                 self.owner = {s: o for s, o in self.owner.items() if o != w.session}
-                self.owner[w.ticket.slot] = w.session
+                self.owner[slot_of(w)] = w.session
             self.waiting.remove(w)
             self.running.append(w)
 
     def _busy(self, slot: int, other_than: Waiter) -> bool:
-        return any(r.ticket.slot == slot for r in self.running if r is not other_than)
+        return any(slot_of(r) == slot for r in self.running if r is not other_than)
 
     @rule(priority=st.sampled_from([0, 1, 2]), session=st.sampled_from([None, "a", "b", "c"]),
           user=st.sampled_from([None, "ann", "ben"]))
@@ -231,7 +237,7 @@ class GateModel(RuleBasedStateMachine):
 
     @invariant()
     def one_generation_per_slot_and_none_idle_while_someone_waits(self) -> None:
-        slots = [w.ticket.slot for w in self.running]
+        slots = [slot_of(w) for w in self.running]
         assert len(slots) == len(set(slots)), slots
         assert self.gate.in_flight() == len(self.running) and self.gate.depth() == len(self.waiting)
         assert self.gate.threads.held == len(self.running) + len(self.waiting), "a thread not given back, or given twice"

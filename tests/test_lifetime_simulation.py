@@ -74,10 +74,19 @@ def reading(tick: int) -> scrape.Reading:
                           [], MODEL)
 
 
+class SimulatedJob(ScrapeJob):
+    """The real ScrapeJob, reading the simulated llama-server at the clock's tick instead of over HTTP."""
+
+    def __init__(self, store: Store, clock: dict):
+        super().__init__(store, "http://llama.invalid:8080", INTERVAL, clock=lambda: T0 + clock["tick"] * INTERVAL)
+        self.ticks = clock
+
+    def read_upstream(self) -> scrape.Reading:
+        return reading(self.ticks["tick"])
+
+
 def job_at(store: Store, clock: dict) -> ScrapeJob:
-    job = ScrapeJob(store, "http://llama.invalid:8080", INTERVAL, clock=lambda: T0 + clock["tick"] * INTERVAL)
-    job.read_upstream = lambda: reading(clock["tick"])
-    return job
+    return SimulatedJob(store, clock)
 
 
 def run_ticks(db: str, first: int, last: int) -> None:

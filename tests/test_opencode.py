@@ -54,7 +54,7 @@ def events(result: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def logged(proxy) -> list[tuple[int, str, int, int, int]]:
+def logged(proxy) -> list[tuple[int | None, str, int, int, int]]:
     """(status, session, prompt, cached, generated) of every OpenCode request in the proxy's request log."""
     return [(e.status, e.session, e.prompt, e.cached, e.generated) for e in request_log.entries(proxy, client="opencode/")
             if e.handled == "upstream"]

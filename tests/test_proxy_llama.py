@@ -10,6 +10,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import anthropic
 import openai
@@ -402,7 +403,7 @@ def test_token_counts_leave_no_connection_to_llama_server_open(llama):
     count close their connection once answered."""
     with processes.proxy(llama.url) as proxy:  # its own: no generation has left a connection in its pool
         def count(i: int) -> int:
-            body = {"model": "m", "messages": [{"role": "user", "content": f"count number {i} " * (i + 1)}]}
+            body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": f"count number {i} " * (i + 1)}]}
             answer = requests.post(proxy.url + "/v1/messages/count_tokens", json=body, timeout=60)
             assert answer.status_code == 200, answer.text
             return answer.json()["input_tokens"]

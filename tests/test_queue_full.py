@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 import requests
@@ -33,7 +34,7 @@ COPIES = 3
 ANSWER_SECONDS = 1.0
 
 
-def no_slot_requests(url: str, title: dict) -> dict[str, callable]:
+def no_slot_requests(url: str, title: dict) -> dict[str, Callable[[], requests.Response]]:
     """What must never wait behind generations: each a call returning its response."""
     return {
         "healthz": lambda: requests.get(url + "/healthz", timeout=30),

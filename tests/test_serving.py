@@ -81,7 +81,8 @@ def request(path: str) -> bytes:
 
 def answers(sock: socket.socket, count: int) -> list[str]:
     """The next `count` answers' bodies on a kept-alive connection, in order."""
-    buf, bodies = b"", []
+    buf = b""
+    bodies: list[str] = []
     while len(bodies) < count:
         head, sep, rest = buf.partition(b"\r\n\r\n")
         if sep:

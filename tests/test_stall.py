@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import requests
@@ -36,7 +37,7 @@ STALLS = "llamabridge_proxy_upstream_stalls_total"
 # Tens of seconds of tokens on the tiny model: still generating when the test stops llama-server.
 LONG_TOKENS = 30_000
 ANTHROPIC_LONG = {"model": "claude-sonnet-4-5", "max_tokens": LONG_TOKENS, "messages": [{"role": "user", "content": "go"}]}
-OPENAI_LONG = {"model": "x", "max_tokens": LONG_TOKENS, "messages": [{"role": "user", "content": "go"}]}
+OPENAI_LONG: dict[str, Any] = {"model": "x", "max_tokens": LONG_TOKENS, "messages": [{"role": "user", "content": "go"}]}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,8 @@ def generating(llama_url: str) -> bool:
 
 def sse_frames(resp: requests.Response) -> Iterator[tuple[str | None, str]]:
     """(event name or None, data) for each frame of a stream, as it arrives."""
-    event, data = None, []
+    event: str | None = None
+    data: list[str] = []
     for line in resp.iter_lines():
         if not line:
             if data:
@@ -82,7 +84,7 @@ def sse_frames(resp: requests.Response) -> Iterator[tuple[str | None, str]]:
 
 def serves_again(proxy_url: str) -> None:
     """Once llama-server runs again, the gate admits the next request: the slot was given back."""
-    short = {"model": "x", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    short: dict[str, Any] = {"model": "x", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
     resp = requests.post(proxy_url + "/v1/chat/completions", json=short, timeout=120)
     assert resp.status_code == 200, resp.text
     assert resp.json()["choices"][0]["finish_reason"] == "length"
@@ -168,7 +170,7 @@ def queued_behind_another_client(llama: processes.Service, proxy: processes.Serv
     `quiet_for` seconds: meanwhile another client, talking to llama-server directly (so the
     proxy's gate knows nothing of it), holds its one slot with a long stream. The request's
     connection is silent all that time, while llama-server's main loop works."""
-    short = {"model": "x", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    short: dict[str, Any] = {"model": "x", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
     with ThreadPoolExecutor(1) as pool, \
             requests.post(llama.url + "/v1/chat/completions", json={**OPENAI_LONG, "stream": True}, stream=True, timeout=60) as stream:
         try:

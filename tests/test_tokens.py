@@ -45,6 +45,8 @@ class HeldUpstream:
 
 def waiting(thread: threading.Thread) -> bool:
     """Whether the thread is blocked in a wait (for llama-server, or for another thread's count)."""
+    if thread.ident is None:  # not started
+        return False
     frame = sys._current_frames().get(thread.ident)
     while frame is not None:
         if frame.f_code.co_name == "wait":
@@ -75,7 +77,7 @@ def ask_together(counter: TokenCounter, upstream: HeldUpstream, n: int) -> list:
 
 def test_identical_counts_at_the_same_time_ask_llama_server_once():
     upstream = HeldUpstream()
-    counter = TokenCounter(upstream)  # type: ignore[arg-type]
+    counter = TokenCounter(upstream)
     assert ask_together(counter, upstream, 20) == [(3, True)] * 20
     assert upstream.calls == {"/apply-template": 1, "/tokenize": 1}
     assert counter.count(RENDER) == (3, True) and upstream.calls["/tokenize"] == 1  # and then from the cache
@@ -83,7 +85,7 @@ def test_identical_counts_at_the_same_time_ask_llama_server_once():
 
 def test_when_the_first_count_fails_the_others_try_in_their_own_right():
     upstream = HeldUpstream(fail=True)
-    counter = TokenCounter(upstream)  # type: ignore[arg-type]
+    counter = TokenCounter(upstream)
     assert ask_together(counter, upstream, 5) == [529] * 5
     assert not counter._pending  # nothing left behind for the next request to wait on
     upstream.fail = False

@@ -75,6 +75,7 @@ class Service:
         return self
 
     def wait_healthy(self, deadline: float | None = None) -> None:
+        assert self.health_path is not None, f"{self.name} was given no health_path to poll"
         deadline = deadline or time.monotonic() + self.timeout
         while True:
             self._check_alive()

@@ -128,11 +128,12 @@ class TmuxSession:
         # kill-session hangs up the pane; give the program a moment, then insist.
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             members = _session_members(self.pane_pid)
-            for pid in members if sig else ():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
+            if sig is not None:
+                for pid in members:
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
             deadline = time.monotonic() + 5
             while members and time.monotonic() < deadline:
                 time.sleep(0.05)

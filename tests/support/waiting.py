@@ -13,7 +13,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 30, what: str | Callable[[], str] = "condition",
+def wait_until(predicate: Callable[[], T | None], timeout: float = 30, what: str | Callable[[], str] = "condition",
                interval: float = 0.02) -> T:
     """Poll `predicate()` until it returns something true, and return that. After `timeout`
     seconds, fail naming `what` (a string, or a function called then, e.g. for a log's tail)."""
