@@ -42,9 +42,9 @@ import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
 import requests
@@ -57,8 +57,8 @@ from bench.stats import percentile
 from collector import job as job_module
 from collector import scrape
 from collector.job import ScrapeJob
-from tests.support import processes
 from llamabridge.store import Store
+from tests.support import processes
 
 INTERVAL = 10.0  # COLLECT_INTERVAL's default
 TICKS_PER_HOUR = int(3600 / INTERVAL)

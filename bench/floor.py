@@ -19,14 +19,14 @@ address is in gunicorn's "Listening at" line).
 from __future__ import annotations
 
 import os
-from http import HTTPStatus
 from collections.abc import Callable, Iterable
+from http import HTTPStatus
 
+from llamabridge.serving import serve
 from proxy.__main__ import SERVER_OPTIONS
 from proxy.config import Settings
 from proxy.disconnect import ClientWatch
 from proxy.errors import ApiError
-from llamabridge.serving import serve
 from proxy.http1 import BROKEN_CONNECTION, read_all
 from proxy.upstream import Upstream
 

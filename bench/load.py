@@ -7,11 +7,11 @@ proxy's request log), and the services' resident memory idle and at the load's p
 
 from __future__ import annotations
 
-from concurrent import futures
 import copy
 import sqlite3
 import threading
 import time
+from concurrent import futures
 from typing import Any
 
 import requests

@@ -28,7 +28,13 @@ from typing import Any
 import requests
 
 from bench.readings import llama_metrics, thread_times
-from bench.stats import added_percentile, estimate, interval, median_difference, median_ratio
+from bench.stats import (
+    added_percentile,
+    estimate,
+    interval,
+    median_difference,
+    median_ratio,
+)
 from bench.stats import percentile as pct
 from tests.support import processes
 

@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))  # run as a script (`python bench/run.py`), as `ma
 
 from bench import cache, collector_bench, host, load, overhead
 from bench.plot import plot
-from bench.report import table
 from bench.recorded import capture_messages
+from bench.report import table
 from bench.targets import checks, undecided
 from proxy.config import Settings
 from tests.support import processes

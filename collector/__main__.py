@@ -15,8 +15,15 @@ import sys
 import time
 from typing import Any
 
+from llamabridge.serving import (
+    bind_address,
+    checked_in_a_child,
+    serve,
+    settings_or_exit,
+    start_logging,
+    store_or_exit,
+)
 from llamabridge.settings import load_env_file
-from llamabridge.serving import bind_address, checked_in_a_child, serve, settings_or_exit, start_logging, store_or_exit
 
 # The app (Flask, APScheduler, prometheus_client), the settings and the store are imported where
 # they are used: gunicorn's arbiter, which this process becomes, only supervises, and whatever it
@@ -24,8 +31,9 @@ from llamabridge.serving import bind_address, checked_in_a_child, serve, setting
 
 
 def compact() -> int:
-    from .config import from_env
     from llamabridge.store import Store
+
+    from .config import from_env
 
     settings = settings_or_exit("collector", from_env)
     store_or_exit("collector", settings.db_path)

@@ -9,21 +9,21 @@ from __future__ import annotations
 import atexit
 import json
 import time
+from datetime import UTC
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from flask import Flask, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.http import HTTP_STATUS_CODES
 
+from llamabridge import api
 from llamabridge.edge import Edge, required
 from llamabridge.keys import KeyFile
+from llamabridge.store import Store
 
-from llamabridge import api
 from .config import CollectorSettings
 from .exporter import StoreCollector
 from .job import ScrapeJob
-from llamabridge.store import Store
-from datetime import UTC
 
 
 def create_app(settings: CollectorSettings, start_jobs: bool = True) -> Flask:
@@ -64,6 +64,7 @@ def create_app(settings: CollectorSettings, start_jobs: bool = True) -> Flask:
     app.register_blueprint(api.blueprint(store, status))
 
     # The same checks as the proxy's, with the same keys: the JSON API holds the request log.
+    # (Replacing `wsgi_app` is how Flask documents wrapping an app in middleware.)
     app.wsgi_app = Edge(app.wsgi_app, settings.edge, KeyFile(settings.edge.keys_file), _refuse,  # type: ignore[method-assign]
                         required=required(settings.edge, settings.host),
                         open_routes=frozenset({("GET", "/healthz"), ("HEAD", "/healthz")}),

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from llamabridge.edge import EdgeSettings
 from llamabridge.edge import settings_from_env as edge_from_env
 from llamabridge.settings import env_float, env_int, env_url
-
 from llamabridge.store import Retention
 
 DEFAULT_DB_PATH = "data/llamabridge.db"

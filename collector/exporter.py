@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .job import ScrapeJob
 from llamabridge.store import Store
+
+from .job import ScrapeJob
 
 log = logging.getLogger("llamabridge.exporter")
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import requests
 
-from . import scrape
 from llamabridge.store import Baseline, LeaseHeld, ScrapePlan, Store, holder_id
+
+from . import scrape
 
 log = logging.getLogger("llamabridge.collector")
 

@@ -4,8 +4,8 @@ proxy serves it next to /dashboard, both reading the same SQLite store. Read-onl
 from __future__ import annotations
 
 import time
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 from flask import Blueprint, jsonify, request
 

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .keys import Key, KeyFile, KeysFileError, read as read_keys
+from .keys import Key, KeyFile, KeysFileError
+from .keys import read as read_keys
 from .settings import ConfigError, env_bool, env_list, is_loopback
 
 log = logging.getLogger("llamabridge.edge")

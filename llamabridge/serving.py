@@ -14,14 +14,15 @@ import os
 import select
 import sys
 import traceback
-from typing import Any, Protocol, TypeVar
 from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
 from llamabridge.settings import ConfigError, load_env_file
+
 
 class _Settings(Protocol):
     @property

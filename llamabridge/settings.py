@@ -23,7 +23,9 @@ def load_env_file(env: os._Environ[str] | dict[str, str] | None = None) -> str |
 
     Variables already in the environment win, as with Docker Compose, so `X=1 make run` overrides
     the file. Called by the entry points, never on import: tests and containers stay in control."""
-    from dotenv import dotenv_values  # python-dotenv: the quoting, escapes and `export` lines of real .env files
+    from dotenv import (
+        dotenv_values,  # python-dotenv: the quoting, escapes and `export` lines of real .env files
+    )
 
     env = os.environ if env is None else env
     path = env.get("LLAMABRIDGE_ENV_FILE") or ".env"

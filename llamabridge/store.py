@@ -27,10 +27,10 @@ import socket
 import sqlite3
 import threading
 import time
-from pathlib import Path
-from dataclasses import dataclass
-from typing import Any
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from llamabridge.settings import env_float
 

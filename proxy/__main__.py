@@ -13,12 +13,16 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING, Any
 
+from llamabridge.serving import (
+    bind_address,
+    checked_in_a_child,
+    serve,
+    settings_or_exit,
+    start_logging,
+)
 from llamabridge.settings import load_env_file
-
-from llamabridge.serving import bind_address, checked_in_a_child, serve, settings_or_exit, start_logging
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -277,9 +281,9 @@ def _create_app():
 def _start_check() -> dict[str, Any]:
     """What start-up is refused on (checked_in_a_child), and what gunicorn needs to know."""
     from llamabridge.edge import start_problem
+    from llamabridge.serving import store_or_exit
 
     from .config import from_env
-    from llamabridge.serving import store_or_exit
 
     settings = settings_or_exit("proxy", from_env)
     if settings.db_path:

@@ -11,8 +11,8 @@ import hashlib
 import json
 import logging
 import threading
-from typing import Any
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from flask import Flask, Response, g, jsonify, redirect, request
 from flask.typing import ResponseReturnValue
@@ -280,6 +280,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     fast_routes: dict[str, Handler] = {"/v1/messages": message, **{path: completion for path in relay.GENERATION_ROUTES}}
     fast = FastPath(app, fast_routes, settings.max_request_bytes, services.prepare_connections)
     # In front of everything, the fast path included: browser attacks refused, keys checked.
+    # (Replacing `wsgi_app` is how Flask documents wrapping an app in middleware.)
     app.wsgi_app = Edge(fast, settings.edge, KeyFile(settings.edge.keys_file), refusal,  # type: ignore[method-assign]
                         required=required(settings.edge, settings.host), open_routes=OPEN_ROUTES,
                         login_prefixes=LOGIN_PREFIXES, refused=services.metrics.refused)

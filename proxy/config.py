@@ -7,13 +7,13 @@ Nothing else in the proxy reads `os.environ`: a module that needs a knob takes t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from llamabridge.store import Retention
 from llamabridge.edge import EdgeSettings
 from llamabridge.edge import settings_from_env as edge_from_env
 from llamabridge.settings import ConfigError, env_bool, env_float, env_int, env_url
+from llamabridge.store import Retention
 
 UPSTREAM_APIS = ("openai", "anthropic", "auto")
 

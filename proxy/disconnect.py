@@ -14,9 +14,9 @@ from __future__ import annotations
 import select
 import socket
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
-from collections.abc import Callable, Iterator
 
 # How often check() looks at the socket: a system call per streamed token adds up, and a client
 # that left is still noticed within a tenth of a second.

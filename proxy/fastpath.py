@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from flask import Flask, g
 from werkzeug.http import HTTP_STATUS_CODES

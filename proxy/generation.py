@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import logging
 from array import array
-from contextlib import contextmanager
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from . import classify, fastjson, sse, translate
 from .disconnect import ClientDisconnected, ClientWatch, client_leaving
 from .errors import ApiError, from_upstream
 from .gate import Ticket, Waiter
+from .http1 import BROKEN_CONNECTION, Answer, read_all, stream_lines
 from .metrics import Call
 from .services import Services, Target
-from .http1 import BROKEN_CONNECTION, Answer, read_all, stream_lines
 
 log = logging.getLogger("llamabridge.proxy")
 

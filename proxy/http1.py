@@ -21,9 +21,9 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from http.client import HTTPException, RemoteDisconnected
 from typing import Protocol, TypeVar
-from collections.abc import Callable, Iterator
 from wsgiref.headers import Headers
 
 import httptools

@@ -14,10 +14,10 @@ from . import sse, translate
 from .disconnect import ClientWatch
 from .errors import sse_error
 from .generation import BROKEN, Generation
+from .http1 import read_all, stream_chunks
 from .metrics import Call
 from .reply import error_for
 from .services import Services, Target
-from .http1 import read_all, stream_chunks
 from .upstream import relay_headers
 
 

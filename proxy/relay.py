@@ -26,9 +26,9 @@ from . import classify, fastjson, translate
 from .disconnect import ClientWatch, client_leaving
 from .errors import ApiError, from_upstream, openai_stream_error
 from .generation import Generation
+from .http1 import BROKEN_CONNECTION, read_all, stream_chunks
 from .metrics import Call
 from .services import Services
-from .http1 import BROKEN_CONNECTION, read_all, stream_chunks
 from .upstream import relay_headers
 
 log = logging.getLogger("llamabridge.relay")

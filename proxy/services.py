@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from llamabridge.requestlog import RequestLog
+
 from .config import THREAD_RESERVE, Settings
 from .errors import ApiError
 from .flights import Flights
@@ -17,7 +19,6 @@ from .gate import Gate, Threads, Ticket
 from .metrics import ProxyMetrics
 from .prefix import PrefixTracker
 from .quotas import Quotas
-from llamabridge.requestlog import RequestLog
 from .tokens import TokenCounter
 from .upstream import ServerInfo, Upstream
 

@@ -6,7 +6,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from . import fastjson
-from .translate import StreamProtocolError  # defined with the translation, which stays free of I/O modules
+from .translate import (
+    StreamProtocolError,  # defined with the translation, which stays free of I/O modules
+)
 
 
 def encode(event: str, data: dict[str, Any]) -> bytes:

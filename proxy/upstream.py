@@ -29,9 +29,9 @@ import select
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Callable
 from urllib.parse import urlparse
 
 from . import fastjson

@@ -26,7 +26,10 @@ from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from llamabridge.settings import load_env_file  # after the line above makes the repository importable
+from llamabridge.settings import (
+    load_env_file,  # after the line above makes the repository importable
+)
+
 STOP_GRACE_SECONDS = 10
 
 

@@ -185,8 +185,8 @@ def test_roll_ups_compute_speeds_from_sums_and_keep_the_last_context(tmp_path):
 
 
 def test_an_outage_reads_as_llama_server_down_not_as_a_missing_collector(tmp_path):
-    from llamabridge.api import stored_status
     from collector.job import ScrapeJob
+    from llamabridge.api import stored_status
     from tests.support.processes import free_port
 
     store = Store(tmp_path / "s.db")

@@ -122,8 +122,8 @@ def test_proxy_and_collector_share_one_image_a_volume_and_wait_for_llama():
 def test_docker_waits_for_the_proxy_to_finish_its_requests_and_its_request_log():
     """`docker compose stop` sends SIGTERM, then SIGKILL after stop_grace_period: long enough for
     gunicorn's graceful stop of the requests still running, then the request log's last flush."""
-    from proxy.__main__ import SERVER_OPTIONS
     from llamabridge.requestlog import EXIT_SECONDS, WRITE_BUSY_SECONDS
+    from proxy.__main__ import SERVER_OPTIONS
 
     needed = SERVER_OPTIONS["graceful_timeout"] + EXIT_SECONDS + WRITE_BUSY_SECONDS
     assert duration_seconds(SERVICES["proxy"]["stop_grace_period"]) > needed

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 import requests
-from playwright.sync_api import Error as PlaywrightError, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import sync_playwright
 
 from llamabridge import keys as keyfile
 from tests.support import processes

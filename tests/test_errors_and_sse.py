@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from proxy import sse
 from llamabridge.settings import ConfigError
+from proxy import sse
 from proxy.config import from_env
 from proxy.errors import from_upstream
 

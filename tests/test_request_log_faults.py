@@ -6,9 +6,9 @@ busy for a moment then). Real llama-server (tiny model), real proxy process, rea
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sqlite3
-import os
 import time
 from pathlib import Path
 

@@ -12,7 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.sse import StreamProtocolError
-from proxy.translate import UpstreamStreamError, collect_message, stream_openai_to_anthropic
+from proxy.translate import (
+    UpstreamStreamError,
+    collect_message,
+    stream_openai_to_anthropic,
+)
 from tests.support.anthropic_sse import check_order
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -8,9 +8,9 @@ the field (`messages.3.content.1.type`).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Iterator
 
 from .exceptions import InvalidRequest, json_type
 

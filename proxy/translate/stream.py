@@ -10,8 +10,8 @@ import hashlib
 import json
 import math
 import uuid
-from typing import Any
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from .exceptions import StreamProtocolError, UpstreamStreamError, json_type
 
