@@ -18,7 +18,7 @@
    and commits a transaction per scrape, too slow for a month's 259,200 scrapes in a benchmark;
    days 4-30 therefore batch an hour of scrapes into one transaction, as
    `tests/test_collector_logic.py` does, but with the very rows the job writes (`scrape.deltas`,
-   `ScrapeJob._sample`, the same INSERT, lifetime totals through `Store.record_scrape`). The two
+   `ScrapeJob._sample`, the same INSERT, lifetime totals through `Store.scrape`). The two
    paths write the same rows in the same order; a side run of days 1-3 through the batched path
    checks that they give the same file sizes (reported in "notes").
 
@@ -57,8 +57,14 @@ from bench.stats import percentile
 from collector import job as job_module
 from collector import scrape
 from collector.job import ScrapeJob
-from llamabridge.store import Store
+from llamabridge.store import Baseline, ScrapePlan, Store
 from tests.support import processes
+
+
+def _planned(plan: ScrapePlan) -> Callable[[Baseline], ScrapePlan]:
+    """A scrape that writes `plan` whatever the store's baseline (the simulation keeps its own)."""
+    return lambda base: plan
+
 
 INTERVAL = 10.0  # COLLECT_INTERVAL's default
 TICKS_PER_HOUR = int(3600 / INTERVAL)
@@ -323,7 +329,7 @@ class _Simulation:
             with store.lock:
                 store.db.execute("BEGIN IMMEDIATE")
                 try:
-                    # Store.record_scrape's INSERT, once per run of rows with the same columns, in scrape order.
+                    # Store.scrape's INSERT, once per run of rows with the same columns, in scrape order.
                     for columns, run in itertools.groupby(samples, key=lambda s: tuple(s[1])):
                         store.db.executemany(
                             f"INSERT INTO samples (ts, {', '.join(columns)}) VALUES (?, {', '.join('?' * len(columns))})",
@@ -334,7 +340,9 @@ class _Simulation:
                     store.db.execute("ROLLBACK")
                     raise
             if meta:  # lifetime totals and their baseline, as the job writes them (once an hour here)
-                store.record_scrape(float(meta["last_scrape"]), advanced_sum, self.last_raw, None, (), meta)
+                plan: ScrapePlan = (advanced_sum, self.last_raw, None, [], meta)
+                store.scrape("bench", float(meta["last_scrape"]), 3600, _planned(plan))
+                store.release_lease("bench")  # a collector started on this store later must not stand by
             self._day_end()
 
     def copy_to(self, path: Path) -> _Simulation:

@@ -359,13 +359,6 @@ class Store:
         """Give the lease up (a collector stopping): a standby takes over at its next scrape."""
         self._write(lambda db: db.execute("DELETE FROM lease WHERE name = ? AND holder = ?", (LEASE, holder)))
 
-    def record_scrape(self, now: float, deltas: dict[str, float], raw: dict[str, float], sample: dict[str, Any] | None,
-                      events: Iterable[tuple[str, str]] = (), meta: dict[str, str] | None = None) -> None:
-        """Advance lifetime totals by `deltas`, remember `raw` as the new baseline, add the sample,
-        events and meta, all in one transaction (without a lease: for tools and tests that own
-        the store)."""
-        self._write(lambda db: self._record(db, now, deltas, raw, sample, list(events), meta or {}))
-
     @staticmethod
     def _record(db: sqlite3.Connection, now: float, deltas: dict[str, float], raw: dict[str, float],
                 sample: dict[str, Any] | None, events: Iterable[tuple[str, str]], meta: dict[str, str]) -> None:

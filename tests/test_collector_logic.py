@@ -121,9 +121,10 @@ def test_processes_creating_the_same_store_at_once_all_open_it(tmp_path):
 
 def test_a_failed_scrape_write_changes_nothing(tmp_path):
     store = Store(tmp_path / "s.db")
-    store.record_scrape(1.0, {"prompt_tokens_total": 0}, {"prompt_tokens_total": 10}, {"up": 1})
+    store.scrape("test", 1.0, 60, lambda base: ({"prompt_tokens_total": 0}, {"prompt_tokens_total": 10}, {"up": 1}, [], {}))
     with pytest.raises(sqlite3.OperationalError):
-        store.record_scrape(2.0, {"prompt_tokens_total": 5}, {"prompt_tokens_total": 15}, {"no_such_column": 1})
+        store.scrape("test", 2.0, 60,
+                     lambda base: ({"prompt_tokens_total": 5}, {"prompt_tokens_total": 15}, {"no_such_column": 1}, [], {}))
     assert store.totals() == {"prompt_tokens_total": 0} and store.last_raw() == {"prompt_tokens_total": 10}
 
 
