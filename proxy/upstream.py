@@ -1,4 +1,4 @@
-"""The one module that speaks HTTP to llama-server: what the proxy asks of it and how.
+"""llama-server's API as the proxy uses it: what the proxy asks of it, and how.
 
 Requests go over the HTTP/1.1 client in `proxy/http1.py`, two ways:
 - `json()` / `request()`: small calls (`/props`, `/tokenize`, `/apply-template`, `/health`),
