@@ -47,14 +47,15 @@ class Generation:
         self.client_left = False
         self.completed = False
         self._closed = False
-        self._counted = False  # against the key's limits (quotas.py)
+        self._counted_user: str | None = None  # whose limits it counts against (quotas.py), if any
 
     # -- the slot ------------------------------------------------------------------------------
 
     def enqueue(self) -> None:
         """Join the gate's queue, if the key's limits allow (raises Rejected(429) if not)."""
         call = self.call
-        self._counted = self.services.quotas.acquire(call.user, call.limits)
+        if self.services.quotas.acquire(call.user, call.limits):
+            self._counted_user = call.user
         self.waiter = self.target.gate.enqueue(call.klass, classify.PRIORITY.get(call.klass, 0), call.session, call.user)
 
     def wait(self, seconds: float) -> bool:
@@ -163,8 +164,8 @@ class Generation:
         if self.client_left:
             self.call.status = 499
             self.call.error = self.call.error or "client disconnected"
-        if self._counted and self.call.user is not None:  # counted: it has a user
-            self.services.quotas.release(self.call.user, self.call.prompt_tokens + self.call.generated_tokens)
+        if self._counted_user is not None:
+            self.services.quotas.release(self._counted_user, self.call.prompt_tokens + self.call.generated_tokens)
         self._check_prefix()
         self.services.metrics.record(self.call)
 
