@@ -233,6 +233,32 @@ def m004_running_totals(db: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m005_kv_files(db: sqlite3.Connection) -> None:
+    """The proxy's index of slot KV-cache files that llama-server saved (proxy/kvcache.py): what
+    each holds, so that a request can find the file whose tokens begin its prompt, and when it
+    was last used, for the disk budget. The files themselves are in KV_CACHE_DIR; a request-log
+    column says how many tokens a turn got back from one."""
+    _run(
+        db,
+        """
+        CREATE TABLE kv_files (
+            name TEXT PRIMARY KEY,
+            model TEXT NOT NULL,
+            n_ctx INTEGER NOT NULL,
+            tokens INTEGER NOT NULL,
+            checkpoints TEXT NOT NULL,
+            saved_tokens INTEGER NOT NULL,
+            bytes INTEGER NOT NULL,
+            session TEXT,
+            created REAL NOT NULL,
+            last_used REAL NOT NULL
+        );
+        ALTER TABLE requests ADD COLUMN kv_restored INTEGER
+        """,
+    )
+
+
 # Events that advance a running counter of the same name in `counters` as they are recorded.
 COUNTED_EVENTS = {"restart": "upstream_restarts", "upstream_changed": "upstream_changes"}
 
@@ -411,7 +437,8 @@ class Store:
     # -- the proxy's request log ----------------------------------------------------------------
 
     REQUEST_COLUMNS = ("ts", "client", "session", "route", "class", "model", "status", "handled", "queue_wait", "ttft",
-                       "total_time", "prompt_tokens", "cached_tokens", "generated_tokens", "tokens_per_second", "error", "user")
+                       "total_time", "prompt_tokens", "cached_tokens", "generated_tokens", "tokens_per_second", "error", "user",
+                       "kv_restored")
 
     def add_requests(self, rows: list[dict[str, Any]]) -> None:
         """Add request-log rows and advance the running totals they count, in one transaction."""
@@ -455,6 +482,26 @@ class Store:
     def user_totals(self) -> list[dict[str, Any]]:
         """Requests and tokens per user (API key name) since the store began, most recent first."""
         return [dict(r) for r in self._read("SELECT * FROM user_totals ORDER BY last_seen DESC")]
+
+    # -- the proxy's KV-cache files ---------------------------------------------------------------
+
+    KV_COLUMNS = ("name", "model", "n_ctx", "tokens", "checkpoints", "saved_tokens", "bytes", "session", "created", "last_used")
+
+    def kv_files(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._read("SELECT * FROM kv_files ORDER BY last_used")]
+
+    def kv_put(self, row: dict[str, Any]) -> None:
+        cols = self.KV_COLUMNS
+        self._write(lambda db: db.execute(f"INSERT OR REPLACE INTO kv_files ({', '.join(cols)}) "
+                                          f"VALUES ({', '.join('?' * len(cols))})", tuple(row[c] for c in cols)))
+
+    def kv_touch(self, name: str, when: float) -> None:
+        self._write(lambda db: db.execute("UPDATE kv_files SET last_used = MAX(last_used, ?) WHERE name = ?", (when, name)))
+
+    def kv_delete(self, names: Iterable[str]) -> None:
+        names = list(names)
+        if names:
+            self._write(lambda db: db.executemany("DELETE FROM kv_files WHERE name = ?", [(n,) for n in names]))
 
     # -- retention --------------------------------------------------------------------------------
 

@@ -197,7 +197,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz() -> Response:
         ok, reason = upstream.health()
-        body = {"status": "ok" if ok else "unavailable", "upstream": settings.upstream_base, "detail": reason}
+        body = {"status": "ok" if ok else "unavailable", "upstream": settings.upstream_base, "detail": reason,
+                "kv_cache": services.kv.status()}
         return Response(json.dumps(body), status=200 if ok else 503, mimetype="application/json")
 
     if services.request_log is not None:

@@ -66,6 +66,9 @@ class Settings:
     db_path: str = "data/llamabridge.db"  # the shared store; "" (DB_PATH=off) keeps no request log
     edge: EdgeSettings = field(default_factory=EdgeSettings)  # Host, Origin and key checks (llamabridge/edge.py)
     retention: Retention = field(default_factory=Retention)  # applied to the store hourly, as the collector does
+    kv_cache_dir: str = ""  # llama-server's --slot-save-path as this process sees it; "" keeps no KV cache on disk
+    kv_save_idle: float = 5.0  # seconds a session's slot stays idle after a main-loop turn before it is saved
+    kv_cache_max_bytes: int = 20 * 10**9  # KV_CACHE_MAX_GB: least recently used files go past it
 
     def policy(self, klass: str) -> str:
         return dict(self.policies).get(klass, "pass")
@@ -129,6 +132,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         db_path=db_path,
         edge=edge_from_env(env, db_path or Settings.db_path),
         retention=Retention.from_env(env),
+        kv_cache_dir="" if env.get("KV_CACHE_DIR", "").strip() == "off" else env.get("KV_CACHE_DIR", "").strip(),
+        kv_save_idle=env_float(env, "KV_SAVE_IDLE", Settings.kv_save_idle, 0, 86400),
+        kv_cache_max_bytes=int(env_float(env, "KV_CACHE_MAX_GB", Settings.kv_cache_max_bytes / 10**9, 0.001, 1_000_000, "GB") * 10**9),
     )
     check_threads(settings)
     return settings

@@ -75,6 +75,7 @@ class Ticket:
     session: str | None
     waited: float
     previous: str | None = None  # who used this slot last: a session id, or "<class>" if none
+    saving: bool = False  # a hold while llama-server saves the slot to disk (hold()): no request, no thread
 
 
 @dataclass(eq=False)
@@ -127,12 +128,39 @@ class Gate:
 
     def in_flight(self) -> int:
         with self._cond:
-            return len(self._busy)
+            return sum(1 for t in self._busy.values() if not t.saving)
 
     def has_cold_free_slot(self) -> bool:
         """A free slot that holds no session's cache: running something there evicts nothing."""
         with self._cond:
             return any(s not in self._busy and s not in self._owner for s in range(self._slots))
+
+    def hold(self, slot: int, session: str) -> Ticket | None:
+        """Take `slot` while llama-server saves it to disk (kvcache.py), or None if that would
+        make anyone wait who is not waiting already: the slot is busy, anyone is queued, or
+        another request used it since `session` did (its cache is no longer the session's).
+        While held, the session's next turn waits for it rather than go to another slot, at
+        most for the save; others go to any other free slot."""
+        with self._cond:
+            if (slot >= self._slots or slot in self._busy or self._last_user.get(slot) != session
+                    or any(not w.cancelled and w.ticket is None for w in self._queue)):
+                return None
+            ticket = Ticket(slot, "save", session, 0.0, session, saving=True)
+            self._busy[slot] = ticket
+            return ticket
+
+    def last_user(self, slot: int) -> str | None:
+        """Who used `slot` last, as Ticket.previous names them."""
+        with self._cond:
+            return self._last_user.get(slot)
+
+    def forget(self, slots: set[int]) -> None:
+        """llama-server lost what these slots held (it restarted): they hold nobody's cache."""
+        with self._cond:
+            for slot in slots:
+                if slot not in self._busy:
+                    self._owner.pop(slot, None)
+                    self._last_user.pop(slot, None)
 
     def enqueue(self, klass: str, priority: int, session: str | None, user: str | None = None) -> Waiter:
         """Join the queue (granted at once if a slot is free). Raises QueueFull."""
@@ -185,8 +213,9 @@ class Gate:
     def _release(self, ticket: Ticket) -> None:
         if self._busy.get(ticket.slot) is ticket:
             del self._busy[ticket.slot]
-            self.threads.give()
-            self._last_used[ticket.slot] = time.monotonic()
+            if not ticket.saving:
+                self.threads.give()
+                self._last_used[ticket.slot] = time.monotonic()
             self._grant()
 
     def _drop(self, waiter: Waiter) -> None:
@@ -231,6 +260,9 @@ class Gate:
             mine = [s for s in free if self._owner.get(s) == session]
             if mine:
                 return mine[0]
+            if any(t.saving and self._owner.get(s) == session for s, t in self._busy.items()):
+                return None  # its slot is being saved: wait for it rather than lose the cache
+
         # Prefer a slot holding nobody's cache, then the one whose cache is oldest.
         cold = [s for s in free if s not in self._owner]
         if cold:

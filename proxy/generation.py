@@ -79,6 +79,8 @@ class Generation:
         """Send the request on the admitted slot; an error status raises the client's ApiError."""
         assert self.ticket is not None
         assert self.payload is not None  # only the relay sends the client's own bytes (relay._open)
+        if self.tokens is not None and self.target is self.services.main:
+            self.services.kv.before_turn(self.target, self.ticket, self.call, self.tokens)
         if self.target.gate.slots > 1:
             self.payload["id_slot"] = self.ticket.slot
         body = fastjson.dumps(self.payload)
@@ -167,6 +169,8 @@ class Generation:
         if self._counted_user is not None:
             self.services.quotas.release(self._counted_user, self.call.prompt_tokens + self.call.generated_tokens)
         self._check_prefix()
+        if self.completed and self.ticket is not None and not self.client_left and self.target is self.services.main:
+            self.services.kv.turn_ended(self.target, self.ticket, self.call, self.tokens)
         self.services.metrics.record(self.call)
 
     def _check_prefix(self) -> None:

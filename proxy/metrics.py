@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -115,6 +115,7 @@ class Call:
     cached_tokens: int = 0
     generated_tokens: int = 0
     slot: int | None = None
+    kv_restored: int | None = None  # tokens put back into the slot from a saved file before this turn
     model: str | None = None
     handled: str = "upstream"  # upstream | local | background | shed | deduplicated | rejected
     error: str | None = None
@@ -194,6 +195,21 @@ class ProxyMetrics:
         self.slot_not_freed = Counter("llamabridge_proxy_slot_not_freed",
                                       "Disconnected requests whose llama-server slot stayed busy for seconds after we hung up.", registry=r)
         self.token_counts = Counter("llamabridge_proxy_token_counts", "count_tokens answers by source.", ["source"], registry=r)
+        # The slot KV cache on disk (kvcache.py).
+        self.kv_saves = Counter("llamabridge_proxy_kv_saves", "Slots saved to KV_CACHE_DIR after a session went idle.", registry=r)
+        self.kv_save_failures = Counter("llamabridge_proxy_kv_save_failures", "Slot saves llama-server refused or failed "
+                                        "(no --slot-save-path, disk full, ...).", registry=r)
+        self.kv_save_seconds = Histogram("llamabridge_proxy_kv_save_seconds", "Time llama-server took to save a slot.",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_restores = Counter("llamabridge_proxy_kv_restores", "Saved files considered for a turn: restored into its slot, "
+                                   "failed (llama-server could not load it; the turn prefilled), or refused (another model or "
+                                   "a context it does not fit).", ["result"], registry=r)
+        self.kv_restored_tokens = Counter("llamabridge_proxy_kv_restored_tokens", "Tokens put back into slots from saved files.",
+                                          registry=r)
+        self.kv_bytes = Gauge("llamabridge_proxy_kv_cache_bytes", "Bytes of saved slot KV caches in KV_CACHE_DIR.", registry=r)
+        self.kv_files = Gauge("llamabridge_proxy_kv_cache_files", "Saved slot KV caches in KV_CACHE_DIR.", registry=r)
+        self.kv_evictions = Counter("llamabridge_proxy_kv_evictions", "Saved files deleted to stay within KV_CACHE_MAX_GB, "
+                                    "or because a newer file of the same conversation holds all they held.", ["reason"], registry=r)
         # Labelled children by (metric, label values): labels() validates and locks on every call.
         # Every label here has a bounded set of values (clients are capped by ClientLabels).
         self._children: dict[tuple, object] = {}
@@ -206,6 +222,10 @@ class ProxyMetrics:
             self.tokens.labels(kind, NO_USER)
         for reason in ("host", "origin", "content_type", "key"):
             self.refusals.labels(reason)
+        for result in ("restored", "failed", "refused"):
+            self.kv_restores.labels(result)
+        for reason in ("budget", "superseded", "missing"):
+            self.kv_evictions.labels(reason)
 
     def refused(self, reason: str) -> None:
         self._child(self.refusals, reason).inc()
@@ -244,7 +264,7 @@ class ProxyMetrics:
                 "queue_wait": call.queue_wait, "ttft": call.ttft, "total_time": total, "prompt_tokens": call.prompt_tokens,
                 "cached_tokens": call.cached_tokens, "generated_tokens": call.generated_tokens,
                 "tokens_per_second": call.generated_tokens / generating if generating > 0 and call.generated_tokens else None,
-                "error": call.error,
+                "error": call.error, "kv_restored": call.kv_restored,
             })
         log.info(
             "%s class=%s status=%s handled=%s session=%s user=%s slot=%s wait=%.3fs ttft=%s total=%.3fs prompt=%d cached=%d generated=%d client=%r%s",
@@ -252,3 +272,6 @@ class ProxyMetrics:
             call.queue_wait, "-" if call.ttft is None else f"{call.ttft:.3f}s", total, call.prompt_tokens,
             call.cached_tokens, call.generated_tokens, call.client[:80], f" error={call.error!r}" if call.error else "",
         )
+        if call.kv_restored:
+            log.info("%s session=%s started from a saved KV cache: %d tokens restored into slot %s, %d taken from the cache",
+                     call.route, call.session, call.kv_restored, call.slot, call.cached_tokens)

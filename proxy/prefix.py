@@ -58,6 +58,12 @@ class PrefixTracker:
         self._max = max_sessions
         self._lock = threading.Lock()
 
+    def tokens_of(self, session: str) -> array | None:
+        """The prompt of the session's last turn seen, if it is still remembered."""
+        with self._lock:
+            turn = self._turns.get(session)
+        return None if turn is None else turn.tokens
+
     def observe(self, session: str, tokens: array, slot: int, cached: int, slot_taken_by_other: bool) -> Finding | None:
         """Record this turn; return a Finding if it re-prefilled more than its history explains."""
         with self._lock:

@@ -1,5 +1,6 @@
 """The proxy's long-lived state, built once per app: upstreams with their gates, the token
-counter, the prefix tracker, in-flight deduplication, per-key limits and metrics."""
+counter, the prefix tracker, slot caches saved to disk, in-flight deduplication, per-key limits
+and metrics."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .config import THREAD_RESERVE, Settings
 from .errors import ApiError
 from .flights import Flights
 from .gate import Gate, Threads, Ticket
+from .kvcache import KvCache
 from .metrics import ProxyMetrics
 from .prefix import PrefixTracker
 from .quotas import Quotas
@@ -60,6 +62,7 @@ class Services:
         self.request_log = RequestLog(settings.db_path, settings.retention) if settings.db_path else None
         self.metrics = ProxyMetrics(registry, self.request_log)
         self.metrics.watch_gate(self.main.gate, self.main.upstream.connections)
+        self.kv = KvCache(settings, self.metrics, self.tracker, self.request_log.store if self.request_log else None)
 
     def prepare_connections(self) -> None:
         """Open a connection ahead of the next request to each llama-server that closed one

@@ -23,6 +23,8 @@ connection ahead of the next request (`Connections.prepare`, called by the app).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import select
@@ -75,6 +77,7 @@ class ServerInfo:
     n_ctx: int
     total_slots: int
     vision: bool
+    identity: str = ""  # the model file, as far as llama-server describes it: which saved KV caches fit it
 
 
 @dataclass(frozen=True)
@@ -336,6 +339,13 @@ class Upstream:
             threading.Thread(target=self._refresh, name="llamabridge-props", daemon=True).start()
         return info
 
+    def fresh_info(self) -> ServerInfo:
+        """`/props` read now, for a decision a stale copy must not make (restoring a saved KV
+        cache into a llama-server that may have been restarted with another model)."""
+        info = self._read_props()
+        self._info, self._info_at = info, time.monotonic()
+        return info
+
     def _refresh(self) -> None:
         try:
             self._info, self._info_at = self._read_props(), time.monotonic()
@@ -356,7 +366,23 @@ class Upstream:
             n_ctx=int(settings.get("n_ctx") or 0),
             total_slots=int(props.get("total_slots") or 1),
             vision=bool(modalities.get("vision")),
+            identity=self._identity(props),
         )
+
+    def _identity(self, props: dict) -> str:
+        """A short hash of what tells one model file from another: its file name and the shape,
+        size and type llama-server reports in `/v1/models` (two quantisations or fine-tunes of one
+        model differ in at least the name). A KV cache saved under one identity is never loaded
+        under another."""
+        described: dict[str, Any] = {"path": os.path.basename(str(props.get("model_path") or "")),
+                                     "ftype": props.get("model_ftype")}
+        try:
+            models = self.json("GET", "/v1/models", timeout=10)
+            meta = (models.get("data") or [{}])[0].get("meta") or {}
+            described.update({k: meta.get(k) for k in ("vocab_type", "n_vocab", "n_ctx_train", "n_embd", "n_params", "size", "ftype")})
+        except (ApiError, AttributeError, IndexError, TypeError):
+            pass  # not llama-server's answer: the file name alone
+        return hashlib.blake2b(json.dumps(described, sort_keys=True).encode(), digest_size=6).hexdigest()
 
     def health(self) -> tuple[bool, str]:
         """(reachable and ready, a short reason)."""

@@ -77,22 +77,23 @@ def test_garbage_is_a_scrape_error():
 
 def test_migrations_create_the_exact_schema(tmp_path):
     db = connect(tmp_path / "s.db")
-    tables = ("lifetime", "samples", "events", "requests", "user_totals", "counters", "lease")
+    tables = ("lifetime", "samples", "events", "requests", "user_totals", "counters", "lease", "kv_files")
     columns = {t: [r[1] for r in db.execute(f"PRAGMA table_info({t})")] for t in tables}
     assert columns["lifetime"] == ["name", "total", "last_raw", "updated_at"]
     assert columns["samples"][:3] == ["ts", "resolution", "up"] and "context_used" in columns["samples"]
     assert columns["requests"] == ["id"] + list(Store.REQUEST_COLUMNS)
     assert columns["user_totals"] == ["user", "requests", "prompt_tokens", "cached_tokens", "generated_tokens", "first_seen", "last_seen"]
     assert columns["counters"] == ["name", "value"] and columns["lease"] == ["name", "holder", "acquired", "expires"]
+    assert columns["kv_files"] == list(Store.KV_COLUMNS)
     assert [r[0] for r in db.execute("SELECT name FROM _migrations")] == ["m001_initial", "m002_samples_by_ts", "m003_request_users",
-                                                                         "m004_running_totals"]
+                                                                         "m004_running_totals", "m005_kv_files"]
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     # A store from before m002 gets only m002 when it is opened again.
     db.execute("DROP INDEX samples_by_ts")
     db.execute("DELETE FROM _migrations WHERE name = 'm002_samples_by_ts'")
     db.close()
     db = connect(tmp_path / "s.db")
-    assert db.execute("SELECT COUNT(*) FROM _migrations").fetchone()[0] == 4
+    assert db.execute("SELECT COUNT(*) FROM _migrations").fetchone()[0] == 5
     assert db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'samples_by_ts'").fetchone()
 
 
