@@ -249,3 +249,42 @@ class GateModel(RuleBasedStateMachine):
 
 GateModel.TestCase.settings = settings(max_examples=300, stateful_step_count=40)
 test_the_gate_keeps_its_promises_under_any_sequence = GateModel.TestCase
+
+
+def test_a_slot_is_held_for_saving_only_while_nobody_waits_and_its_session_waits_for_it():
+    threads = Threads(10)
+    gate = Gate(slots=2, queue_max=10, queue_timeout=60, threads=threads)
+    a = gate.enqueue("main", 0, "A")
+    slot = a.ticket.slot
+    assert gate.hold(slot, "A") is None  # busy
+    gate.release(a.ticket)
+    assert gate.hold(slot, "B") is None  # not B's cache
+    held = gate.hold(slot, "A")
+    assert held is not None and held.saving and threads.held == 0 and gate.in_flight() == 0
+    # A's next turn waits for its slot rather than go to the free one; B takes the free one.
+    a2 = gate.enqueue("main", 0, "A")
+    assert a2.ticket is None and gate.depth() == 1
+    assert gate.hold(1 - slot, "A") is None  # someone waits: no save now
+    gate.release(held)
+    assert a2.ticket is not None and a2.ticket.slot == slot and a2.ticket.previous == "A"
+    b = gate.enqueue("main", 0, "B")
+    assert b.ticket is not None and b.ticket.slot == 1 - slot
+    gate.release(b.ticket)
+    gate.release(a2.ticket)
+    assert threads.held == 0
+    # Another request used the slot since: A's cache is gone from it, nothing to save.
+    c = gate.enqueue("background", 2, None)
+    assert c.ticket is not None
+    gate.release(c.ticket)
+    assert gate.hold(c.ticket.slot, "A" if c.ticket.slot == slot else "B") is None
+
+
+def test_forgotten_slots_hold_nobodys_cache():
+    gate = Gate(slots=2, queue_max=10, queue_timeout=60)
+    a = gate.enqueue("main", 0, "A")
+    gate.release(a.ticket)
+    assert gate.last_user(a.ticket.slot) == "A"
+    gate.forget({a.ticket.slot})
+    assert gate.last_user(a.ticket.slot) is None
+    again = gate.enqueue("main", 0, "A")
+    assert again.ticket is not None and again.ticket.previous is None
