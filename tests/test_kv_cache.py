@@ -273,3 +273,15 @@ def test_claude_code_runs_again_after_a_restart_from_the_saved_cache(claude_bin,
     served = first_of_second["prompt_tokens"] + first_of_second["cached_tokens"]
     assert first_of_second["kv_restored"] > 0.8 * served and first_of_second["cached_tokens"] > 0.9 * served, first_of_second
     shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_llama_server_that_cannot_save_is_named_in_health_and_turns_go_on(llama, tmp_path):
+    """KV_CACHE_DIR set, but llama-server was started without --slot-save-path (one started by hand)."""
+    with processes.proxy(llama.url, KV_CACHE_DIR=str(tmp_path), KV_SAVE_IDLE="0") as proxy:
+        turn(proxy, first_turn("the parser"), "A")
+        wait_until(lambda: metric(proxy.url, "llamabridge_proxy_kv_save_failures_total", missing=0.0) >= 1, what="a failed save")
+        health = requests.get(proxy.url + "/healthz", timeout=10).json()
+        assert health["status"] == "ok" and "the last save failed: llama-server answered HTTP" in health["kv_cache"], health
+        assert "could not save slot" in proxy.log_text()
+        turn(proxy, next_turn(first_turn("the parser"), "Read it.", "Go on."), "A")
+        assert saves(proxy) == 0 and list(tmp_path.iterdir()) == []
