@@ -399,6 +399,8 @@ class KvCache:
             return
         try:
             self._before_turn(target, ticket, call, Prompt(tokens))
+        except ApiError as exc:  # llama-server went away meanwhile: the turn will say so itself
+            log.info("not restoring a prompt cache for session %s: %s", call.session, exc.message)
         except Exception:
             log.exception("restoring a saved prompt cache failed; the turn prefills")
             self.metrics.kv_restores.labels("failed").inc()
