@@ -267,11 +267,9 @@ class ProxyMetrics:
                 "error": call.error, "kv_restored": call.kv_restored,
             })
         log.info(
-            "%s class=%s status=%s handled=%s session=%s user=%s slot=%s wait=%.3fs ttft=%s total=%.3fs prompt=%d cached=%d generated=%d client=%r%s",
+            "%s class=%s status=%s handled=%s session=%s user=%s slot=%s wait=%.3fs ttft=%s total=%.3fs prompt=%d cached=%d generated=%d client=%r%s%s",
             call.route, call.klass, call.status, call.handled, call.session or "-", call.user or NO_USER, "-" if call.slot is None else call.slot,
             call.queue_wait, "-" if call.ttft is None else f"{call.ttft:.3f}s", total, call.prompt_tokens,
             call.cached_tokens, call.generated_tokens, call.client[:80], f" error={call.error!r}" if call.error else "",
+            f" kv_restored={call.kv_restored}" if call.kv_restored else "",
         )
-        if call.kv_restored:
-            log.info("%s session=%s started from a saved KV cache: %d tokens restored into slot %s, %d taken from the cache",
-                     call.route, call.session, call.kv_restored, call.slot, call.cached_tokens)
