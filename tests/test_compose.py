@@ -116,7 +116,22 @@ def test_proxy_and_collector_share_one_image_a_volume_and_wait_for_llama():
         }
         assert "/healthz" in " ".join(service["healthcheck"]["test"])
     assert proxy["environment"]["PROXY_PORT"] == "9090" and collector["environment"]["COLLECTOR_PORT"] == "9091"
-    assert set(COMPOSE["volumes"]) == {"data", "llama-cache", "prometheus-data", "grafana-data"}
+    assert set(COMPOSE["volumes"]) == {"data", "llama-cache", "kv-cache", "prometheus-data", "grafana-data"}
+
+
+def test_llama_server_saves_prompt_caches_where_the_proxy_finds_them():
+    """Both llama-server services save slots (--slot-save-path, a flag: llama-server reads it from
+    no variable) into the kv-cache volume, which the proxy mounts at the same path and is told
+    about (KV_CACHE_DIR); the collector needs none of it."""
+    for name in ("llama", "llama-cpu"):
+        service = SERVICES[name]
+        assert service["command"] == ["--slot-save-path", "/kv-cache"], name
+        assert "kv-cache:/kv-cache" in service["volumes"], name
+        assert not any(item.startswith("LLAMA_ARG_SLOT_SAVE_PATH") for item in service["environment"]), name
+    proxy, collector = SERVICES["proxy"], SERVICES["collector"]
+    assert proxy["environment"]["KV_CACHE_DIR"] == "/kv-cache"
+    assert proxy["volumes"] == ["data:/data", "kv-cache:/kv-cache"]
+    assert "KV_CACHE_DIR" not in collector["environment"] and collector["volumes"] == ["data:/data"]
 
 
 def test_docker_waits_for_the_proxy_to_finish_its_requests_and_its_request_log():
@@ -347,9 +362,22 @@ def test_llama_service_settings_start_a_real_llama_server(llama_server_bin, tiny
                LLAMA_SERVER=llama_server_bin, PATH=os.environ["PATH"])
     entry = SERVICES["llama-cpu"]["entrypoint"]
     script = next(v.split(":")[0] for v in SERVICES["llama-cpu"]["volumes"] if v.split(":")[1] == entry[-1])
-    server = processes.Service("llama-server", ["sh", str(ROOT / script)], r"listening on http://127\.0\.0\.1:(?P<port>\d+)",
+    # The service's command, with the kv-cache volume's mount point made a directory of this
+    # test's own that does not exist yet (a fresh volume is empty; llama-server refuses a missing one).
+    kv_cache = tmp_path / "kv-cache"
+    command = [str(kv_cache) if arg == "/kv-cache" else arg for arg in SERVICES["llama-cpu"]["command"]]
+    server = processes.Service("llama-server", ["sh", str(ROOT / script), *command], r"listening on http://127\.0\.0\.1:(?P<port>\d+)",
                                env=env, health_path="/health", timeout=120)
     with server:  # its healthcheck's /health answered, key or not
+        # The entry point made the directory and gave it to the proxy's uid (this test runs as
+        # root, as the image's entry point does), so the proxy may delete what llama-server saves.
+        assert kv_cache.is_dir() and (os.getuid() != 0 or kv_cache.stat().st_uid == 10001)
+        chat = requests.post(server.url + "/v1/chat/completions", headers=sent, timeout=60,
+                             json={"max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 200, chat.text
+        saved = requests.post(server.url + "/slots/0?action=save", headers=sent, timeout=60, json={"filename": "s.bin"})
+        assert saved.status_code == 200 and saved.json()["n_saved"] > 0, saved.text
+        assert (kv_cache / "s.bin").stat().st_size > 0
         props = requests.get(server.url + "/props", headers=sent, timeout=10).json()
         assert props["default_generation_settings"]["n_ctx"] == 8192 and props["total_slots"] == 1
         assert props["endpoint_metrics"] is True
