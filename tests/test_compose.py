@@ -299,6 +299,9 @@ def test_dashboards_have_pinned_uids_and_reference_the_datasource_by_uid():
         ids = [panel["id"] for panel in board["panels"]]
         assert len(ids) == len(set(ids)) and len(ids) >= 6, name
         for panel in board["panels"]:
+            if panel["type"] == "row":  # a heading over the panels below it: no query of its own
+                assert "targets" not in panel and panel["gridPos"]["w"] == 24, (name, panel["title"])
+                continue
             assert panel["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}, (name, panel["title"])
             assert panel["targets"], (name, panel["title"])
             for target in panel["targets"]:
@@ -309,7 +312,7 @@ def test_dashboards_have_pinned_uids_and_reference_the_datasource_by_uid():
 
 def test_dashboards_cover_what_users_look_for():
     def exprs(name: str) -> str:
-        return " ".join(t["expr"] for p in dashboards()[name]["panels"] for t in p["targets"])
+        return " ".join(t["expr"] for p in dashboards()[name]["panels"] for t in p.get("targets", []))
 
     llama = exprs("llama-server.json")
     for metric in ("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total", "llamacpp:requests_processing",
@@ -320,8 +323,14 @@ def test_dashboards_cover_what_users_look_for():
     for needle in ("sum by (client)", "sum by (class)", "sum by (status)", "llamabridge_proxy_queue_depth",
                    "llamabridge_proxy_queue_wait_seconds_bucket", "llamabridge_proxy_time_to_first_token_seconds_bucket",
                    "llamabridge_proxy_request_duration_seconds_bucket", 'handled!="upstream"', 'status=~"[45].."',
-                   "sum by (user)", 'kind!="cached"', "llamabridge_proxy_refused_requests_total", "sum by (reason)"):
+                   "sum by (user)", 'kind!="cached"', "llamabridge_proxy_refused_requests_total", "sum by (reason)",
+                   # the prompt cache on disk
+                   "llamabridge_proxy_kv_saves_total", "llamabridge_proxy_kv_save_failures_total",
+                   "sum by (result) (rate(llamabridge_proxy_kv_restores_total", "llamabridge_proxy_kv_restored_tokens_total",
+                   "llamabridge_proxy_kv_cache_bytes", "llamabridge_proxy_kv_cache_files",
+                   "llamabridge_proxy_kv_save_seconds_bucket"):
         assert needle in proxy, needle
+    assert "Prompt cache on disk" in [p["title"] for p in dashboards()["proxy.json"]["panels"] if p["type"] == "row"]
     lifetime = exprs("lifetime.json")
     for needle in ("llamabridge_lifetime_generated_tokens_total", "llamabridge_lifetime_requests_total", "[1d]"):
         assert needle in lifetime, needle
