@@ -17,7 +17,10 @@ Facts that make it work (see also llama-server's own behaviour notes in CONTRIBU
   Every token ending in `>` is one of those, so a finished tool call (`...</tool_call>`) ends the
   turn, and tokens with a `>` inside (such as `><`) are never chosen (a constant bias dimension).
 
-Usage: python llama/tiny_model.py [OUTPUT.gguf]   (default: the llamabridge cache)
+Usage: python llama/tiny_model.py [--layers N] [OUTPUT.gguf]   (default: the llamabridge cache)
+
+--layers N gives a second model, with another KV cache shape than the first, for tests of what must
+not cross from one model to another, such as a prompt cache saved by one and restored into the other.
 """
 
 from __future__ import annotations
@@ -54,15 +57,16 @@ ADDED_TOKENS = [
 ]
 
 
-def default_output() -> Path:
-    return source.cache_dir() / f"tiny-model-v{MODEL_VERSION}-llama-{source.DEFAULT_VERSION}.gguf"
+def default_output(layers: int = N_LAYER) -> Path:
+    suffix = "" if layers == N_LAYER else f"-{layers}layers"  # the default keeps its cached name
+    return source.cache_dir() / f"tiny-model-v{MODEL_VERSION}-llama-{source.DEFAULT_VERSION}{suffix}.gguf"
 
 
 def _field(reader: gguf.GGUFReader, key: str):
     return reader.fields[key].contents()
 
 
-def build(output: Path, llama_src: Path) -> Path:
+def build(output: Path, llama_src: Path, layers: int = N_LAYER) -> Path:
     vocab = gguf.GGUFReader(llama_src / "models" / "ggml-vocab-llama-spm.gguf")
     tokens: list[str] = list(_field(vocab, "tokenizer.ggml.tokens"))
     scores: list[float] = list(_field(vocab, "tokenizer.ggml.scores"))
@@ -117,7 +121,7 @@ def build(output: Path, llama_src: Path) -> Path:
     writer.add_name("llamabridge-tiny")
     writer.add_context_length(N_CTX_TRAIN)
     writer.add_embedding_length(N_EMBD)
-    writer.add_block_count(N_LAYER)
+    writer.add_block_count(layers)
     writer.add_feed_forward_length(N_FF)
     writer.add_head_count(N_HEAD)
     writer.add_head_count_kv(N_HEAD)
@@ -139,7 +143,7 @@ def build(output: Path, llama_src: Path) -> Path:
     writer.add_tensor("token_embd.weight", token_embd.astype(np.float16))
     writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
     writer.add_tensor("output.weight", lm_head.astype(np.float16))
-    for layer in range(N_LAYER):
+    for layer in range(layers):
         prefix = f"blk.{layer}"
         writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
         writer.add_tensor(f"{prefix}.attn_q.weight", weight(N_EMBD, N_EMBD))
@@ -161,10 +165,13 @@ def build(output: Path, llama_src: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", nargs="?", type=Path, default=None)
+    parser.add_argument("--layers", type=int, default=N_LAYER, help=f"transformer blocks (default {N_LAYER})")
     args = parser.parse_args()
-    output = args.output or default_output()
+    if args.layers < 1:
+        parser.error("--layers must be at least 1")
+    output = args.output or default_output(args.layers)
     if not output.exists():
-        build(output, source.ensure_source())
+        build(output, source.ensure_source(), args.layers)
     print(output)
 
 

@@ -7,7 +7,8 @@ SIGTERM, or closing the terminal) stops them all; if any of them dies, the other
 
 The settings are the services' own environment variables (see .env.example); this adds
 LLAMA_MODEL (the GGUF to serve), LLAMA_CTX (context size, default 65536; the demo uses 32768),
-LLAMA_THREADS and LLAMA_EXTRA_ARGS for the llama-server it starts.
+LLAMA_THREADS and LLAMA_EXTRA_ARGS for the llama-server it starts. That llama-server saves
+prompt caches in KV_CACHE_DIR (default data/kv-cache; the demo's data/demo-kv-cache; off: none).
 """
 
 from __future__ import annotations
@@ -67,7 +68,13 @@ DEMO_SETTINGS = {
     "LLAMA_THREADS": "1",
     "LLAMA_EXTRA_ARGS": "",
     "DB_PATH": str(ROOT / "data" / "demo.db"),
+    # Unset: the demo's own directory (KV_DEFAULTS) when it starts llama-server, not the user's.
+    "KV_CACHE_DIR": "",
 }
+
+# Where the llama-server `make run` / `make demo` starts saves prompt caches, unless KV_CACHE_DIR
+# says otherwise; relative to the repository, as DB_PATH's default is.
+KV_DEFAULTS = {False: "data/kv-cache", True: "data/demo-kv-cache"}
 
 
 def stack_env(environ: Mapping[str, str], demo: bool) -> tuple[dict[str, str], str | None]:
@@ -87,6 +94,25 @@ def stack_env(environ: Mapping[str, str], demo: bool) -> tuple[dict[str, str], s
         if not env.get(name):
             env[name] = value
     return env, env_file
+
+
+def kv_cache_dir(env: Mapping[str, str], demo: bool) -> Path | None:
+    """The directory the llama-server this script starts saves slots in (--slot-save-path), or
+    None for KV_CACHE_DIR=off. Absolute, because llama-server and the proxy must name the same one."""
+    value = env.get("KV_CACHE_DIR") or KV_DEFAULTS[demo]
+    if value == "off":
+        return None
+    return ROOT / value  # an absolute value stays as it is
+
+
+def llama_command(binary: str, env: Mapping[str, str], port: int, kv_dir: Path | None) -> list[str]:
+    cmd = [binary, "-m", env["LLAMA_MODEL"], "--host", "127.0.0.1", "--port", str(port),
+           "--jinja", "--metrics", "-c", env["LLAMA_CTX"], "--no-webui"]
+    if kv_dir is not None:
+        cmd += ["--slot-save-path", str(kv_dir)]
+    if env.get("LLAMA_THREADS"):
+        cmd += ["-t", env["LLAMA_THREADS"]]
+    return cmd + env.get("LLAMA_EXTRA_ARGS", "").split()
 
 
 class Stack:
@@ -157,18 +183,21 @@ def main() -> int:
     try:
         if healthy(llama_url):
             stack.say(f"using the llama-server already running at {llama_url}")
+            stack.say("its prompt caches outlive a restart only if it was started with --slot-save-path "
+                      "and KV_CACHE_DIR names the same directory")
+            if env.get("KV_CACHE_DIR") == "off":
+                env["KV_CACHE_DIR"] = ""  # the proxy's own word for "none"
         elif env.get("LLAMA_MODEL"):
             parsed = urlparse(llama_url)
             if parsed.hostname not in ("127.0.0.1", "localhost"):
                 stack.say(f"LLAMA_URL={llama_url} does not answer, and a llama-server can only be started here on 127.0.0.1")
                 return 2
             binary = last_line(["bash", "llama/build.sh"])
-            cmd = [binary, "-m", env["LLAMA_MODEL"], "--host", "127.0.0.1", "--port", str(parsed.port or 8080),
-                   "--jinja", "--metrics", "-c", env["LLAMA_CTX"], "--no-webui"]
-            if env.get("LLAMA_THREADS"):
-                cmd += ["-t", env["LLAMA_THREADS"]]
-            cmd += env.get("LLAMA_EXTRA_ARGS", "").split()
-            stack.start("llama", cmd, env)
+            kv_dir = kv_cache_dir(env, args.demo)
+            if kv_dir is not None:
+                kv_dir.mkdir(parents=True, exist_ok=True)  # llama-server refuses a missing one
+            env["KV_CACHE_DIR"] = str(kv_dir or "")  # the proxy restores from where llama-server saves
+            stack.start("llama", llama_command(binary, env, parsed.port or 8080, kv_dir), env)
             deadline = time.monotonic() + 600  # a large model can take minutes to load
             while not healthy(llama_url):
                 if stack.procs["llama"].poll() is not None or stack.stopping.is_set() or time.monotonic() > deadline:

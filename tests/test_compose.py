@@ -116,7 +116,22 @@ def test_proxy_and_collector_share_one_image_a_volume_and_wait_for_llama():
         }
         assert "/healthz" in " ".join(service["healthcheck"]["test"])
     assert proxy["environment"]["PROXY_PORT"] == "9090" and collector["environment"]["COLLECTOR_PORT"] == "9091"
-    assert set(COMPOSE["volumes"]) == {"data", "llama-cache", "prometheus-data", "grafana-data"}
+    assert set(COMPOSE["volumes"]) == {"data", "llama-cache", "kv-cache", "prometheus-data", "grafana-data"}
+
+
+def test_llama_server_saves_prompt_caches_where_the_proxy_finds_them():
+    """Both llama-server services save slots (--slot-save-path, a flag: llama-server reads it from
+    no variable) into the kv-cache volume, which the proxy mounts at the same path and is told
+    about (KV_CACHE_DIR); the collector needs none of it."""
+    for name in ("llama", "llama-cpu"):
+        service = SERVICES[name]
+        assert service["command"] == ["--slot-save-path", "/kv-cache"], name
+        assert "kv-cache:/kv-cache" in service["volumes"], name
+        assert not any(item.startswith("LLAMA_ARG_SLOT_SAVE_PATH") for item in service["environment"]), name
+    proxy, collector = SERVICES["proxy"], SERVICES["collector"]
+    assert proxy["environment"]["KV_CACHE_DIR"] == "/kv-cache"
+    assert proxy["volumes"] == ["data:/data", "kv-cache:/kv-cache"]
+    assert "KV_CACHE_DIR" not in collector["environment"] and collector["volumes"] == ["data:/data"]
 
 
 def test_docker_waits_for_the_proxy_to_finish_its_requests_and_its_request_log():
@@ -284,6 +299,9 @@ def test_dashboards_have_pinned_uids_and_reference_the_datasource_by_uid():
         ids = [panel["id"] for panel in board["panels"]]
         assert len(ids) == len(set(ids)) and len(ids) >= 6, name
         for panel in board["panels"]:
+            if panel["type"] == "row":  # a heading over the panels below it: no query of its own
+                assert "targets" not in panel and panel["gridPos"]["w"] == 24, (name, panel["title"])
+                continue
             assert panel["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}, (name, panel["title"])
             assert panel["targets"], (name, panel["title"])
             for target in panel["targets"]:
@@ -294,7 +312,7 @@ def test_dashboards_have_pinned_uids_and_reference_the_datasource_by_uid():
 
 def test_dashboards_cover_what_users_look_for():
     def exprs(name: str) -> str:
-        return " ".join(t["expr"] for p in dashboards()[name]["panels"] for t in p["targets"])
+        return " ".join(t["expr"] for p in dashboards()[name]["panels"] for t in p.get("targets", []))
 
     llama = exprs("llama-server.json")
     for metric in ("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total", "llamacpp:requests_processing",
@@ -305,8 +323,14 @@ def test_dashboards_cover_what_users_look_for():
     for needle in ("sum by (client)", "sum by (class)", "sum by (status)", "llamabridge_proxy_queue_depth",
                    "llamabridge_proxy_queue_wait_seconds_bucket", "llamabridge_proxy_time_to_first_token_seconds_bucket",
                    "llamabridge_proxy_request_duration_seconds_bucket", 'handled!="upstream"', 'status=~"[45].."',
-                   "sum by (user)", 'kind!="cached"', "llamabridge_proxy_refused_requests_total", "sum by (reason)"):
+                   "sum by (user)", 'kind!="cached"', "llamabridge_proxy_refused_requests_total", "sum by (reason)",
+                   # the prompt cache on disk
+                   "llamabridge_proxy_kv_saves_total", "llamabridge_proxy_kv_save_failures_total",
+                   "sum by (result) (rate(llamabridge_proxy_kv_restores_total", "llamabridge_proxy_kv_restored_tokens_total",
+                   "llamabridge_proxy_kv_cache_bytes", "llamabridge_proxy_kv_cache_files",
+                   "llamabridge_proxy_kv_save_seconds_bucket"):
         assert needle in proxy, needle
+    assert "Prompt cache on disk" in [p["title"] for p in dashboards()["proxy.json"]["panels"] if p["type"] == "row"]
     lifetime = exprs("lifetime.json")
     for needle in ("llamabridge_lifetime_generated_tokens_total", "llamabridge_lifetime_requests_total", "[1d]"):
         assert needle in lifetime, needle
@@ -347,9 +371,22 @@ def test_llama_service_settings_start_a_real_llama_server(llama_server_bin, tiny
                LLAMA_SERVER=llama_server_bin, PATH=os.environ["PATH"])
     entry = SERVICES["llama-cpu"]["entrypoint"]
     script = next(v.split(":")[0] for v in SERVICES["llama-cpu"]["volumes"] if v.split(":")[1] == entry[-1])
-    server = processes.Service("llama-server", ["sh", str(ROOT / script)], r"listening on http://127\.0\.0\.1:(?P<port>\d+)",
+    # The service's command, with the kv-cache volume's mount point made a directory of this
+    # test's own that does not exist yet (a fresh volume is empty; llama-server refuses a missing one).
+    kv_cache = tmp_path / "kv-cache"
+    command = [str(kv_cache) if arg == "/kv-cache" else arg for arg in SERVICES["llama-cpu"]["command"]]
+    server = processes.Service("llama-server", ["sh", str(ROOT / script), *command], r"listening on http://127\.0\.0\.1:(?P<port>\d+)",
                                env=env, health_path="/health", timeout=120)
     with server:  # its healthcheck's /health answered, key or not
+        # The entry point made the directory and gave it to the proxy's uid (this test runs as
+        # root, as the image's entry point does), so the proxy may delete what llama-server saves.
+        assert kv_cache.is_dir() and (os.getuid() != 0 or kv_cache.stat().st_uid == 10001)
+        chat = requests.post(server.url + "/v1/chat/completions", headers=sent, timeout=60,
+                             json={"max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 200, chat.text
+        saved = requests.post(server.url + "/slots/0?action=save", headers=sent, timeout=60, json={"filename": "s.bin"})
+        assert saved.status_code == 200 and saved.json()["n_saved"] > 0, saved.text
+        assert (kv_cache / "s.bin").stat().st_size > 0
         props = requests.get(server.url + "/props", headers=sent, timeout=10).json()
         assert props["default_generation_settings"]["n_ctx"] == 8192 and props["total_slots"] == 1
         assert props["endpoint_metrics"] is True

@@ -105,9 +105,10 @@ document.addEventListener("securitypolicyviolation",
 """
 
 
-def open_page(browser, url: str, scheme: str = "light", key: str | None = None):
+def open_page(browser, url: str, scheme: str = "light", key: str | None = None, before=None):
     """The dashboard, loaded, in a browser context of its own (closed with page.context.close());
-    with a key, the browser gives it as the password when the proxy asks (HTTP Basic)."""
+    with a key, the browser gives it as the password when the proxy asks (HTTP Basic). `before`
+    gets the page before it loads (to route its requests)."""
     context = browser.new_context(color_scheme=scheme, viewport={"width": 1280, "height": 1500},
                                   http_credentials={"username": "me", "password": key} if key else None)
     context.add_init_script(RECORD_CSP_VIOLATIONS)
@@ -117,6 +118,8 @@ def open_page(browser, url: str, scheme: str = "light", key: str | None = None):
     page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: page.errors.append(str(e)))
     page.on("request", lambda r: page.outside.append(r.url) if not r.url.startswith(url.split("/dashboard")[0]) and not r.url.startswith("data:") else None)
+    if before is not None:
+        before(page)
     page.goto(url)
     page.wait_for_function("() => document.querySelectorAll('#req-rows tr').length > 0 && "
                            "document.querySelectorAll('#session-list table').length > 0")
@@ -170,6 +173,57 @@ def test_every_section_shows_what_the_api_returns(stack, browser):
     assert session.locator("tbody tr").first.locator(".tag.cold").count() == 1
     assert page.locator("#users").is_hidden()  # no keys, no users
     assert page.locator("#alert").is_hidden()  # llama-server is read: nothing to warn of
+    assert_clean(page)
+    page.context.close()
+
+
+def test_a_turn_restored_from_disk_is_marked_and_no_other(stack, browser):
+    """A turn whose slot llama-server restored from a file saved on disk (kv_restored > 0) gets a
+    badge with the tokens restored, titled with the tokens it skipped (its cached_tokens), in the
+    request table and in its session. A row with kv_restored null, or without the key at all (a
+    store older than the column), gets none. The page reads the real proxy's answers with one
+    turn given kv_restored: a real restore needs a llama-server restart mid-session, which the
+    prompt-cache tests make."""
+    turns = next(s["turns"] for s in requests.get(stack.url + "/api/sessions", timeout=5).json()["sessions"]
+                 if s["session"] == "dash-session-1")
+    restored, unrestored = turns[-1], turns[0]
+
+    def with_one_restore(route) -> None:
+        response = route.fetch()
+        body = response.json()
+        rows = body.get("requests") or [turn for s in body.get("sessions", []) for turn in s["turns"]]
+        for row in rows:
+            row.pop("kv_restored", None)  # as an older store answers
+            if row["id"] == restored["id"]:
+                row["kv_restored"] = 12345
+            elif row["id"] == unrestored["id"]:
+                row["kv_restored"] = None
+        route.fulfill(response=response, json=body)
+
+    def route(page) -> None:
+        page.route(re.compile(r"/api/(requests|sessions)(\?.*)?$"), with_one_restore)
+
+    page = open_page(browser, stack.url + "/dashboard", before=route)
+    title = f"started from the prompt cache saved on disk; {restored['cached_tokens']:,} tokens skipped"
+    for where in ("#req-rows", "#session-list"):
+        page.locator(f"{where} .tag.restored").first.wait_for()
+        tags = page.locator(f"{where} .tag.restored")
+        assert tags.count() == 1, where
+        assert tags.text_content() == "restored 12,345" and tags.get_attribute("title") == title, where
+    # In the request table, beside the turn's cached tokens; in its session, in place of "cold"
+    # or "re-prefilled".
+    row = page.locator("#req-rows tr", has=page.locator(".tag.restored"))
+    assert row.get_attribute("data-id") == str(restored["id"])
+    cached = row.locator("td").nth(column(page, "cached")).text_content()
+    assert cached == f"{restored['cached_tokens']:,}restored 12,345"
+    session = page.locator("#session-list > div", has_text="dash-session-1")
+    assert session.locator("tbody tr").last.locator(".tag").all_text_contents() == ["restored 12,345"]
+    assert session.locator("tbody tr").first.locator(".tag").all_text_contents() == ["cold"]  # kv_restored null
+    # Styled from the style block (the CSP refuses style attributes): in the colour of "llama-server up".
+    page.wait_for_function("() => document.getElementById('status').classList.contains('up')")
+    colours = page.evaluate("[getComputedStyle(document.querySelector('#req-rows .tag.restored')).color, "
+                            "getComputedStyle(document.getElementById('status')).backgroundColor]")
+    assert colours[0] == colours[1], colours
     assert_clean(page)
     page.context.close()
 

@@ -41,6 +41,7 @@ def test_a_copied_env_example_means_the_defaults(example_env_file):
     # `LLAMA_URL=` in the file is "unset", not an empty URL (which crashed `make run`)
     assert env["LLAMA_URL"] == "http://127.0.0.1:8080"
     assert env["LLAMA_CTX"] == "65536" and env["DB_PATH"] == "data/llamabridge.db"
+    assert run_stack.kv_cache_dir(env, demo=False) == processes.ROOT / "data" / "kv-cache"
 
 
 def test_the_demo_keeps_its_own_model_port_and_store_over_env_but_not_over_the_environment(example_env_file, tmp_path):
@@ -53,6 +54,26 @@ def test_the_demo_keeps_its_own_model_port_and_store_over_env_but_not_over_the_e
     env, _ = run_stack.stack_env({"LLAMABRIDGE_ENV_FILE": example_env_file, "DB_PATH": mine, "LLAMA_CTX": ""},
                                  demo=True)
     assert env["DB_PATH"] == mine and env["LLAMA_CTX"] == "32768"
+
+
+def test_the_llama_server_it_starts_saves_prompt_caches_where_the_proxy_is_told_to_look(example_env_file, tmp_path):
+    """--slot-save-path names KV_CACHE_DIR as an absolute path (main() gives the proxy the same
+    one): data/kv-cache by default, the demo's own directory whatever .env says, the
+    environment over both, and nothing for off."""
+    def saves_in(environ: dict[str, str], demo: bool) -> str | None:
+        env, _ = run_stack.stack_env({"LLAMABRIDGE_ENV_FILE": example_env_file, **environ}, demo=demo)
+        cmd = run_stack.llama_command("llama-server", {**env, "LLAMA_MODEL": "m.gguf"}, 8080,
+                                      run_stack.kv_cache_dir(env, demo))
+        return cmd[cmd.index("--slot-save-path") + 1] if "--slot-save-path" in cmd else None
+
+    assert saves_in({}, demo=False) == str(processes.ROOT / "data" / "kv-cache")
+    assert saves_in({}, demo=True) == str(processes.ROOT / "data" / "demo-kv-cache")
+    with open(example_env_file, "a") as f:
+        f.write("KV_CACHE_DIR=elsewhere/kv\n")
+    assert saves_in({}, demo=False) == str(processes.ROOT / "elsewhere" / "kv")  # relative to the repository, as DB_PATH
+    assert saves_in({}, demo=True) == str(processes.ROOT / "data" / "demo-kv-cache")  # not the user's files
+    assert saves_in({"KV_CACHE_DIR": str(tmp_path)}, demo=True) == str(tmp_path)
+    assert saves_in({"KV_CACHE_DIR": "off"}, demo=False) is None
 
 
 def test_closing_the_terminal_stops_the_stack(llama, tmp_path, example_env_file):
@@ -72,6 +93,8 @@ def test_closing_the_terminal_stops_the_stack(llama, tmp_path, example_env_file)
             return "llamabridge is up" in log_path.read_text()
 
         wait_until(up, 60, what=lambda: "the stack to say it is up: " + log_path.read_text())
+        # It cannot know where a llama-server it did not start saves, and says so.
+        assert "started with --slot-save-path" in log_path.read_text()
         children = psutil.Process(stack.pid).children()
         assert len(children) == 2, children  # the proxy and the collector
         stack.send_signal(signal.SIGHUP)
@@ -90,9 +113,11 @@ def test_closing_the_terminal_stops_the_stack(llama, tmp_path, example_env_file)
 def test_make_demo_serves_claude_code_and_stops_cleanly(claude_bin, tiny_model, llama_server_bin, tmp_path,
                                                         example_env_file):
     llama_port, proxy_port, collector_port = processes.free_port(), processes.free_port(), processes.free_port()
+    kv_cache = tmp_path / "kv" / "cache"  # not there yet: make demo creates it
     env = dict(os.environ, LLAMA_URL=f"http://127.0.0.1:{llama_port}", PROXY_PORT=str(proxy_port),
                COLLECTOR_PORT=str(collector_port), DB_PATH=str(tmp_path / "demo.db"), LLAMA_MODEL=tiny_model,
-               LLAMA_SERVER_BIN=llama_server_bin, COLLECT_INTERVAL="1", LLAMABRIDGE_ENV_FILE=example_env_file)
+               LLAMA_SERVER_BIN=llama_server_bin, COLLECT_INTERVAL="1", LLAMABRIDGE_ENV_FILE=example_env_file,
+               KV_CACHE_DIR=str(kv_cache))
     log = open(tmp_path / "demo.log", "w")  # noqa: SIM115 - `make demo` writes it until the `finally` below closes it
     demo = subprocess.Popen(["make", "-s", "demo"], cwd=processes.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -114,6 +139,12 @@ def test_make_demo_serves_claude_code_and_stops_cleanly(claude_bin, tiny_model, 
         wait_until(up, 120, what=lambda: "make demo to say it is up: " + demo_log())
         # the proxy and collector print their own "listening" a moment later
         wait_until(healthy, 30, what=lambda: "the proxy's /healthz: " + demo_log())
+        # llama-server saves prompt caches in the directory the proxy is told about.
+        services = psutil.Process(demo.pid).children(recursive=True)
+        llama_cmd = next(p.cmdline() for p in services if p.cmdline()[:1] == [llama_server_bin])
+        assert llama_cmd[llama_cmd.index("--slot-save-path") + 1] == str(kv_cache) and kv_cache.is_dir()
+        proxy_proc = next(p for p in services if p.cmdline()[1:3] == ["-m", "proxy"])
+        assert proxy_proc.environ()["KV_CACHE_DIR"] == str(kv_cache)
         home, work = tmp_path / "home", tmp_path / "work"
         home.mkdir()
         work.mkdir()
