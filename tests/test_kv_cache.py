@@ -265,9 +265,10 @@ def test_claude_code_runs_again_after_a_restart_from_the_saved_cache(claude_bin,
     stack.restart_llama()
     second = run_claude(claude_bin, stack.proxy.url, home, work, "Say goodbye in one word.")
     assert second.returncode == 0, f"stdout={second.stdout!r}\nstderr={second.stderr!r}\n{stack.proxy.log_text()[-3000:]}"
-    mains = [r for r in requests.get(stack.proxy.url + "/api/requests", params={"class": "main"}, timeout=10).json()["requests"]]
-    sessions = {r["session"] for r in mains}
-    assert len(sessions) == 2, mains
+    def both_runs_logged():
+        found = requests.get(stack.proxy.url + "/api/requests", params={"class": "main"}, timeout=10).json()["requests"]
+        return found if len({r["session"] for r in found}) == 2 else None
+    mains = wait_until(both_runs_logged, what="both runs' main turns in the request log")
     latest = max(mains, key=lambda r: r["id"])
     first_of_second = min((r for r in mains if r["session"] == latest["session"]), key=lambda r: r["id"])
     served = first_of_second["prompt_tokens"] + first_of_second["cached_tokens"]
