@@ -21,6 +21,7 @@ from llamabridge import keys as keyfile
 from tests.support import processes
 from tests.support.waiting import wait_until
 from tests.test_compose import prometheus_config
+from tests.test_kv_cache import first_turn
 from tests.test_traffic import main_body
 
 pytestmark = pytest.mark.integration
@@ -61,9 +62,11 @@ def stack(llama_server_bin, tiny_model, tmp_path_factory):
     db = str(tmp / "llamabridge.db")
     stack_keys = {"LLAMA_API_KEY": secrets.token_urlsafe(24), "METRICS_API_KEY": secrets.token_urlsafe(24)}
     user_key = keyfile.add(tmp / "keys.json", "grafana-tester")
+    (tmp / "kv").mkdir()
     env = dict(stack_keys, API_KEYS_FILE=str(tmp / "keys.json"), DB_PATH=db)
-    with processes.llama_server(llama_server_bin, tiny_model, extra=["--api-key", stack_keys["LLAMA_API_KEY"]]) as llama, \
-            processes.proxy(llama.url, **env) as proxy, processes.collector(llama.url, db, interval=0.5, **env) as collector:
+    with processes.llama_server(llama_server_bin, tiny_model, extra=["--api-key", stack_keys["LLAMA_API_KEY"],
+                                                                     "--slot-save-path", str(tmp / "kv")]) as llama, \
+            processes.proxy(llama.url, KV_CACHE_DIR=str(tmp / "kv"), KV_SAVE_IDLE="0.1", **env) as proxy, processes.collector(llama.url, db, interval=0.5, **env) as collector:
         # Secured for real: without its key, no service shows its metrics.
         for url in (llama.url, proxy.url, collector.url):
             assert requests.get(url + "/metrics", timeout=10).status_code == 401, url
@@ -109,12 +112,15 @@ def test_every_dashboard_query_returns_data(stack, capture_messages):
         assert malformed.status_code == 400
         # Refused at the edge (a wrong key): not one of the requests counted below.
         assert requests.post(proxy.url + "/v1/messages", json=title, headers={"x-api-key": "llb-wrong"}, timeout=10).status_code == 401
-        return 6
+        # Last, so nothing takes the slot before it has been idle long enough to be saved to disk.
+        claude.messages.create(**first_turn(f"round {round_}"))
+        return 7
 
     def ingested(requests_sent: int) -> bool:
         return (scalar(prom, "sum(llamabridge_proxy_requests_total)") >= requests_sent
                 and scalar(prom, "llamabridge_lifetime_requests_total") >= requests_sent - 2  # count_tokens and 400s: not generations
-                and scalar(prom, "sum(llamacpp:tokens_predicted_total)") > 0)
+                and scalar(prom, "sum(llamacpp:tokens_predicted_total)") > 0
+                and scalar(prom, "llamabridge_proxy_kv_saves_total") >= requests_sent // 7)
 
     sent = traffic(1)
     wait_until(lambda: ingested(sent), timeout=60, what="the first round to reach Prometheus")
