@@ -1,5 +1,6 @@
 """bench/results/latest.png: the 1-token latency distributions of every path, and the prompt
-tokens evaluated per turn of the two replayed sessions, direct and through the proxy."""
+tokens evaluated per turn of the two replayed sessions and of the turns after llama-server
+restarts, direct and through the proxy."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (left, right, restarts) = plt.subplots(1, 3, figsize=(19, 4.8))
     samples = results["overhead"]["samples"]
     for name, label, color in (("direct", "direct", "#555555"), ("floor", "bare WSGI relay, same gunicorn", "#bdbdbd"),
                                ("flask", "one-route Flask relay, same gunicorn", "#8c8c8c"),
@@ -38,6 +39,15 @@ def plot(results: dict, path: Path) -> None:
     right.set_title("Prefill per turn, two Claude Code sessions")
     right.legend()
     right.grid(alpha=0.3, axis="y")
+    p = results["persist"]
+    xs = range(len(p["turns"]))
+    restarts.bar([x - 0.2 for x in xs], p["direct"], width=0.4, label="direct", color="#555555")
+    restarts.bar([x + 0.2 for x in xs], p["proxy"], width=0.4, label="llamabridge, slots saved to disk", color="#1f77b4")
+    restarts.set_xticks(list(xs), [t.replace("session ", "s").replace(" turn ", " t") for t in p["turns"]])
+    restarts.set_ylabel("prompt tokens evaluated")
+    restarts.set_title("Prefill per turn, each after a llama-server restart")
+    restarts.legend()
+    restarts.grid(alpha=0.3, axis="y")
     fig.suptitle(f"llamabridge bench, {results['date']}: {results['machine']['cpu']}, {results['machine']['cores']} cores")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

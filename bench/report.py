@@ -17,8 +17,9 @@ def memory(name: str, values: dict, parts: dict | None = None) -> str:
 
 
 def table(results: dict) -> str:
-    """Markdown: the overhead table, the load, memory, prompt-cache and collector figures, and every
-    target with its value, its 95% interval where it has one, and its verdict."""
+    """Markdown: the overhead table, the load, memory, prompt-cache (in memory and across restarts)
+    and collector figures, and every target with its value, its 95% interval where it has one,
+    and its verdict."""
     o, c, k, col = results["overhead"], results["concurrency"], results["cache"], results["collector"]
     m = results["machine"]
 
@@ -94,22 +95,73 @@ def table(results: dict) -> str:
         f"Token counts (count_tokens, exact, then cached): p50 {c['count_tokens_ms']['p50']:.1f} ms, p99 {c['count_tokens_ms']['p99']:.1f} ms, "
         f"slowest {c['count_tokens_ms']['max']:.0f} ms in the proxy."),
         "",
-        "| prompt tokens evaluated | " + " | ".join(k["turns"]) + " | total |",
-        "|---|" + "---|" * (len(k["turns"]) + 1),
-        "| direct (llama-server /v1/messages) | " + " | ".join(f"{v:.0f}" for v in k["direct"]) + f" | {k['direct_total']:.0f} |",
-        "| through llamabridge | " + " | ".join(f"{v:.0f}" for v in k["proxy"]) + f" | {k['proxy_total']:.0f} |",
+        *cache_lines(k),
         "",
-        f"Second session's first turn: {k['second_session_saving']:.1%} fewer prompt tokens through the proxy.",
+        *persist_lines(results["persist"]),
         "",
         f"Collector: a scrape takes {col['scrape_wall_ms_p50']:.1f} ms p50 ({col['scrape_wall_ms_p99']:.1f} ms p99) and "
         f"{col['scrape_cpu_ms_mean']:.1f} ms of CPU; SQLite grows {col['sqlite_bytes_per_day'] / 1e6:.2f} MB per day of 10 s scrapes "
         f"({col['sqlite_bytes_month'] / 1e6:.1f} MB after 30 days); dashboard API with a month of data, p50 / p99 ms: "
         + ", ".join(f"`{path}` {v['p50']:.1f} / {v['p99']:.1f}" for path, v in col["api_ms"].items()) + ".",
         "",
-        "| target | value | 95% interval | |",
-        "|---|---|---|---|",
+        *target_lines(results["checks"]),
     ]
-    for name, value, op, target, ok, span in results["checks"]:
+    return "\n".join(lines)
+
+
+def phase_table(results: dict, phase: str) -> str:
+    """Markdown for one phase run alone (`bench/run.py --only`): its figures and its targets."""
+    lines = {"cache": cache_lines, "persist": persist_lines}[phase](results[phase])
+    return "\n".join([f"Model: {results['model']}; llama-server 1 slot, -t 1; {results['date']}", "", *lines, "",
+                      *target_lines(results["checks"])])
+
+
+def cache_lines(k: dict) -> list[str]:
+    return [
+        "| prompt tokens evaluated | " + " | ".join(k["turns"]) + " | total |",
+        "|---|" + "---|" * (len(k["turns"]) + 1),
+        "| direct (llama-server /v1/messages) | " + " | ".join(f"{v:.0f}" for v in k["direct"]) + f" | {k['direct_total']:.0f} |",
+        "| through llamabridge | " + " | ".join(f"{v:.0f}" for v in k["proxy"]) + f" | {k['proxy_total']:.0f} |",
+        "",
+        f"Second session's first turn: {k['second_session_saving']:.1%} fewer prompt tokens through the proxy.",
+    ]
+
+
+def persist_lines(p: dict) -> list[str]:
+    """The turns after a llama-server restart, and what saving slots costs."""
+    largest = max(p["saves"], key=lambda s: s["tokens"])
+    overlapped = p["rounds_overlapped"]
+    waited = (f"the longest waited {p['max_wait_ms']:.1f} ms; the longest save of those rounds took {p['max_save_ms']:.1f} ms"
+              if overlapped else f"no wait to measure (the longest save of those rounds took {p['max_save_ms']:.1f} ms)")
+    restoring = ("" if p["restore_ms_per_1k_tokens"] is None else
+                 f"; restoring one {p['restore_ms_per_1k_tokens']:.2f} ms per 1,000 tokens (median of {len(p['restores'])})")
+    in_slot = ""
+    if p.get("in_slot_ttft_ms") is not None:
+        in_slot = (f" With the session's cache still in the slot, a turn's first token comes after {p['direct_in_slot_ttft_ms']:.0f} ms "
+                   f"direct and {p['in_slot_ttft_ms']:.0f} ms through llamabridge (median of the rounds below that waited for no save).")
+    return [
+        "| after a llama-server restart | " + " | ".join(p["turns"]) + " |",
+        "|---|" + "---|" * len(p["turns"]),
+        "| prompt tokens evaluated, direct | " + " | ".join(f"{v:.0f}" for v in p["direct"]) + " |",
+        "| prompt tokens evaluated, through llamabridge (tokens restored from disk) | "
+        + " | ".join(f"{v:.0f} ({r})" for v, r in zip(p["proxy"], p["restored"], strict=True)) + " |",
+        "| time to first token, direct (ms) | " + " | ".join(f"{v:.0f}" for v in p["direct_ttft_ms"]) + " |",
+        "| time to first token, through llamabridge (ms) | " + " | ".join(f"{v:.0f}" for v in p["proxy_ttft_ms"]) + " |",
+        "",
+        (f"Each turn after a restart of its own: continuing sessions evaluate {p['continuing_saving']:.1%} fewer prompt tokens "
+         f"than direct (the lesser of the two), the new session {p['new_session_saving']:.1%} fewer.{in_slot}"),
+        "",
+        (f"Saving a slot: {p['save_ms_per_1k_tokens']:.2f} ms and {p['save_mb_per_1k_tokens']:.3f} MB per 1,000 tokens "
+         f"(median of {len(p['saves'])} saves; the largest, {largest['tokens']} tokens, {largest['mb']:.1f} MB in {largest['ms']:.0f} ms)"
+         f"{restoring}. A turn sent as its slot's save was due, {len(p['rounds'])} rounds: {overlapped} arrived while the save ran; "
+         f"{waited}."),
+    ]
+
+
+def target_lines(checks: list) -> list[str]:
+    """Every target with its value, its 95% interval where it has one, and its verdict."""
+    lines = ["| target | value | 95% interval | |", "|---|---|---|---|"]
+    for name, value, op, target, ok, span in checks:
         shown = "" if span is None else f"{span[0]:.3f} to {span[1]:.3f}"
         if undecided(target, span):
             shown += " (holds the target: this run cannot tell)"
@@ -117,4 +169,4 @@ def table(results: dict) -> str:
         while f"{value:.{digits}f}" == f"{target:.{digits}f}" and value != target and digits < 6:
             digits += 1  # 0.97996 is not 0.980: show it so, next to MISSED
         lines.append(f"| {name} {op} {target} | {value:.{digits}f} | {shown} | {'met' if ok else '**MISSED**'} |")
-    return "\n".join(lines)
+    return lines

@@ -20,11 +20,17 @@ model unless LLAMA_MODEL names a GGUF) started here with one slot:
   cache        bench/cache.py: a two-session Claude Code conversation from the recorded session
                (bench/recorded.py), replayed straight to llama-server's native /v1/messages and
                through the proxy, each on a fresh llama-server: prompt tokens evaluated per turn.
+  persist      bench/persist.py: the same sessions and a third across llama-server restarts,
+               direct and through the proxy saving slots to disk: prompt tokens evaluated and
+               time to first token per turn after a restart; what a save costs in time, disk
+               and in the wait of a turn that arrives during one.
   collector    bench/collector_bench.py: time and CPU per scrape, SQLite growth per simulated
                day, dashboard API latency with a month of data.
 
 It prints a table (bench/report.py), writes bench/results/latest.json, latest.md and latest.png
-(bench/plot.py), and exits 1 if a target (bench/targets.py) is missed, saying which. Every target
+(bench/plot.py), and exits 1 if a target (bench/targets.py) is missed, saying which. `--only cache` or `--only persist`
+runs that phase alone (on llama-servers of its own), prints its part of the table and targets and
+writes bench/results/<phase>.json. Every target
 measured from sampled rounds comes with a 95% bootstrap interval (bench/stats.py), and the table
 says when that interval holds the target: such a run cannot tell met from missed, however the
 point estimate fell.
@@ -44,10 +50,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script (`python bench/run.py`), as `make bench` does
 
-from bench import cache, collector_bench, host, load, overhead
+from bench import cache, collector_bench, host, load, overhead, persist
 from bench.plot import plot
 from bench.recorded import capture_messages
-from bench.report import table
+from bench.report import phase_table, table
 from bench.targets import checks, undecided
 from proxy.config import Settings
 from tests.support import processes
@@ -61,6 +67,8 @@ def main() -> int:
     parser.add_argument("--stream-rounds", type=int, default=int(os.environ.get("BENCH_STREAM_ROUNDS", overhead.STREAM_ROUNDS)))
     parser.add_argument("--clients", type=int, default=int(os.environ.get("BENCH_CLIENTS", "50")))
     parser.add_argument("--seconds", type=float, default=float(os.environ.get("BENCH_SECONDS", "120")))
+    parser.add_argument("--persist-rounds", type=int, default=int(os.environ.get("BENCH_PERSIST_ROUNDS", persist.ROUNDS)))
+    parser.add_argument("--only", choices=["cache", "persist"], help="run this phase alone")
     args = parser.parse_args()
     binary = os.environ.get("LLAMA_SERVER_BIN") or subprocess.run(["bash", "llama/build.sh"], cwd=ROOT, capture_output=True,
                                                                   text=True, check=True).stdout.strip().splitlines()[-1]
@@ -71,6 +79,8 @@ def main() -> int:
     messages = capture_messages()
     results: dict = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": host.describe(),
                      "model": Path(model).name, "llama_server": binary}
+    if args.only:
+        return only(args.only, results, binary, model, messages[1], args)
     work = Path(tempfile.mkdtemp(prefix="llamabridge-bench-"))
     db = str(work / "bench.db")
     print(f"llama-server {binary}\nmodel {model}\nwork dir {work}", flush=True)
@@ -97,15 +107,33 @@ def main() -> int:
         results["collector"] = collector_bench.run(llama.url, work / "collector")
     print("prompt cache: two sessions, direct then through the proxy, each on a fresh llama-server", flush=True)
     results["cache"] = cache.run(binary, model, messages[1])
+    print(f"prompt cache across restarts: {args.persist_rounds} rounds of turns during a save", flush=True)
+    results["persist"] = persist.run(binary, model, messages[1], args.persist_rounds)
     results["checks"] = checks(results)
     text = table(results)
     print("\n" + text)
     (RESULTS / "latest.md").write_text(text + "\n")
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str))
     plot(results, RESULTS / "latest.png")
-    missed = [name for name, _, _, _, ok, _ in results["checks"] if not ok]
-    noisy = [name for name, _, _, target, _, span in results["checks"] if undecided(target, span)]
     print(f"\nwrote {RESULTS / 'latest.json'}, latest.md and latest.png")
+    return verdict(results["checks"])
+
+
+def only(phase: str, results: dict, binary: str, model: str, body: dict, args: argparse.Namespace) -> int:
+    """One phase that starts its own llama-servers, alone: quicker while working on it."""
+    print(f"{phase} alone", flush=True)
+    results[phase] = cache.run(binary, model, body) if phase == "cache" else persist.run(binary, model, body, args.persist_rounds)
+    results["checks"] = checks(results, only=phase)
+    print("\n" + phase_table(results, phase))
+    (RESULTS / f"{phase}.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote {RESULTS / (phase + '.json')}")
+    return verdict(results["checks"])
+
+
+def verdict(found: list) -> int:
+    """Say which targets were missed or within the run's noise; 1 if any was missed."""
+    missed = [name for name, _, _, _, ok, _ in found if not ok]
+    noisy = [name for name, _, _, target, _, span in found if undecided(target, span)]
     if noisy:
         print("within this run's noise (more rounds would tell): " + ", ".join(noisy))
     if missed:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 # name: (operator, limit). The 1-token and streamed targets come with a 95% interval
 # (bench/overhead.py's "intervals", same keys); the others are counts or single readings.
 TARGETS = {
@@ -19,30 +21,41 @@ TARGETS = {
     "proxy_rss_peak_mb": ("<=", 120.0),
     "cache_second_session_saving": (">=", 0.90),
     "cache_turns_worse_than_direct": ("<=", 0),
+    "persist_continuing_saving": (">=", 0.95),
+    "persist_new_session_saving": (">=", 0.90),
+    "persist_wait_over_save": ("<=", 1.0),
+}
+
+# Each target's value in a run's results.
+VALUES: dict[str, Callable[[dict], float]] = {
+    "relay_added_p50_ms": lambda r: r["overhead"]["relay_added_ms"]["p50"],
+    "relay_added_p99_ms": lambda r: r["overhead"]["relay_added_ms"]["p99"],
+    "anthropic_added_p50_ms": lambda r: r["overhead"]["anthropic_added_ms"]["p50"],
+    "relay_stream_throughput_ratio": lambda r: r["overhead"]["relay_stream_throughput_ratio"],
+    "anthropic_stream_throughput_ratio": lambda r: r["overhead"]["anthropic_stream_throughput_ratio"],
+    "concurrency_failed": lambda r: r["concurrency"]["failed"],
+    "concurrency_max_upstream_processing": lambda r: r["concurrency"]["max_upstream_processing"],
+    "concurrency_max_upstream_deferred": lambda r: r["concurrency"]["max_upstream_deferred"],
+    "background_p99_ms": lambda r: r["concurrency"]["background_local_ms"]["p99"],
+    "proxy_rss_idle_mb": lambda r: r["rss_idle_mb"]["proxy"],
+    "proxy_rss_peak_mb": lambda r: r["rss_mb"]["proxy"],
+    "cache_second_session_saving": lambda r: r["cache"]["second_session_saving"],
+    "cache_turns_worse_than_direct": lambda r: r["cache"]["turns_worse_than_direct"],
+    "persist_continuing_saving": lambda r: r["persist"]["continuing_saving"],
+    "persist_new_session_saving": lambda r: r["persist"]["new_session_saving"],
+    "persist_wait_over_save": lambda r: r["persist"]["wait_over_save"],
 }
 
 
-def checks(results: dict) -> list[tuple[str, float, str, float, bool, tuple[float, float] | None]]:
-    """(target, value, operator, limit, met, 95% interval of the value or None) for every target."""
-    values = {
-        "relay_added_p50_ms": results["overhead"]["relay_added_ms"]["p50"],
-        "relay_added_p99_ms": results["overhead"]["relay_added_ms"]["p99"],
-        "anthropic_added_p50_ms": results["overhead"]["anthropic_added_ms"]["p50"],
-        "relay_stream_throughput_ratio": results["overhead"]["relay_stream_throughput_ratio"],
-        "anthropic_stream_throughput_ratio": results["overhead"]["anthropic_stream_throughput_ratio"],
-        "concurrency_failed": results["concurrency"]["failed"],
-        "concurrency_max_upstream_processing": results["concurrency"]["max_upstream_processing"],
-        "concurrency_max_upstream_deferred": results["concurrency"]["max_upstream_deferred"],
-        "background_p99_ms": results["concurrency"]["background_local_ms"]["p99"],
-        "proxy_rss_idle_mb": results["rss_idle_mb"]["proxy"],
-        "proxy_rss_peak_mb": results["rss_mb"]["proxy"],
-        "cache_second_session_saving": results["cache"]["second_session_saving"],
-        "cache_turns_worse_than_direct": results["cache"]["turns_worse_than_direct"],
-    }
-    intervals = results["overhead"].get("intervals") or {}
+def checks(results: dict, only: str | None = None) -> list[tuple[str, float, str, float, bool, tuple[float, float] | None]]:
+    """(target, value, operator, limit, met, 95% interval of the value or None) for every target,
+    or with `only` (a phase run alone: "cache", "persist") for that phase's."""
+    intervals = (results.get("overhead") or {}).get("intervals") or {}
     out = []
     for name, (op, target) in TARGETS.items():
-        value = values[name]
+        if only is not None and not name.startswith(only + "_"):
+            continue
+        value = VALUES[name](results)
         ok = {"<=": value <= target, ">=": value >= target, "<": value < target}[op]
         out.append((name, value, op, target, ok, intervals.get(name)))
     return out

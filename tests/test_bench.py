@@ -86,6 +86,14 @@ def test_the_table_reports_every_target_and_names_the_missed(overhead):
                         "title_client_ms": {"p50": 1.0, "p99": 2.0}, "count_tokens_ms": {"p50": 0.4, "p99": 90.0, "max": 140.0, "n": 1}},
         "cache": {"turns": ["session 1 turn 1", "session 2 turn 1"], "direct": [23000.0, 23000.0], "proxy": [23000.0, 12.0],
                   "direct_total": 46000.0, "proxy_total": 23012.0, "second_session_saving": 0.999, "turns_worse_than_direct": 0},
+        "persist": {"turns": ["session 1 turn 2", "session 2 turn 2", "session 3 turn 1"], "direct": [23187.0, 23190.0, 23170.0],
+                    "proxy": [23.0, 23.0, 15.0], "restored": [23146, 23151, 23168], "direct_ttft_ms": [14100.0, 13900.0, 14800.0],
+                    "proxy_ttft_ms": [830.0, 820.0, 590.0], "direct_in_slot_ttft_ms": 700.0, "in_slot_ttft_ms": 850.0,
+                    "continuing_saving": 0.999, "new_session_saving": 0.999,
+                    "saves": [{"tokens": 23146, "mb": 12.2, "ms": 20.0}, {"tokens": 23620, "mb": 12.5, "ms": 11.0}],
+                    "restores": [{"tokens": 23146, "ms": 20.0}], "save_ms_per_1k_tokens": 0.71, "save_mb_per_1k_tokens": 0.527,
+                    "restore_ms_per_1k_tokens": 0.82, "rounds": [{}] * 20, "rounds_overlapped": 4, "max_wait_ms": 6.0,
+                    "max_save_ms": 35.2, "wait_over_save": 6.0 / 35.2},
         "collector": {"scrape_wall_ms_p50": 3.0, "scrape_wall_ms_p99": 5.0, "scrape_cpu_ms_mean": 2.0, "sqlite_bytes_per_day": 260000.0,
                       "sqlite_bytes_month": 9.2e6, "api_ms": {"/api/totals": {"p50": 1.0, "p99": 2.0}}},
     }
@@ -113,6 +121,18 @@ def test_the_table_reports_every_target_and_names_the_missed(overhead):
     assert "Token counts (count_tokens, exact, then cached): p50 0.4 ms, p99 90.0 ms, slowest 140 ms in the proxy." in text
     # The added time to first token has no target, but its interval is printed with it.
     assert "(+6.1; -3.0 to +12.0) |" in text
+    # After restarts: tokens evaluated with those restored beside them, and what a save costs.
+    assert "| prompt tokens evaluated, through llamabridge (tokens restored from disk) | 23 (23146) | 23 (23151) | 15 (23168) |" in text
+    assert "20 rounds: 4 arrived while the save ran; the longest waited 6.0 ms; the longest save of those rounds took 35.2 ms." in text
+    assert "| persist_wait_over_save <= 1.0 | 0.170 |  | met |" in text
+    # No round that overlapped a save measured nothing: missed, and said so. Run alone, the
+    # phase reports its own targets only.
+    results["persist"].update(rounds_overlapped=0, max_wait_ms=0.0, wait_over_save=float("inf"))
+    alone = {"date": results["date"], "model": results["model"], "persist": results["persist"]}
+    alone["checks"] = targets.checks(alone, only="persist")
+    text = report.phase_table(alone, "persist")
+    assert "no wait to measure" in text and "| persist_wait_over_save <= 1.0 | inf |  | **MISSED** |" in text
+    assert [name for name, *_ in alone["checks"]] == [name for name in targets.TARGETS if name.startswith("persist_")]
     # A value just short of its target is shown with the digits that say so.
     results["cache"]["second_session_saving"] = 0.89996
     results["checks"] = targets.checks(results)
