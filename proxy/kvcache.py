@@ -53,7 +53,7 @@ from .errors import ApiError
 from .gate import Gate, Ticket
 from .metrics import Call, ProxyMetrics
 from .prefix import PrefixTracker, common_prefix
-from .upstream import Upstream
+from .upstream import ServerInfo, Upstream
 
 log = logging.getLogger("llamabridge.kvcache")
 
@@ -300,22 +300,30 @@ class KvCache:
                 if ticket is None:
                     continue  # in use again: its next turn, if it is the session's, schedules a new save
                 try:
-                    self._save(turn)
+                    try:
+                        written = self._write(turn)
+                    finally:
+                        turn.target.gate.release(ticket)  # the file is written: the slot is free again
+                    if written is not None:
+                        self._index(*written)
                 except Exception:  # never let one save end the thread
                     log.exception("saving slot %d failed", turn.slot)
-                finally:
-                    turn.target.gate.release(ticket)
 
     def _save(self, turn: Pending) -> None:
-        """Have llama-server save the slot (held by the caller) and index the file."""
+        """Save the slot (held by the caller) and index the file."""
+        written = self._write(turn)
+        if written is not None:
+            self._index(*written)
+
+    def _write(self, turn: Pending) -> tuple[Pending, str, ServerInfo, int, float] | None:
+        """Have llama-server write the slot (held by the caller) to a file: the only part of a save
+        that needs the slot. Returns what `_index` needs, or None when nothing new was written."""
         upstream = turn.target.upstream
         try:
             info = upstream.info()
         except ApiError:
-            return
-        tokens = len(turn.prompt.tokens)
-        full = turn.prompt.full
-        name = f"{info.identity}-c{info.n_ctx}-{full}.bin"
+            return None
+        name = f"{info.identity}-c{info.n_ctx}-{turn.prompt.full}.bin"
         now = time.time()
         with self._cond:
             known = self._files.get(name)
@@ -323,21 +331,25 @@ class KvCache:
                 self._files[name] = replace(known, last_used=now, session=turn.session)
         if known is not None:
             self._touch(name, now)
-            return  # this prompt is on disk already; what follows it is the answer, re-evaluated cheaply
+            return None  # this prompt is on disk already; what follows it is the answer, re-evaluated cheaply
         started = time.monotonic()
         try:
             resp = upstream.request("POST", f"/slots/{turn.slot}?action=save", json_body={"filename": name}, timeout=SAVE_TIMEOUT)
         except ApiError as exc:
             self._save_failed(turn, exc.message)
-            return
+            return None
         took = time.monotonic() - started
         if resp.status_code != 200:
             self._save_failed(turn, f"llama-server answered HTTP {resp.status_code}: {resp.text[:200]}")
-            return
+            return None
         try:
             saved_tokens = int(json.loads(resp.content).get("n_saved") or 0)
         except (ValueError, AttributeError, TypeError):
             saved_tokens = 0
+        return turn, name, info, saved_tokens, took
+
+    def _index(self, turn: Pending, name: str, info: ServerInfo, saved_tokens: int, took: float) -> None:
+        """Index a file llama-server wrote; drop the files it makes redundant and those past the budget."""
         try:
             size = os.path.getsize(self._path(name))
         except OSError:
@@ -348,8 +360,10 @@ class KvCache:
             self._unlink(name)  # the slot held nothing worth keeping (llama-server moved on)
             return
         self.problem = None
-        saved = SavedFile(name, info.identity, info.n_ctx, tokens, tuple(turn.prompt.checkpoints), full, saved_tokens, size,
-                          turn.session, now, now)
+        tokens = len(turn.prompt.tokens)
+        now = time.time()
+        saved = SavedFile(name, info.identity, info.n_ctx, tokens, tuple(turn.prompt.checkpoints), turn.prompt.full,
+                          saved_tokens, size, turn.session, now, now)
         with self._cond:
             self._files[name] = saved
             # Files whose whole prompt begins this one's hold nothing this one does not.
