@@ -320,7 +320,7 @@ class KvCache:
         that needs the slot. Returns what `_index` needs, or None when nothing new was written."""
         upstream = turn.target.upstream
         try:
-            info = upstream.info()
+            info = upstream.fresh_info()  # the model it runs now: the file is named after it
         except ApiError:
             return None
         name = f"{info.identity}-c{info.n_ctx}-{turn.prompt.full}.bin"

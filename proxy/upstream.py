@@ -77,7 +77,7 @@ class ServerInfo:
     n_ctx: int
     total_slots: int
     vision: bool
-    identity: str = ""  # the model file, as far as llama-server describes it: which saved KV caches fit it
+    identity: str = ""  # the model file, as far as llama-server describes it (fresh_info() only): which saved KV caches fit it
 
 
 @dataclass(frozen=True)
@@ -340,9 +340,10 @@ class Upstream:
         return info
 
     def fresh_info(self) -> ServerInfo:
-        """`/props` read now, for a decision a stale copy must not make (restoring a saved KV
-        cache into a llama-server that may have been restarted with another model)."""
-        info = self._read_props()
+        """`/props` read now, with the model's identity (`/v1/models`), for a decision a stale copy
+        must not make: naming a saved KV cache, or restoring one into a llama-server that may have
+        been restarted with another model."""
+        info = self._read_props(identity=True)
         self._info, self._info_at = info, time.monotonic()
         return info
 
@@ -354,7 +355,7 @@ class Upstream:
         finally:
             self._refreshing.release()
 
-    def _read_props(self) -> ServerInfo:
+    def _read_props(self, identity: bool = False) -> ServerInfo:
         props = self.json("GET", "/props", timeout=10)
         settings = props.get("default_generation_settings") or {}
         modalities = props.get("modalities") or {}
@@ -366,7 +367,7 @@ class Upstream:
             n_ctx=int(settings.get("n_ctx") or 0),
             total_slots=int(props.get("total_slots") or 1),
             vision=bool(modalities.get("vision")),
-            identity=self._identity(props),
+            identity=self._identity(props) if identity else "",
         )
 
     def _identity(self, props: dict) -> str:
