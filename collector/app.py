@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import time
 from datetime import UTC
 
@@ -30,6 +31,10 @@ def create_app(settings: CollectorSettings, start_jobs: bool = True) -> Flask:
     app = Flask("llamabridge-collector")
     store = Store(settings.db_path)
     job = ScrapeJob(store, settings.llama_url, settings.interval, settings.llama_api_key)
+    if settings.others:
+        logging.getLogger("llamabridge.collector").warning(
+            "LLAMA_URL lists %d llama-servers: the collector keeps the lifetime totals of the first (%s) only; %s are not scraped",
+            1 + len(settings.others), settings.llama_url, ", ".join(settings.others))
     registry = CollectorRegistry()
     registry.register(StoreCollector(store, job))
     if start_jobs:

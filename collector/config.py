@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from llamabridge.edge import EdgeSettings
 from llamabridge.edge import settings_from_env as edge_from_env
-from llamabridge.settings import env_float, env_int, env_url
+from llamabridge.settings import env_float, env_int, env_urls
 from llamabridge.store import Retention
 
 DEFAULT_DB_PATH = "data/llamabridge.db"
@@ -17,6 +17,7 @@ DEFAULT_DB_PATH = "data/llamabridge.db"
 @dataclass(frozen=True)
 class CollectorSettings:
     llama_url: str = "http://127.0.0.1:8080"
+    others: tuple[str, ...] = ()  # LLAMA_URL's other llama-servers: not scraped
     llama_api_key: str = ""  # sent as a Bearer token: a llama-server started with --api-key refuses /metrics without it
     db_path: str = DEFAULT_DB_PATH
     interval: float = 10.0
@@ -29,10 +30,14 @@ class CollectorSettings:
 
 def from_env(env: Mapping[str, str] | None = None) -> CollectorSettings:
     env = os.environ if env is None else env
-    llama_url = env_url(env, "LLAMA_URL", CollectorSettings.llama_url).rstrip("/")
+    # LLAMA_URL may list several llama-servers for the proxy; the collector keeps the lifetime
+    # totals of the first (collector/app.py says so at start).
+    urls = env_urls(env, "LLAMA_URL", CollectorSettings.llama_url)
+    llama_url = urls[0].rstrip("/")
     db_path = env.get("DB_PATH", "").strip() or DEFAULT_DB_PATH
     return CollectorSettings(
         llama_url=llama_url,
+        others=urls[1:],
         llama_api_key=env.get("LLAMA_API_KEY", "").strip(),
         db_path=db_path,
         interval=env_float(env, "COLLECT_INTERVAL", CollectorSettings.interval, 0.05, 3600),

@@ -67,6 +67,19 @@ def env_url(env: Mapping[str, str], name: str, default: str) -> str:
     return raw
 
 
+def env_urls(env: Mapping[str, str], name: str, default: str) -> tuple[str, ...]:
+    """A comma-separated list of http(s) base URLs, each checked as env_url checks one."""
+    raw = env.get(name, "").strip() or default
+    urls = tuple(part.strip() for part in raw.split(",") if part.strip())
+    if not urls:
+        raise ConfigError(f"{name}={raw!r}: expected http(s) URLs such as http://127.0.0.1:8080,http://10.0.0.2:8080")
+    for url in urls:
+        env_url({name: url}, name, "")
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"{name}={raw!r}: a URL is listed twice")
+    return urls
+
+
 def env_float(env: Mapping[str, str], name: str, default: float, low: float, high: float, unit: str = "seconds") -> float:
     raw = env.get(name, "").strip()
     if not raw:

@@ -259,6 +259,12 @@ def m005_kv_files(db: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m006_request_upstreams(db: sqlite3.Connection) -> None:
+    """Which llama-server ran each request: LLAMA_URL may list several."""
+    _run(db, "ALTER TABLE requests ADD COLUMN upstream TEXT")
+
+
 # Events that advance a running counter of the same name in `counters` as they are recorded.
 COUNTED_EVENTS = {"restart": "upstream_restarts", "upstream_changed": "upstream_changes"}
 
@@ -438,7 +444,7 @@ class Store:
 
     REQUEST_COLUMNS = ("ts", "client", "session", "route", "class", "model", "status", "handled", "queue_wait", "ttft",
                        "total_time", "prompt_tokens", "cached_tokens", "generated_tokens", "tokens_per_second", "error", "user",
-                       "kv_restored")
+                       "kv_restored", "upstream")
 
     def add_requests(self, rows: list[dict[str, Any]]) -> None:
         """Add request-log rows and advance the running totals they count, in one transaction."""

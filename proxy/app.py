@@ -136,6 +136,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app = Flask("llamabridge")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     services = Services(settings, registry)
+    services.watch_health()
     upstream = services.main.upstream
     mode = ApiMode(settings, upstream)
     app.extensions["llamabridge.services"] = services
@@ -196,9 +197,14 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz() -> Response:
-        ok, reason = upstream.health()
-        body = {"status": "ok" if ok else "unavailable", "upstream": settings.upstream_base, "detail": reason,
-                "kv_cache": services.kv.status()}
+        each = [(u.base, *u.health()) for u in services.main.upstreams]
+        ok = any(ready for _, ready, _ in each)
+        ready_one = next(((base, reason) for base, ready, reason in each if ready), each[0][::2])
+        body: dict = {"status": "ok" if ok else "unavailable", "upstream": ready_one[0], "detail": ready_one[1],
+                      "kv_cache": services.kv.status()}
+        if len(each) > 1:
+            body["upstreams"] = [{"url": base, "ready": ready, "detail": reason, "in_rotation": services.main.gate.is_up(i)}
+                                 for i, (base, ready, reason) in enumerate(each)]
         return Response(json.dumps(body), status=200 if ok else 503, mimetype="application/json")
 
     if services.request_log is not None:

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 
 from llamabridge.edge import EdgeSettings
 from llamabridge.edge import settings_from_env as edge_from_env
-from llamabridge.settings import ConfigError, env_bool, env_float, env_int, env_url
+from llamabridge.settings import (
+    ConfigError,
+    env_bool,
+    env_float,
+    env_int,
+    env_url,
+    env_urls,
+)
 from llamabridge.store import Retention
 
 UPSTREAM_APIS = ("openai", "anthropic", "auto")
@@ -44,7 +51,10 @@ THREAD_RESERVE = 16
 
 @dataclass(frozen=True)
 class Settings:
-    llama_url: str = "http://127.0.0.1:8080"
+    llama_url: str = "http://127.0.0.1:8080"  # the first of llama_urls
+    llama_urls: tuple[str, ...] = ()  # LLAMA_URL's list: () is llama_url alone
+    affinity_wait: float = 30.0  # AFFINITY_MAX_WAIT: how long a session waits for its upstream before moving
+    health_interval: float = 2.0  # UPSTREAM_HEALTH_INTERVAL: how often each of several upstreams is asked if it is ready
     llama_api_key: str = ""
     host: str = "127.0.0.1"
     port: int = 9090
@@ -77,6 +87,10 @@ class Settings:
     def upstream_base(self) -> str:
         return self.llama_url.rstrip("/")
 
+    @property
+    def upstream_urls(self) -> tuple[str, ...]:
+        return self.llama_urls or (self.llama_url,)
+
 
 def _stall_timeout(env: Mapping[str, str]) -> float:
     """UPSTREAM_STALL_TIMEOUT: 0 turns the check off; otherwise at least a second, since the
@@ -89,7 +103,8 @@ def _stall_timeout(env: Mapping[str, str]) -> float:
 
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
-    llama_url = env_url(env, "LLAMA_URL", Settings.llama_url)
+    llama_urls = env_urls(env, "LLAMA_URL", Settings.llama_url)
+    llama_url = llama_urls[0]
     upstream_api = (env.get("UPSTREAM_API", "").strip() or Settings.upstream_api).lower()
     if upstream_api not in UPSTREAM_APIS:
         raise ConfigError(f"UPSTREAM_API={upstream_api!r}: expected one of {', '.join(UPSTREAM_APIS)}")
@@ -111,6 +126,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     db_path = "" if env.get("DB_PATH", "").strip() == "off" else (env.get("DB_PATH", "").strip() or Settings.db_path)
     settings = Settings(
         llama_url=llama_url,
+        llama_urls=llama_urls,
+        affinity_wait=env_float(env, "AFFINITY_MAX_WAIT", Settings.affinity_wait, 0, 86400),
+        health_interval=env_float(env, "UPSTREAM_HEALTH_INTERVAL", Settings.health_interval, 0.1, 3600),
         llama_api_key=env.get("LLAMA_API_KEY", "").strip(),
         host=env.get("PROXY_HOST", "").strip() or Settings.host,
         port=env_int(env, "PROXY_PORT", Settings.port, 0, 65535),

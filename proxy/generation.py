@@ -20,6 +20,7 @@ from .gate import Ticket, Waiter
 from .http1 import BROKEN_CONNECTION, Answer, read_all, stream_lines
 from .metrics import Call
 from .services import Services, Target
+from .upstream import Unanswered
 
 log = logging.getLogger("llamabridge.proxy")
 
@@ -66,6 +67,7 @@ class Generation:
             return False
         self.ticket = ticket
         self.call.slot = ticket.slot
+        self.call.upstream = self.target.upstream_of(ticket).base
         self.call.queue_wait = ticket.waited
         return True
 
@@ -76,15 +78,37 @@ class Generation:
     # -- llama-server ---------------------------------------------------------------------------
 
     def open(self) -> Answer:
-        """Send the request on the admitted slot; an error status raises the client's ApiError."""
+        """Send the request on the admitted slot; an error status raises the client's ApiError.
+        An upstream that will not answer it hands it to another, if there is one in the rotation."""
+        while True:
+            try:
+                return self._open_once()
+            except Unanswered as exc:
+                if not self.elsewhere(exc):
+                    raise
+
+    def elsewhere(self, exc: Unanswered) -> bool:
+        """Take the ticket's upstream out of the rotation and wait for a slot on another. False
+        when there is no other: the request fails as it would with one llama-server."""
+        assert self.ticket is not None and self.waiter is not None
+        if not self.services.mark_down(self.target, self.ticket, exc.message):
+            return False
+        call = self.call
+        self.target.gate.release(self.ticket)
+        self.ticket = None
+        self.waiter = self.target.gate.enqueue(call.klass, classify.PRIORITY.get(call.klass, 0), call.session, call.user)
+        self.wait_until_admitted()
+        return True
+
+    def _open_once(self) -> Answer:
         assert self.ticket is not None
         assert self.payload is not None  # only the relay sends the client's own bytes (relay._open)
         if self.tokens is not None and self.target is self.services.main:
             self.services.kv.before_turn(self.target, self.ticket, self.call, self.tokens)
-        if self.target.gate.slots > 1:
+        if self.target.gate.slots_of(self.ticket.upstream) > 1:
             self.payload["id_slot"] = self.ticket.slot
         body = fastjson.dumps(self.payload)
-        answer = self.target.upstream.open("POST", self.path, body, self.watch)
+        answer = self.target.upstream_of(self.ticket).open("POST", self.path, body, self.watch)
         if answer.status >= 400:
             try:
                 raw = read_all(answer, self.watch)

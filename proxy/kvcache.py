@@ -70,10 +70,14 @@ SESSIONS_KEPT = 4096
 
 
 class Target(Protocol):
-    """A llama-server and the gate in front of it (services.Target)."""
+    """A llama-server and the gate in front of it (services.Target, with one upstream: with
+    several, nothing is saved to disk)."""
 
-    upstream: Upstream
-    gate: Gate
+    @property
+    def upstream(self) -> Upstream: ...
+
+    @property
+    def gate(self) -> Gate: ...
 
 
 def _digest(h: Any) -> str:

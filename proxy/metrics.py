@@ -60,6 +60,7 @@ def client_family(user_agent: str) -> str:
 # for requests without one.
 MAX_USERS = 64
 NO_USER = "-"
+NO_UPSTREAM = "-"  # answered without llama-server (locally, refused)
 
 
 class BoundedLabel:
@@ -115,6 +116,7 @@ class Call:
     cached_tokens: int = 0
     generated_tokens: int = 0
     slot: int | None = None
+    upstream: str | None = None  # the llama-server that ran it (LLAMA_URL may list several)
     kv_restored: int | None = None  # tokens put back into the slot from a saved file before this turn
     model: str | None = None
     handled: str = "upstream"  # upstream | local | background | shed | deduplicated | rejected
@@ -170,15 +172,16 @@ class _StateCollector(Collector):
 
 
 class ProxyMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None, request_log=None):
+    def __init__(self, registry: CollectorRegistry | None = None, request_log=None, upstreams: tuple[str, ...] = ()):
         self.registry = registry or CollectorRegistry()
         self.request_log = request_log
         r = self.registry
         self.clients = ClientLabels()
         self.users = BoundedLabel(MAX_USERS)
         self.requests = Counter("llamabridge_proxy_requests", "Requests by client (User-Agent without versions), user "
-                                "(API key name), route, class, status and how they were answered.",
-                                ["client", "user", "route", "class", "status", "handled"], registry=r)
+                                "(API key name), route, class, status, how they were answered and the llama-server "
+                                "that ran them (\"-\" for none).",
+                                ["client", "user", "route", "class", "status", "handled", "upstream"], registry=r)
         self.queue_wait = Histogram("llamabridge_proxy_queue_wait_seconds", "Time spent waiting for a slot.", ["class"],
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("llamabridge_proxy_time_to_first_token_seconds", "Time to the first generated token.", ["class"],
@@ -186,7 +189,7 @@ class ProxyMetrics:
         self.duration = Histogram("llamabridge_proxy_request_duration_seconds", "Whole request time.", ["class"],
                                   buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("llamabridge_proxy_tokens", "Tokens of proxied generations by kind (prompt = prefilled) "
-                              "and user (API key name).", ["kind", "user"], registry=r)
+                              "user (API key name) and the llama-server that ran them.", ["kind", "user", "upstream"], registry=r)
         self.refusals = Counter("llamabridge_proxy_refused_requests", "Requests refused before any route: a foreign Host "
                                 "or Origin, a body that is not JSON, a missing or wrong API key.", ["reason"], registry=r)
         self.reprefills = Counter("llamabridge_proxy_reprefills", "Turns that re-prefilled more than the session's history explains.",
@@ -195,6 +198,8 @@ class ProxyMetrics:
         self.slot_not_freed = Counter("llamabridge_proxy_slot_not_freed",
                                       "Disconnected requests whose llama-server slot stayed busy for seconds after we hung up.", registry=r)
         self.token_counts = Counter("llamabridge_proxy_token_counts", "count_tokens answers by source.", ["source"], registry=r)
+        self.session_moves = Counter("llamabridge_proxy_session_moves", "Sessions sent to another upstream than the one "
+                                     "holding their cache: theirs was down, or busy past AFFINITY_MAX_WAIT.", registry=r)
         # The slot KV cache on disk (kvcache.py).
         self.kv_saves = Counter("llamabridge_proxy_kv_saves", "Slots saved to KV_CACHE_DIR after a session went idle.", registry=r)
         self.kv_save_failures = Counter("llamabridge_proxy_kv_save_failures", "Slot saves llama-server refused or failed "
@@ -219,7 +224,8 @@ class ProxyMetrics:
             for histogram in (self.queue_wait, self.ttft, self.duration):
                 histogram.labels(klass)
         for kind in ("prompt", "cached", "generated"):
-            self.tokens.labels(kind, NO_USER)
+            for upstream in upstreams or (NO_UPSTREAM,):
+                self.tokens.labels(kind, NO_USER, upstream)
         for reason in ("host", "origin", "content_type", "key"):
             self.refusals.labels(reason)
         for result in ("restored", "failed", "refused"):
@@ -247,14 +253,16 @@ class ProxyMetrics:
         call.recorded = True
         total = time.monotonic() - call.started
         user = self.users(call.user) if call.user else NO_USER
-        self._child(self.requests, self.clients(call.client), user, call.route, call.klass, str(call.status), call.handled).inc()
+        upstream = call.upstream or NO_UPSTREAM
+        self._child(self.requests, self.clients(call.client), user, call.route, call.klass, str(call.status), call.handled,
+                    upstream).inc()
         if call.handled == "upstream" or call.handled == "background":
             self._child(self.queue_wait, call.klass).observe(call.queue_wait)
             if call.ttft is not None:
                 self._child(self.ttft, call.klass).observe(call.ttft)
-            self._child(self.tokens, "prompt", user).inc(call.prompt_tokens)
-            self._child(self.tokens, "cached", user).inc(call.cached_tokens)
-            self._child(self.tokens, "generated", user).inc(call.generated_tokens)
+            self._child(self.tokens, "prompt", user, upstream).inc(call.prompt_tokens)
+            self._child(self.tokens, "cached", user, upstream).inc(call.cached_tokens)
+            self._child(self.tokens, "generated", user, upstream).inc(call.generated_tokens)
         self._child(self.duration, call.klass).observe(total)
         if self.request_log is not None:
             generating = total - (call.ttft or total) if call.ttft is not None else 0.0
@@ -264,7 +272,7 @@ class ProxyMetrics:
                 "queue_wait": call.queue_wait, "ttft": call.ttft, "total_time": total, "prompt_tokens": call.prompt_tokens,
                 "cached_tokens": call.cached_tokens, "generated_tokens": call.generated_tokens,
                 "tokens_per_second": call.generated_tokens / generating if generating > 0 and call.generated_tokens else None,
-                "error": call.error, "kv_restored": call.kv_restored,
+                "error": call.error, "kv_restored": call.kv_restored, "upstream": call.upstream,
             })
         log.info(
             "%s class=%s status=%s handled=%s session=%s user=%s slot=%s wait=%.3fs ttft=%s total=%.3fs prompt=%d cached=%d generated=%d client=%r%s%s",

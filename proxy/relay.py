@@ -29,7 +29,7 @@ from .generation import Generation
 from .http1 import BROKEN_CONNECTION, read_all, stream_chunks
 from .metrics import Call
 from .services import Services
-from .upstream import relay_headers
+from .upstream import Unanswered, relay_headers
 
 log = logging.getLogger("llamabridge.relay")
 
@@ -60,8 +60,6 @@ def generation(path: str, parsed: dict, raw_body: bytes, services: Services, wat
     with gen.starting():
         gen.enqueue()
         gen.wait_until_admitted()
-        if target.gate.slots <= 1:
-            gen.payload = None  # relay the client's bytes untouched
         answer = _open(gen, raw_body)
         chunks = stream_chunks(answer, watch)
         if answer.status == 500:  # a short JSON error: read it to see whose fault it is
@@ -134,14 +132,22 @@ def _noting_usage(chunks: Iterator[bytes], call: Call, keep: int = 16384) -> Ite
 
 
 def _open(gen: Generation, raw_body: bytes | None):
-    """Send the client's body (or, with several slots, the body with `id_slot`), any status."""
-    assert gen.ticket is not None
-    if gen.payload is not None:
-        gen.payload["id_slot"] = gen.ticket.slot
-        raw_body = fastjson.dumps(gen.payload)
-    answer = gen.target.upstream.open("POST", gen.path, raw_body, gen.watch)
-    gen.answer = answer
-    return answer
+    """Send the client's body (or, on an upstream with several slots, the body with `id_slot`),
+    any status; an upstream that will not answer hands it to another, if there is one."""
+    while True:
+        assert gen.ticket is not None and gen.payload is not None
+        body = raw_body
+        if gen.target.gate.slots_of(gen.ticket.upstream) > 1:
+            gen.payload["id_slot"] = gen.ticket.slot
+            body = fastjson.dumps(gen.payload)
+        try:
+            answer = gen.target.upstream_of(gen.ticket).open("POST", gen.path, body, gen.watch)
+        except Unanswered as exc:
+            if not gen.elsewhere(exc):
+                raise
+            continue
+        gen.answer = answer
+        return answer
 
 
 def _plain(method: str, path: str, raw_body: bytes | None, content_type: str | None, services: Services,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry
 
@@ -34,17 +34,47 @@ SLOT_FREE_GIVE_UP_SECONDS = 600.0
 
 @dataclass
 class Target:
-    """One llama-server and the gate in front of it."""
+    """The llama-servers of one role (LLAMA_URL's list, or BACKGROUND_URL) and the one gate in
+    front of all their slots."""
 
     name: str
-    upstream: Upstream
+    upstreams: list[Upstream]
     gate: Gate
-    counter: TokenCounter
+    counters: list[TokenCounter]
+
+    def first_up(self) -> int:
+        """The first upstream in the rotation (the first listed, when none is)."""
+        return next((i for i in range(len(self.upstreams)) if self.gate.is_up(i)), 0)
+
+    @property
+    def upstream(self) -> Upstream:
+        """One to ask what any of them would answer (props, models, token counts)."""
+        return self.upstreams[self.first_up()]
+
+    @property
+    def counter(self) -> TokenCounter:
+        return self.counters[self.first_up()]
+
+    def upstream_of(self, ticket: Ticket) -> Upstream:
+        return self.upstreams[ticket.upstream]
 
     def info(self, slots_override: int) -> ServerInfo:
-        info = self.upstream.info()
-        self.gate.resize(slots_override or info.total_slots)
-        return info
+        """The first reachable upstream's settings; every reachable one's slot count in the gate."""
+        found: ServerInfo | None = None
+        failure: ApiError | None = None
+        for i, upstream in enumerate(self.upstreams):
+            if len(self.upstreams) > 1 and not self.gate.is_up(i):
+                continue
+            try:
+                info = upstream.info()
+            except ApiError as exc:
+                failure = failure or exc
+                continue
+            self.gate.resize(slots_override or info.total_slots, i)
+            found = found or info
+        if found is None:
+            raise failure or ApiError(529, "no llama-server in the rotation", retry_after=5)
+        return found
 
 
 class Services:
@@ -55,26 +85,66 @@ class Services:
         self.main = self._target("llama-server", settings)
         self.background = None
         if settings.background_url:
-            self.background = self._target("background llama-server", Settings(**{**settings.__dict__, "llama_url": settings.background_url}))
+            self.background = self._target("background llama-server", replace(settings, llama_url=settings.background_url, llama_urls=()))
         self.tracker = PrefixTracker()
         self.flights = Flights()
         self.quotas = Quotas()
         self.request_log = RequestLog(settings.db_path, settings.retention) if settings.db_path else None
-        self.metrics = ProxyMetrics(registry, self.request_log)
+        self.metrics = ProxyMetrics(registry, self.request_log, tuple(u.base for u in self.main.upstreams))
         self.metrics.watch_gate(self.main.gate, self.main.upstream.connections)
+        if len(self.main.upstreams) > 1 and settings.kv_cache_dir:
+            # One directory cannot be every llama-server's --slot-save-path on several machines.
+            log.warning("KV_CACHE_DIR is ignored with several upstreams in LLAMA_URL: prompt caches are not saved to disk")
+            settings = replace(settings, kv_cache_dir="")
         self.kv = KvCache(settings, self.metrics, self.tracker, self.request_log.store if self.request_log else None)
 
     def prepare_connections(self) -> None:
         """Open a connection ahead of the next request to each llama-server that closed one
         after answering (`Connections.prepare`)."""
-        self.main.upstream.connections.prepare()
-        if self.background is not None:
-            self.background.upstream.connections.prepare()
+        for target in (self.main, self.background):
+            if target is not None:
+                for upstream in target.upstreams:
+                    upstream.connections.prepare()
 
     def _target(self, name: str, settings: Settings) -> Target:
-        upstream = Upstream(settings)
-        gate = Gate(settings.upstream_slots or 1, settings.queue_max, settings.queue_timeout, self.threads)
-        return Target(name, upstream, gate, TokenCounter(upstream))
+        upstreams = [Upstream(replace(settings, llama_url=url, llama_urls=())) for url in settings.upstream_urls]
+        gate = Gate([settings.upstream_slots or 1] * len(upstreams), settings.queue_max, settings.queue_timeout, self.threads,
+                    affinity_wait=settings.affinity_wait, on_move=self._moved)
+        return Target(name, upstreams, gate, [TokenCounter(upstream) for upstream in upstreams])
+
+    def _moved(self, session: str, source: int, dest: int, why: str) -> None:
+        """A session left the upstream that holds its cache (called under the gate's lock)."""
+        self.metrics.session_moves.inc()
+        log.warning("session %s moved from %s to %s (%s): its next turn prefills there", session,
+                    self.main.upstreams[source].base, self.main.upstreams[dest].base, why)
+
+    def watch_health(self) -> None:
+        """With several upstreams, ask each every UPSTREAM_HEALTH_INTERVAL whether it is ready: one that is
+        down or loading leaves the rotation until it answers again."""
+        if len(self.main.upstreams) > 1:
+            threading.Thread(target=self._health_loop, name="llamabridge-health", daemon=True).start()
+
+    def _health_loop(self) -> None:
+        while True:
+            for i, upstream in enumerate(self.main.upstreams):
+                ok, reason = upstream.health()
+                if ok != self.main.gate.is_up(i):
+                    if ok:
+                        log.info("%s is ready again: back in the rotation", upstream.base)
+                    else:
+                        log.warning("%s left the rotation: %s", upstream.base, reason)
+                    self.main.gate.set_up(i, ok)
+            time.sleep(self.settings.health_interval)  # llama-server has no event to wait on
+
+    def mark_down(self, target: Target, ticket: Ticket, reason: str) -> bool:
+        """A request found its upstream unreachable before any answer: take the upstream out of
+        the rotation (the health check brings it back). True if another may take the request."""
+        if len(target.upstreams) < 2:
+            return False
+        if target.gate.is_up(ticket.upstream):
+            log.warning("%s left the rotation: %s", target.upstreams[ticket.upstream].base, reason)
+            target.gate.set_up(ticket.upstream, False)
+        return any(target.gate.is_up(i) for i in range(len(target.upstreams)))
 
     def release(self, target: Target, ticket: Ticket, client_left: bool) -> None:
         """Give the slot back. After a disconnect, only once llama-server shows it idle."""
@@ -89,7 +159,7 @@ class Services:
         warned = False
         try:
             while time.monotonic() - started < SLOT_FREE_GIVE_UP_SECONDS:
-                if not self._slot_busy(target, ticket.slot):
+                if not self._slot_busy(target.upstream_of(ticket), ticket.slot):
                     return
                 if not warned and time.monotonic() - started > SLOT_FREE_WARN_SECONDS:
                     warned = True
@@ -101,9 +171,9 @@ class Services:
             target.gate.release(ticket)
 
     @staticmethod
-    def _slot_busy(target: Target, slot: int) -> bool:
+    def _slot_busy(upstream: Upstream, slot: int) -> bool:
         try:
-            slots = target.upstream.json("GET", "/slots", timeout=5)
+            slots = upstream.json("GET", "/slots", timeout=5)
         except ApiError:
             return False  # unreachable or /slots disabled: nothing to wait for
         return any(s.get("id") == slot and s.get("is_processing") for s in slots if isinstance(s, dict))

@@ -69,6 +69,12 @@ QUIET_TICK_SECONDS = 1.0
 PROBE_PATHS = ("/slots", "/metrics")
 
 
+class Unanswered(ApiError):
+    """llama-server will not answer this request, and nothing of an answer has come: it could not
+    be reached, or it stopped (or restarted) while the request waited for its first byte. With
+    several upstreams, another may take the request."""
+
+
 @dataclass(frozen=True)
 class ServerInfo:
     """What the proxy needs to know about the upstream, read from `/props`."""
@@ -185,7 +191,7 @@ class Upstream:
         try:
             return self.connections.send(request, lambda conn: self._answer(conn, watch, method))
         except BROKEN_CONNECTION as exc:
-            raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
+            raise Unanswered(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
 
     def _answer(self, conn: Connection, watch: ClientWatch, method: str) -> Answer:
         """Wait for the answer's headers, watching the client while llama-server works."""
@@ -206,7 +212,7 @@ class Upstream:
                 if now >= next_check:
                     why = self.stopped()
                     if why:
-                        raise ApiError(529, f"{why} while this request waited for its answer; retry", retry_after=5)
+                        raise Unanswered(529, f"{why} while this request waited for its answer; retry", retry_after=5)
                     next_check = time.monotonic() + STOPPED_CHECK_SECONDS
                 if stall is not None:
                     stall.quiet()

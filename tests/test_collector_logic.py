@@ -86,14 +86,15 @@ def test_migrations_create_the_exact_schema(tmp_path):
     assert columns["counters"] == ["name", "value"] and columns["lease"] == ["name", "holder", "acquired", "expires"]
     assert columns["kv_files"] == list(Store.KV_COLUMNS)
     assert [r[0] for r in db.execute("SELECT name FROM _migrations")] == ["m001_initial", "m002_samples_by_ts", "m003_request_users",
-                                                                         "m004_running_totals", "m005_kv_files"]
+                                                                         "m004_running_totals", "m005_kv_files",
+                                                                         "m006_request_upstreams"]
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     # A store from before m002 gets only m002 when it is opened again.
     db.execute("DROP INDEX samples_by_ts")
     db.execute("DELETE FROM _migrations WHERE name = 'm002_samples_by_ts'")
     db.close()
     db = connect(tmp_path / "s.db")
-    assert db.execute("SELECT COUNT(*) FROM _migrations").fetchone()[0] == 5
+    assert db.execute("SELECT COUNT(*) FROM _migrations").fetchone()[0] == 6
     assert db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'samples_by_ts'").fetchone()
 
 

@@ -288,3 +288,60 @@ def test_forgotten_slots_hold_nobodys_cache():
     assert gate.last_user(a.ticket.slot) is None
     again = gate.enqueue("main", 0, "A")
     assert again.ticket is not None and again.ticket.previous is None
+
+
+def test_sessions_stay_on_their_upstream_and_new_ones_go_to_the_least_loaded():
+    gate = Gate(slots=[1, 1], queue_max=10, queue_timeout=60)
+    a = gate.enqueue("main", 0, "A")
+    b = gate.enqueue("main", 0, "B")
+    assert {a.ticket.upstream, b.ticket.upstream} == {0, 1}  # spread: the other upstream had nothing running
+    gate.release(a.ticket)
+    gate.release(b.ticket)
+    for _ in range(3):  # back to the upstream holding their cache, turn after turn
+        again_b, again_a = gate.enqueue("main", 0, "B"), gate.enqueue("main", 0, "A")
+        assert again_a.ticket.upstream == a.ticket.upstream and again_b.ticket.upstream == b.ticket.upstream
+        gate.release(again_a.ticket)
+        gate.release(again_b.ticket)
+
+
+def test_a_session_waits_for_its_upstream_then_moves_after_the_affinity_bound():
+    moves = []
+    gate = Gate(slots=[1, 1], queue_max=10, queue_timeout=60, affinity_wait=0.3, on_move=lambda *m: moves.append(m))
+    a = gate.enqueue("main", 0, "A")
+    gate.release(a.ticket)
+    home = a.ticket.upstream
+    busy = gate.enqueue("main", 0, "X")  # a new session takes the other upstream ...
+    other = gate.enqueue("main", 0, "Y")  # ... and another A's, so A's upstream is busy
+    assert {busy.ticket.upstream, other.ticket.upstream} == {0, 1}
+    gate.release(busy.ticket if busy.ticket.upstream != home else other.ticket)  # the other upstream frees up
+    a2 = gate.enqueue("main", 0, "A")
+    assert a2.ticket is None  # waits for its own upstream rather than lose its cache
+    ticket = gate.wait(a2, 5)  # until the bound, then anywhere
+    assert ticket is not None and ticket.upstream != home and ticket.waited >= 0.3
+    assert moves == [("A", home, ticket.upstream, f"waited 0.3s (AFFINITY_MAX_WAIT) for upstream {home}")]
+
+
+def test_a_down_upstream_leaves_the_rotation_and_its_sessions_move_at_once():
+    moves = []
+    gate = Gate(slots=[2, 2], queue_max=10, queue_timeout=60, affinity_wait=3600, on_move=lambda *m: moves.append(m))
+    a = gate.enqueue("main", 0, "A")
+    gate.release(a.ticket)
+    gate.set_up(a.ticket.upstream, False)
+    again = gate.enqueue("main", 0, "A")
+    assert again.ticket is not None and again.ticket.upstream != a.ticket.upstream
+    assert [m[3] for m in moves] == [f"upstream {a.ticket.upstream} is down"]
+    gate.release(again.ticket)
+    news = [gate.enqueue("main", 0, f"N{i}") for i in range(2)]
+    assert all(w.ticket.upstream == again.ticket.upstream for w in news)  # none to the down one
+    third = gate.enqueue("main", 0, "Z")
+    assert third.ticket is None  # the up upstream is full: wait, not the down one
+    gate.set_up(a.ticket.upstream, True)  # back: the waiting request goes there
+    assert third.ticket is not None and third.ticket.upstream == a.ticket.upstream
+
+
+def test_with_every_upstream_down_requests_go_ahead_and_fail_as_with_one():
+    gate = Gate(slots=[1, 1], queue_max=10, queue_timeout=60)
+    gate.set_up(0, False)
+    gate.set_up(1, False)
+    w = gate.enqueue("main", 0, None)
+    assert w.ticket is not None

@@ -1,0 +1,80 @@
+"""Several llama-servers behind one port (LLAMA_URL=a,b), with two real llama-servers on the tiny
+model: sessions stay on the upstream that holds their cache (llama-server's own cached-token
+count shows it), new sessions spread, a stopped upstream's sessions move and succeed, and a
+restarted one rejoins."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from tests.support import processes
+from tests.support.prom import metric
+from tests.support.waiting import wait_until
+from tests.test_kv_cache import first_turn, next_turn, rows, turn
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def pair(llama_server_bin, tiny_model):
+    ports = [processes.free_port(), processes.free_port()]
+    # Two slots each: four sessions keep a slot of their own.
+    servers = [processes.llama_server(llama_server_bin, tiny_model, ctx=32768, parallel=2, port=port).start() for port in ports]
+    proxy = processes.proxy(",".join(s.url for s in servers), UPSTREAM_HEALTH_INTERVAL="0.2").start()
+    yield servers, proxy, ports
+    proxy.stop()
+    for server in servers:
+        server.stop()
+
+
+def health(proxy) -> dict:
+    return requests.get(proxy.url + "/healthz", timeout=10).json()
+
+
+def test_sessions_stick_to_their_upstream_and_new_ones_spread(pair):
+    servers, proxy, _ = pair
+    sessions = {name: first_turn(f"the {name} module") for name in ("a", "b", "c", "d")}
+    for name, body in sessions.items():
+        turn(proxy, body, name)
+    for name, body in sessions.items():
+        usage = turn(proxy, next_turn(body, "Read it.", "Go on."), name)["usage"]
+        # Its cache was where it went: only the new messages were evaluated.
+        assert usage["input_tokens"] < 0.05 * (usage["input_tokens"] + usage["cache_read_input_tokens"]), (name, usage)
+    homes = {}
+    for name in sessions:
+        first, second = rows(proxy, name, 2)
+        assert first["upstream"] == second["upstream"] in {s.url for s in servers}
+        homes[name] = first["upstream"]
+    assert set(homes.values()) == {s.url for s in servers}  # both upstreams used
+    assert metric(proxy.url, "llamabridge_proxy_requests_total", {"upstream": servers[0].url}) >= 2
+    assert metric(proxy.url, "llamabridge_proxy_requests_total", {"upstream": servers[1].url}) >= 2
+    assert [u["ready"] for u in health(proxy)["upstreams"]] == [True, True]
+
+
+def test_a_stopped_upstreams_sessions_move_and_a_restarted_one_rejoins(pair, llama_server_bin, tiny_model):
+    servers, proxy, ports = pair
+    a, b = first_turn("the parser"), first_turn("the scheduler")
+    turn(proxy, a, "A")
+    turn(proxy, b, "B")
+    home = {name: rows(proxy, name, 1)[0]["upstream"] for name in "AB"}
+    assert home["A"] != home["B"]
+    gone = servers[0] if home["A"] == servers[0].url else servers[1]
+    gone.stop()
+    # Right after the stop, before any health check has noticed: the request finds the port shut,
+    # and goes to the other upstream rather than fail.
+    usage = turn(proxy, next_turn(a, "Read it.", "Go on."), "A")["usage"]
+    assert usage["input_tokens"] > 0
+    moved = rows(proxy, "A", 2)[1]
+    assert moved["status"] == 200 and moved["upstream"] != gone.url
+    assert metric(proxy.url, "llamabridge_proxy_session_moves_total") >= 1
+    state = health(proxy)
+    assert state["status"] == "ok"
+    assert {u["url"]: u["ready"] for u in state["upstreams"]}[gone.url] is False
+    wait_until(lambda: [u["in_rotation"] for u in health(proxy)["upstreams"]].count(False) == 1, what="the stopped one out")
+    # Back, on the same port: once its health check answers it takes new sessions again.
+    back = processes.llama_server(llama_server_bin, tiny_model, ctx=32768, parallel=2, port=ports[servers.index(gone)]).start()
+    servers[servers.index(gone)] = back
+    wait_until(lambda: all(u["in_rotation"] for u in health(proxy)["upstreams"]), what="the restarted upstream back in the rotation")
+    turn(proxy, first_turn("the release notes"), "C")
+    assert rows(proxy, "C", 1)[0]["upstream"] == back.url  # the idle one
