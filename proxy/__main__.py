@@ -268,6 +268,28 @@ def print_env(settings: Settings, key: str = "") -> int:
     return 0
 
 
+def mixed_models(settings) -> str | None:
+    """Why LLAMA_URL's llama-servers cannot share one queue: those that answer serve different
+    models (a session moved between them would change model mid-conversation). Those that do
+    not answer yet are checked when they join (services.Services)."""
+    from dataclasses import replace
+
+    from .errors import ApiError
+    from .upstream import Upstream
+
+    served = {}
+    for url in settings.upstream_urls:
+        try:
+            info = Upstream(replace(settings, llama_url=url, llama_urls=())).fresh_info()
+        except ApiError:
+            continue
+        served[url] = info
+    if len({info.identity for info in served.values()}) <= 1:
+        return None
+    said = ", ".join(f"{url} serves {info.model}" for url, info in served.items())
+    return f"LLAMA_URL lists llama-servers with different models ({said}): one model per proxy; run a proxy for each"
+
+
 def _create_app():
     """The app, built in gunicorn's worker: the first import of the proxy's modules there (the
     settings are read again, from the environment the arbiter was given and the .env it loaded,
@@ -289,6 +311,9 @@ def _start_check() -> dict[str, Any]:
     if settings.db_path:
         store_or_exit("proxy", settings.db_path)
     if problem := start_problem(settings.edge, "PROXY_HOST", settings.host):
+        print(f"llamabridge proxy: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    if len(settings.upstream_urls) > 1 and (problem := mixed_models(settings)):
         print(f"llamabridge proxy: {problem}", file=sys.stderr)
         raise SystemExit(2)
     return {"bind": bind_address(settings.host, settings.port), "threads": settings.threads,

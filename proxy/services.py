@@ -125,9 +125,24 @@ class Services:
             threading.Thread(target=self._health_loop, name="llamabridge-health", daemon=True).start()
 
     def _health_loop(self) -> None:
+        model: str | None = None  # the model of the first upstream found ready
+        checked: set[int] = set()  # upstreams whose model was read since they last answered
         while True:
             for i, upstream in enumerate(self.main.upstreams):
                 ok, reason = upstream.health()
+                if not ok:
+                    checked.discard(i)  # it may come back with another model
+                elif i not in checked:
+                    try:
+                        identity = upstream.fresh_info().identity
+                    except ApiError as exc:
+                        ok, reason = False, exc.message
+                    else:
+                        model = model or identity
+                        if identity != model:
+                            ok, reason = False, "it serves another model than the others (one model per proxy)"
+                        else:
+                            checked.add(i)
                 if ok != self.main.gate.is_up(i):
                     if ok:
                         log.info("%s is ready again: back in the rotation", upstream.base)

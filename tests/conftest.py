@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,15 @@ def bounded_proxy(llama_server_bin, tiny_model):
     that send no output limit (Codex, Aider): the tiny model's words sometimes never end."""
     with processes.llama_server(llama_server_bin, tiny_model, extra=["-n", "64"]) as llama, processes.proxy(llama.url) as proxy:
         yield proxy
+
+
+@pytest.fixture(scope="session")
+def other_model(tiny_model) -> str:
+    """A second generated model: one more layer, so another model in every respect llama-server reports."""
+    out = subprocess.run([sys.executable, "llama/tiny_model.py", "--layers", "3"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()[-1]
+    assert Path(out).exists() and out != tiny_model
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,6 @@ import copy
 import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -170,15 +168,6 @@ def test_the_whole_stack_restarted_finds_its_files_in_the_store(stack):
     usage = turn(stack.proxy, next_turn(a1, "Read it.", "Go on."), "A")["usage"]
     assert usage["cache_read_input_tokens"] > 0.9 * (usage["input_tokens"] + usage["cache_read_input_tokens"])
     assert restores(stack.proxy, "restored") == 1
-
-
-@pytest.fixture(scope="module")
-def other_model(tiny_model, tmp_path_factory):
-    """A second generated model: one more layer, so another model in every respect llama-server reports."""
-    out = subprocess.run([sys.executable, "llama/tiny_model.py", "--layers", "3"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip().splitlines()[-1]
-    assert Path(out).exists() and out != tiny_model
-    return out
 
 
 def test_a_file_from_another_model_is_not_restored_and_the_turn_succeeds(stack, other_model):

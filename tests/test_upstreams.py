@@ -5,6 +5,10 @@ restarted one rejoins."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import requests
 
@@ -78,3 +82,14 @@ def test_a_stopped_upstreams_sessions_move_and_a_restarted_one_rejoins(pair, lla
     wait_until(lambda: all(u["in_rotation"] for u in health(proxy)["upstreams"]), what="the restarted upstream back in the rotation")
     turn(proxy, first_turn("the release notes"), "C")
     assert rows(proxy, "C", 1)[0]["upstream"] == back.url  # the idle one
+
+
+def test_llama_servers_with_different_models_are_refused_at_start(llama_server_bin, tiny_model, other_model, tmp_path):
+    with processes.llama_server(llama_server_bin, tiny_model, ctx=4096) as one, \
+            processes.llama_server(llama_server_bin, other_model, ctx=4096) as two:
+        env = dict(os.environ, LLAMA_URL=f"{one.url},{two.url}", PROXY_PORT="0", DB_PATH=str(tmp_path / "x.db"))
+        result = subprocess.run([sys.executable, "-m", "proxy"], env=env, capture_output=True, text=True, timeout=60,
+                                cwd=processes.ROOT)
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("llamabridge proxy: LLAMA_URL lists llama-servers with different models") and two.url in line
