@@ -48,17 +48,22 @@ def workers(rpc_server_bin):
 @pytest.fixture(scope="module")
 def rpc_llama(llama_server_bin, tiny_model, workers):
     endpoints = ",".join(f"127.0.0.1:{worker.port}" for worker in workers)
-    with processes.llama_server(llama_server_bin, tiny_model, extra=["--rpc", endpoints]) as server:
+    # The tiny model has 2 layers: split evenly with its output layer, both would go to the first
+    # worker. 1,2 gives each worker one layer and its KV cache. Verbosity 4: llama.cpp logs which
+    # device holds what only at that level.
+    extra = ["--rpc", endpoints, "--tensor-split", "1,2", "-lv", "4"]
+    with processes.llama_server(llama_server_bin, tiny_model, extra=extra) as server:
         yield server
 
 
 def test_llama_server_puts_the_models_layers_on_both_rpc_workers(rpc_llama, workers):
     log = rpc_llama.log_text()
     for worker in workers:
-        # llama.cpp names a remote device after its endpoint, RPC<n>[host:port], and logs the
-        # weights it placed in each device's memory.
-        buffer = re.search(rf"RPC\d+\[127\.0\.0\.1:{worker.port}\]\s+model buffer size\s+=\s+([\d.]+) MiB", log)
-        assert buffer and float(buffer[1]) > 0, f"no model weights on the worker at {worker.port}:\n{log[-4000:]}"
+        # llama.cpp names a remote buffer after its endpoint, RPC<n>[host:port], and logs what it
+        # placed in each one: a layer's weights, and that layer's KV cache.
+        for kind in ("model", "KV"):
+            buffer = re.search(rf"RPC\d+\[127\.0\.0\.1:{worker.port}\]\s+{kind} buffer size\s+=\s+([\d.]+) MiB", log)
+            assert buffer and float(buffer[1]) > 0, f"no {kind} buffer on the worker at {worker.port}:\n{log[-4000:]}"
         assert "Accepted client connection" in worker.log_text()
 
 
