@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # Everything slow (llama-server build, Claude Code CLI, tiny model) is cached here, by version.
 export LLAMABRIDGE_CACHE ?= $(HOME)/.cache/llamabridge
 
-.PHONY: help install install-test lock llama-server tiny-model claude-code codex aider opencode continue-cli cline run demo proxy collector env lint test test-unit bench up down logs ps keys clean
+.PHONY: help install install-test lock llama-server rpc-server tiny-model claude-code codex aider opencode continue-cli cline run demo proxy collector env lint test test-unit bench up down logs ps keys clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/\$$\$$/$$/g' | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ lock: ## rewrite requirements.lock (every runtime dependency, transitive ones to
 
 llama-server: ## make a llama-server available (PATH, $$LLAMA_SERVER_BIN, or build once); prints its path last
 	@bash llama/build.sh
+
+rpc-server: ## build llama.cpp's RPC worker (ggml-rpc-server) and a llama-server that can use it, once, into the same cache; prints the worker's path last
+	@bash llama/build.sh rpc-server
 
 tiny-model: $(VENV)/.installed-test ## generate the tiny test model (random weights, real tokenizer); prints its path last
 	@$(PY) llama/tiny_model.py
@@ -82,12 +85,13 @@ lint: $(VENV)/.installed-test ## ruff and mypy over the Python code (pyproject.t
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/mypy $(LINT_PATHS)
 
-# `make test` prepares everything it needs (tmux, venv, llama-server, tiny model, Claude Code, Codex, Aider, OpenCode, Continue's and Cline's CLIs)
+# `make test` prepares everything it needs (tmux, venv, llama-server, ggml-rpc-server, tiny model, Claude Code, Codex, Aider, OpenCode, Continue's and Cline's CLIs)
 # and then runs the whole suite against real processes on loopback.
 test: lint ## lint, set everything up and run the whole test suite
 	@bash scripts/system-deps.sh
 	@set -e; \
 	LLAMA_SERVER_BIN="$$(bash llama/build.sh | tail -n 1)"; \
+	RPC_SERVER_BIN="$$(bash llama/build.sh rpc-server | tail -n 1)"; \
 	TINY_MODEL="$$($(PY) llama/tiny_model.py | tail -n 1)"; \
 	CLAUDE_BIN="$$(bash scripts/claude-code.sh | tail -n 1)"; \
 	CODEX_BIN="$$(bash scripts/codex.sh | tail -n 1)"; \
@@ -95,8 +99,8 @@ test: lint ## lint, set everything up and run the whole test suite
 	OPENCODE_BIN="$$(bash scripts/opencode.sh | tail -n 1)"; \
 	CONTINUE_BIN="$$(bash scripts/continue.sh | tail -n 1)"; \
 	CLINE_BIN="$$(bash scripts/cline.sh | tail -n 1)"; \
-	export LLAMA_SERVER_BIN TINY_MODEL CLAUDE_BIN CODEX_BIN AIDER_BIN OPENCODE_BIN CONTINUE_BIN CLINE_BIN; \
-	echo "llama-server: $$LLAMA_SERVER_BIN"; echo "model: $$TINY_MODEL"; echo "claude: $$CLAUDE_BIN"; echo "codex: $$CODEX_BIN"; echo "aider: $$AIDER_BIN"; echo "opencode: $$OPENCODE_BIN"; echo "continue: $$CONTINUE_BIN"; echo "cline: $$CLINE_BIN"; \
+	export LLAMA_SERVER_BIN RPC_SERVER_BIN TINY_MODEL CLAUDE_BIN CODEX_BIN AIDER_BIN OPENCODE_BIN CONTINUE_BIN CLINE_BIN; \
+	echo "llama-server: $$LLAMA_SERVER_BIN"; echo "rpc-server: $$RPC_SERVER_BIN"; echo "model: $$TINY_MODEL"; echo "claude: $$CLAUDE_BIN"; echo "codex: $$CODEX_BIN"; echo "aider: $$AIDER_BIN"; echo "opencode: $$OPENCODE_BIN"; echo "continue: $$CONTINUE_BIN"; echo "cline: $$CLINE_BIN"; \
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Not part of `make test`: timings belong in a benchmark, measured against direct llama-server in

@@ -4,6 +4,7 @@
 #
 #   make up                            llama-server on the NVIDIA GPU (profile gpu)
 #   LLAMA_DEVICE=cpu make up           llama-server from the CPU image (profile cpu)
+#   LLAMA_DEVICE=rpc make up           llama-server whose layers live on LLAMA_ARG_RPC's workers (profile rpc)
 #   LLAMA_URL=http://host:8080 make up no llama-server here: use the one you run
 #
 # Settings are read the way Compose reads them: the environment first, then .env.
@@ -42,7 +43,12 @@ choose_llama() {
             fi
             ;;
         cpu) ;;
-        *) die "LLAMA_DEVICE=$device: expected gpu (the default) or cpu." ;;
+        rpc)
+            [[ -n "$(setting LLAMA_ARG_RPC)" ]] ||
+                die "LLAMA_DEVICE=rpc needs LLAMA_ARG_RPC=host:port,host:port in .env: the ggml-rpc-server workers" \
+                    "that hold the model's layers (README: Bigger models)."
+            ;;
+        *) die "LLAMA_DEVICE=$device: expected gpu (the default), cpu or rpc." ;;
     esac
     model=$(setting LLAMA_ARG_MODEL)
     repo=$(setting LLAMA_ARG_HF_REPO)
@@ -59,6 +65,9 @@ choose_llama() {
     fi
     PROFILE=$device
     DESCRIPTION="llama-server from the ${device^^} image, model ${model:-$repo}"
+    if [[ "$device" == rpc ]]; then
+        DESCRIPTION="llama-server with its layers on $(setting LLAMA_ARG_RPC), model ${model:-$repo}"
+    fi
 }
 
 # A secret the stack needs, made on first use into .env and never printed: Grafana's admin
@@ -90,7 +99,7 @@ check_proxy() {
         "make keys ADD=<name>, then make up again; or set ALLOW_UNAUTHENTICATED=true in .env to serve anyone who can reach it."
 }
 
-all_profiles=(--profile gpu --profile cpu)
+all_profiles=(--profile gpu --profile cpu --profile rpc)
 check_docker
 case "$cmd" in
     up)

@@ -1,7 +1,7 @@
 """Shared fixtures: the real llama-server on the tiny generated model, the real proxy, captures.
 
 The binaries and the model come from the Makefile (`make test` sets LLAMA_SERVER_BIN,
-TINY_MODEL, CLAUDE_BIN, CODEX_BIN, AIDER_BIN, OPENCODE_BIN, CONTINUE_BIN and CLINE_BIN). A missing prerequisite fails, naming the target that provides it:
+RPC_SERVER_BIN, TINY_MODEL, CLAUDE_BIN, CODEX_BIN, AIDER_BIN, OPENCODE_BIN, CONTINUE_BIN and CLINE_BIN). A missing prerequisite fails, naming the target that provides it:
 nothing in this suite is skipped.
 """
 
@@ -47,6 +47,7 @@ def _prerequisite(name: str, var: str, target: str):
 
 
 llama_server_bin = _prerequisite("llama_server_bin", "LLAMA_SERVER_BIN", "llama-server")
+rpc_server_bin = _prerequisite("rpc_server_bin", "RPC_SERVER_BIN", "rpc-server")
 tiny_model = _prerequisite("tiny_model", "TINY_MODEL", "tiny-model")
 claude_bin = _prerequisite("claude_bin", "CLAUDE_BIN", "claude-code")
 codex_bin = _prerequisite("codex_bin", "CODEX_BIN", "codex")

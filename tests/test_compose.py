@@ -54,12 +54,14 @@ def test_compose_file_is_valid_against_the_compose_specification(tmp_path):
 
 
 def test_services_and_profiles():
-    assert set(SERVICES) == {"llama", "llama-cpu", "proxy", "collector", "prometheus", "grafana"}
+    assert set(SERVICES) == {"llama", "llama-cpu", "llama-rpc", "proxy", "collector", "prometheus", "grafana"}
     assert COMPOSE["name"] == "llamabridge"
     assert SERVICES["llama"]["profiles"] == ["gpu"]
     assert SERVICES["llama-cpu"]["profiles"] == ["cpu"]
-    # The CPU variant answers at the same address, so the rest of the stack does not change.
-    assert SERVICES["llama-cpu"]["networks"]["default"]["aliases"] == ["llama"]
+    assert SERVICES["llama-rpc"]["profiles"] == ["rpc"]
+    # The CPU and RPC variants answer at the same address, so the rest of the stack does not change.
+    for name in ("llama-cpu", "llama-rpc"):
+        assert SERVICES[name]["networks"]["default"]["aliases"] == ["llama"], name
     for name in ("proxy", "collector", "prometheus", "grafana"):
         assert "profiles" not in SERVICES[name], name  # always on, whichever llama-server (or none)
 
@@ -81,8 +83,8 @@ def test_llama_service_gpu_reservation_settings_and_healthcheck():
     gpu = SERVICES["llama"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
-    assert "deploy" not in SERVICES["llama-cpu"]
-    for name in ("llama", "llama-cpu"):
+    assert "deploy" not in SERVICES["llama-cpu"] and "deploy" not in SERVICES["llama-rpc"]
+    for name in ("llama", "llama-cpu", "llama-rpc"):
         service = SERVICES[name]
         env = dict(item.partition("=")[::2] for item in service["environment"])
         assert env["LLAMA_ARG_ENDPOINT_METRICS"] == "1" and env["LLAMA_ARG_JINJA"] == "1"
@@ -113,6 +115,7 @@ def test_proxy_and_collector_share_one_image_a_volume_and_wait_for_llama():
         assert service["depends_on"] == {
             "llama": {"condition": "service_healthy", "required": False},
             "llama-cpu": {"condition": "service_healthy", "required": False},
+            "llama-rpc": {"condition": "service_healthy", "required": False},
         }
         assert "/healthz" in " ".join(service["healthcheck"]["test"])
     assert proxy["environment"]["PROXY_PORT"] == "9090" and collector["environment"]["COLLECTOR_PORT"] == "9091"
@@ -123,7 +126,7 @@ def test_llama_server_saves_prompt_caches_where_the_proxy_finds_them():
     """Both llama-server services save slots (--slot-save-path, a flag: llama-server reads it from
     no variable) into the kv-cache volume, which the proxy mounts at the same path and is told
     about (KV_CACHE_DIR); the collector needs none of it."""
-    for name in ("llama", "llama-cpu"):
+    for name in ("llama", "llama-cpu", "llama-rpc"):
         service = SERVICES[name]
         assert service["command"] == ["--slot-save-path", "/kv-cache"], name
         assert "kv-cache:/kv-cache" in service["volumes"], name
@@ -206,6 +209,26 @@ def test_every_file_the_stack_mounts_or_builds_from_exists():
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), line
                 assert f"!{source.rstrip('/')}" in (ROOT / ".dockerignore").read_text().replace("/\n", "\n"), source
+
+
+def test_rpc_llama_server_is_built_from_the_pinned_source_with_the_rpc_backend():
+    """The ggml-org images have no RPC backend, so the rpc profile builds its llama-server (and
+    the worker) with llama/build.sh, as `make rpc-server` does, at the build the other services pin."""
+    service = SERVICES["llama-rpc"]
+    context = ROOT / service["build"]["context"]
+    dockerfile = (context / service["build"]["dockerfile"]).read_text()
+    assert re.search(r"bash /src/build\.sh rpc-server", dockerfile)
+    for base in re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE):
+        assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), base
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            for source in line.split()[1:-1]:
+                assert (context / source).is_file(), line
+    version = re.search(r'LLAMA_CPP_VERSION="\$\{LLAMA_CPP_VERSION:-(\d+)\.', (ROOT / "llama/build.sh").read_text())[1]
+    cpu_build = SERVICES["llama-cpu"]["image"].rsplit("-b", 1)[1]
+    assert service["image"] == f"llamabridge-llama-rpc:b{version}" and version == cpu_build
+    # Its workers come from .env like every other llama-server setting; unset stays unset.
+    assert "LLAMA_ARG_RPC" in service["environment"]
 
 
 def test_dockerfile_runs_as_a_non_root_user_with_a_healthcheck():
@@ -598,11 +621,22 @@ def test_make_up_reads_env_like_compose(stack_copy):
     assert "password generated" not in result.stdout  # the quoted one, '#' and all, was read
 
 
+def test_make_up_rpc_needs_its_workers(stack_copy):
+    _, _, log = stack_copy
+    result = make_up(stack_copy, LLAMA_DEVICE="rpc", **HF_REPO)
+    assert result.returncode == 2 and "LLAMA_ARG_RPC=host:port,host:port" in result.stderr
+    assert compose_calls(log) == []
+    result = make_up(stack_copy, LLAMA_DEVICE="rpc", LLAMA_ARG_RPC="10.0.0.2:50052,10.0.0.3:50052", FAKE_RUNTIMES="{}", **HF_REPO)
+    assert result.returncode == 0, result.stderr  # no NVIDIA toolkit needed here: the workers have the GPUs
+    assert "layers on 10.0.0.2:50052,10.0.0.3:50052" in result.stdout
+    assert log.read_text().splitlines()[-1].endswith("COMPOSE_PROFILES=rpc")
+
+
 def test_make_down_ps_and_logs_cover_every_profile(stack_copy):
     _, _, log = stack_copy
     for command in ("down", "ps", "logs"):
         assert make_up(stack_copy, command=command).returncode == 0
-        assert log.read_text().splitlines()[-1].startswith(f"docker compose --profile gpu --profile cpu {command}")
+        assert log.read_text().splitlines()[-1].startswith(f"docker compose --profile gpu --profile cpu --profile rpc {command}")
 
 
 COMPOSE_KEYS = "docker compose run --rm --no-deps -T proxy python -m proxy keys"
