@@ -120,6 +120,7 @@ class Upstream:
         self.connections = Connections(self._new_connection)
         self._probe_paths = list(PROBE_PATHS)  # those not found disabled yet
         self._probe_doubt_logged = False
+        self._generic_logged = False
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -362,7 +363,12 @@ class Upstream:
             self._refreshing.release()
 
     def _read_props(self, identity: bool = False) -> ServerInfo:
-        props = self.json("GET", "/props", timeout=10)
+        try:
+            props = self.json("GET", "/props", timeout=10)
+        except ApiError as exc:
+            if exc.status not in (400, 401, 403, 404, 405, 501):
+                raise
+            return self._generic_info()  # another OpenAI-compatible server: no /props
         settings = props.get("default_generation_settings") or {}
         modalities = props.get("modalities") or {}
         alias = str(props.get("model_alias") or props.get("model_path") or "local")
@@ -375,6 +381,22 @@ class Upstream:
             vision=bool(modalities.get("vision")),
             identity=self._identity(props) if identity else "",
         )
+
+    def _generic_info(self) -> ServerInfo:
+        """What an OpenAI-compatible server that is not llama-server tells: its first model's name
+        (`/v1/models`). No context size (requests are not clamped to it, and `make env` cannot
+        say it), one slot unless UPSTREAM_SLOTS says more."""
+        try:
+            models = self.json("GET", "/v1/models", timeout=10)
+            name = str(((models.get("data") or [{}])[0]).get("id") or "local")
+        except (ApiError, AttributeError, IndexError, TypeError):
+            name = "local"
+        if not self._generic_logged:
+            self._generic_logged = True
+            log.warning("%s has no /props: treating it as an OpenAI-compatible server that is not llama-server (model %s; "
+                        "token counts are estimates, no context size, one slot unless UPSTREAM_SLOTS)", self.base, name)
+        return ServerInfo(model=self.settings.upstream_model or name, n_ctx=0, total_slots=1, vision=False,
+                          identity=hashlib.blake2b(f"generic:{name}".encode(), digest_size=6).hexdigest())
 
     def _identity(self, props: dict) -> str:
         """A short hash of what tells one model file from another: its file name and the shape,
