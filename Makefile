@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # Everything slow (llama-server build, Claude Code CLI, tiny model) is cached here, by version.
 export LLAMABRIDGE_CACHE ?= $(HOME)/.cache/llamabridge
 
-.PHONY: help install install-test lock llama-server rpc-server tiny-model claude-code codex aider opencode continue-cli cline run demo proxy collector env lint test test-unit bench up down logs ps keys clean
+.PHONY: help install install-test lock llama-server rpc-server tiny-model claude-code codex aider litellm opencode continue-cli cline run demo proxy collector env lint test test-unit bench up down logs ps keys clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/\$$\$$/$$/g' | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ codex: ## install the Codex CLI used by the end-to-end tests; prints its path la
 aider: ## install Aider (its own venv in the cache) used by the end-to-end tests; prints its path last
 	@bash scripts/aider.sh
 
+litellm: ## install LiteLLM's proxy (its own venv in the cache): the tests' OpenAI-compatible server that is not llama-server; prints its path last
+	@bash scripts/litellm.sh
+
 opencode: ## install OpenCode used by the end-to-end tests; prints its path last
 	@bash scripts/opencode.sh
 
@@ -85,7 +88,7 @@ lint: $(VENV)/.installed-test ## ruff and mypy over the Python code (pyproject.t
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/mypy $(LINT_PATHS)
 
-# `make test` prepares everything it needs (tmux, venv, llama-server, ggml-rpc-server, tiny model, Claude Code, Codex, Aider, OpenCode, Continue's and Cline's CLIs)
+# `make test` prepares everything it needs (tmux, venv, llama-server, ggml-rpc-server, tiny model, Claude Code, Codex, Aider, LiteLLM, OpenCode, Continue's and Cline's CLIs)
 # and then runs the whole suite against real processes on loopback.
 test: lint ## lint, set everything up and run the whole test suite
 	@bash scripts/system-deps.sh
@@ -96,10 +99,11 @@ test: lint ## lint, set everything up and run the whole test suite
 	CLAUDE_BIN="$$(bash scripts/claude-code.sh | tail -n 1)"; \
 	CODEX_BIN="$$(bash scripts/codex.sh | tail -n 1)"; \
 	AIDER_BIN="$$(bash scripts/aider.sh | tail -n 1)"; \
+	LITELLM_BIN="$$(bash scripts/litellm.sh | tail -n 1)"; \
 	OPENCODE_BIN="$$(bash scripts/opencode.sh | tail -n 1)"; \
 	CONTINUE_BIN="$$(bash scripts/continue.sh | tail -n 1)"; \
 	CLINE_BIN="$$(bash scripts/cline.sh | tail -n 1)"; \
-	export LLAMA_SERVER_BIN RPC_SERVER_BIN TINY_MODEL CLAUDE_BIN CODEX_BIN AIDER_BIN OPENCODE_BIN CONTINUE_BIN CLINE_BIN; \
+	export LLAMA_SERVER_BIN RPC_SERVER_BIN TINY_MODEL CLAUDE_BIN CODEX_BIN AIDER_BIN LITELLM_BIN OPENCODE_BIN CONTINUE_BIN CLINE_BIN; \
 	echo "llama-server: $$LLAMA_SERVER_BIN"; echo "rpc-server: $$RPC_SERVER_BIN"; echo "model: $$TINY_MODEL"; echo "claude: $$CLAUDE_BIN"; echo "codex: $$CODEX_BIN"; echo "aider: $$AIDER_BIN"; echo "opencode: $$OPENCODE_BIN"; echo "continue: $$CONTINUE_BIN"; echo "cline: $$CLINE_BIN"; \
 	$(PY) -m pytest $(PYTEST_ARGS)
 
