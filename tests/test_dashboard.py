@@ -1,7 +1,8 @@
 """The built-in dashboard in a real browser (Debian's headless Chromium, driven by Playwright)
 against the real stack: llama-server on the tiny model, the proxy and the collector sharing
 one store, after real traffic; without keys, and with two people's API keys (the Users section,
-the user filter, the login). Every page must run under the proxy's Content-Security-Policy
+the user filter, the login); and a proxy in front of two llama-servers (the upstream column, its
+filter and the Upstreams table). Every page must run under the proxy's Content-Security-Policy
 without a single violation. Also takes the README's screenshots (light and dark, with keys so
 that they show every section): into a temporary directory, or over docs/screenshots/ with
 UPDATE_SCREENSHOTS=1, so that a test run leaves the working tree as it found it."""
@@ -17,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -87,6 +89,27 @@ def keyed_stack(llama, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def two_upstreams(llama, llama_server_bin, tiny_model, tmp_path_factory):
+    """A proxy in front of two llama-servers (the session's and one more on the same model), after
+    two Claude Code sessions: the gate puts a new session on the upstream holding nobody's cache,
+    so each session runs on its own. Yields the proxy and the two URLs."""
+    db = str(tmp_path_factory.mktemp("dash-upstreams") / "store.db")
+    with processes.llama_server(llama_server_bin, tiny_model) as second, \
+            processes.proxy(f"{llama.url},{second.url}", DB_PATH=db) as proxy:
+        send(proxy, "let us look at the parser", "dash-up-a")
+        send(proxy, "another project", "dash-up-b")
+        send(proxy, "let us look at the parser and more", "dash-up-a")
+
+        def logged() -> list[dict] | None:
+            found = requests.get(proxy.url + "/api/requests", timeout=5).json()["requests"]
+            return found if len(found) == 3 else None
+
+        rows = wait_until(logged, what="the three requests in the request log")
+        assert {r["upstream"] for r in rows} == {llama.url, second.url}, rows
+        yield proxy, (llama.url, second.url)
+
+
+@pytest.fixture(scope="module")
 def browser():
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -141,6 +164,20 @@ def every_row_shows(page, name: str, value: str) -> None:
     """Wait until the requests table shows only rows whose column `name` is `value`."""
     page.wait_for_function("([i, v]) => [...document.querySelectorAll('#req-rows tr')].every(tr => tr.children[i].textContent === v)",
                            arg=[column(page, name), value])
+
+
+def host_port(url: str) -> str:
+    return urlsplit(url).netloc
+
+
+def upstream_shown(page) -> bool:
+    """Whether the requests table shows its upstream column (cells and heading alike), its filter,
+    and the Upstreams table."""
+    i = column(page, "upstream")
+    cells = page.evaluate("(i) => [...document.querySelectorAll('#req-rows tr')].map(tr => !tr.children[i].hidden)", i)
+    parts = [page.locator(sel).is_visible() for sel in ("#upstream-head", "#f-upstream", "#upstreams")]
+    assert len(set(cells + parts)) == 1, (cells, parts)  # all shown or all hidden
+    return parts[0]
 
 
 def test_every_section_shows_what_the_api_returns(stack, browser):
@@ -277,6 +314,71 @@ def test_request_log_updates_filters_and_escapes(stack, browser):
     # The range switch redraws the charts.
     page.click("button[data-range='24h']")
     page.wait_for_function("() => document.querySelector(\"button[data-range='24h']\").classList.contains('on')")
+    assert_clean(page)
+    page.context.close()
+
+
+def test_two_upstreams_get_a_column_a_filter_and_a_table(two_upstreams, browser):
+    """Behind two llama-servers, each request says which one ran it (host:port, the whole URL as
+    its title), the upstream filter keeps one server's, and the Upstreams table sums each one's
+    requests and tokens over the rows the page holds."""
+    proxy, urls = two_upstreams
+    rows = requests.get(proxy.url + "/api/requests", params={"limit": 500}, timeout=5).json()["requests"]
+    page = open_page(browser, proxy.url + "/dashboard")
+    assert upstream_shown(page)
+    i = column(page, "upstream")
+    cells = page.locator(f"#req-rows tr td:nth-child({i + 1})")
+    assert cells.all_text_contents() == [host_port(r["upstream"]) for r in rows]
+    assert [cells.nth(n).get_attribute("title") for n in range(cells.count())] == [r["upstream"] for r in rows]
+    assert len(set(cells.all_text_contents())) == 2
+    options = page.locator("#f-upstream option")
+    assert options.all_text_contents() == ["all", *sorted(host_port(u) for u in urls)]
+    for url in urls:
+        page.select_option("#f-upstream", url)
+        every_row_shows(page, "upstream", host_port(url))
+        assert page.locator("#req-rows tr").count() == sum(r["upstream"] == url for r in rows)
+        assert upstream_shown(page)  # one server's rows, and still the column that says so
+    page.select_option("#f-upstream", "")
+    page.wait_for_function("(n) => document.querySelectorAll('#req-rows tr').length === n", arg=len(rows))
+    # The Upstreams table: one row per llama-server, as the request log's rows add up.
+    assert page.locator("#upstreams-over").text_content() == f"over the latest {len(rows)} requests"
+    table = [row.locator("td").all_text_contents() for row in page.locator("#upstream-rows tr").all()]
+    expected = []
+    for url in sorted(urls):
+        mine = [r for r in rows if r["upstream"] == url]
+        expected.append([host_port(url), str(len(mine)),
+                          *(f"{sum(r[k] or 0 for r in mine):,}" for k in ("prompt_tokens", "cached_tokens", "generated_tokens"))])
+    assert [cells[:5] for cells in table] == expected
+    assert all(cells[5] not in ("", "–") for cells in table)
+    assert sum(int(cells[4].replace(",", "")) for cells in table) > 0
+    assert_clean(page)
+    page.context.close()
+
+
+def test_one_upstream_or_none_shows_no_upstream_column(stack, browser):
+    """With one llama-server every row names the same one, and rows of an older store, or of
+    requests answered without llama-server, name none: either way the page looks as it did
+    before there could be several."""
+    rows = requests.get(stack.url + "/api/requests", timeout=5).json()["requests"]
+    assert len({r["upstream"] for r in rows}) == 1 and rows[0]["upstream"]
+    page = open_page(browser, stack.url + "/dashboard")
+    assert not upstream_shown(page)
+    assert_clean(page)
+    page.context.close()
+
+    def without_upstreams(route) -> None:
+        response = route.fetch()
+        body = response.json()
+        for row in body["requests"][::2]:
+            row.pop("upstream")
+        for row in body["requests"][1::2]:
+            row["upstream"] = None
+        route.fulfill(response=response, json=body)
+
+    page = open_page(browser, stack.url + "/dashboard",
+                     before=lambda page: page.route(re.compile(r"/api/requests(\?.*)?$"), without_upstreams))
+    assert not upstream_shown(page)
+    assert page.locator("#f-upstream option").all_text_contents() == ["all"]
     assert_clean(page)
     page.context.close()
 
