@@ -100,6 +100,19 @@ class Generation:
         self.wait_until_admitted()
         return True
 
+    def start_over(self, exc: BaseException) -> bool:
+        """The answer broke before its first token: send the request again on another upstream,
+        if there is one in the rotation (the one that broke leaves it). False: it fails as today."""
+        if self.answer is None or self.ticket is None or len(self.target.upstreams) < 2:
+            return False
+        upstream = self.target.upstream_of(self.ticket)
+        self.answer.close()
+        self.answer = None
+        if not self.elsewhere(Unanswered(529, f"{upstream.base} broke the answer before its first token ({type(exc).__name__})")):
+            return False
+        self.open()
+        return True
+
     def _open_once(self) -> Answer:
         assert self.ticket is not None
         assert self.payload is not None  # only the relay sends the client's own bytes (relay._open)

@@ -22,7 +22,7 @@ def reply(body: dict, services: Services, call: Call) -> Response:
     call.handled = "local"
     render = translate.count_tokens_request(body)
     if call.klass == classify.PROBE:
-        count, _ = services.main.counter.count(render)
+        count, _ = services.main.counted(lambda counter: counter.count(render))
         text, output_tokens, stop = "", 1, "max_tokens"
     else:
         count = estimate(render)

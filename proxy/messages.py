@@ -71,7 +71,8 @@ def count_tokens(body: dict, services: Services, native: bool, call: Call) -> Re
         raw = target.upstream.json("POST", "/v1/messages/count_tokens", passthrough.native_body(body, info.model), timeout=60)
         count, exact = int(raw.get("input_tokens") or 0), True
     else:
-        count, exact = target.counter.count(translate.count_tokens_request(body, translate.Options(vision=info.vision)))
+        render = translate.count_tokens_request(body, translate.Options(vision=info.vision))
+        count, exact = target.counted(lambda counter: counter.count(render))
     services.metrics.token_counts.labels("exact" if exact else "estimate").inc()
     call.klass, call.handled = "count_tokens", "local"
     call.usage({"input_tokens": count})

@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry
 
@@ -22,9 +24,10 @@ from .metrics import ProxyMetrics
 from .prefix import PrefixTracker
 from .quotas import Quotas
 from .tokens import TokenCounter
-from .upstream import ServerInfo, Upstream
+from .upstream import ServerInfo, Unanswered, Upstream
 
 log = logging.getLogger("llamabridge.proxy")
+T = TypeVar("T")
 
 # After a client leaves mid-generation we hang up on llama-server and watch /slots: the slot
 # should be idle within a token or two. Past this, it is logged and counted.
@@ -57,6 +60,22 @@ class Target:
 
     def upstream_of(self, ticket: Ticket) -> Upstream:
         return self.upstreams[ticket.upstream]
+
+    def counted(self, work: Callable[[TokenCounter], T]) -> T:
+        """`work` with the token counter of the first upstream in the rotation. One found
+        unreachable leaves the rotation at once (before its health check notices), and the next
+        is asked: a count never fails on a stopped server while another is up."""
+        while True:
+            i = self.first_up()
+            try:
+                return work(self.counters[i])
+            except Unanswered as exc:
+                if len(self.upstreams) < 2 or not self.gate.is_up(i):
+                    raise
+                log.warning("%s left the rotation: %s", self.upstreams[i].base, exc.message)
+                self.gate.set_up(i, False)
+                if not any(self.gate.is_up(j) for j in range(len(self.upstreams))):
+                    raise
 
     def info(self, slots_override: int) -> ServerInfo:
         """The first reachable upstream's settings; every reachable one's slot count in the gate."""

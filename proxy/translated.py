@@ -42,7 +42,7 @@ def prepare(body: dict, target: Target, info: ServerInfo, services: Services, ca
         # Exact tokens: to clamp max_tokens to the context, and (for a Claude Code session's
         # conversation turns) to check the prompt cache afterwards. A request that obviously
         # fits and is not tracked skips the two extra calls.
-        tokens = target.counter.tokens(render)
+        tokens = target.counted(lambda counter: counter.tokens(render))
         if tokens is not None:
             request["max_tokens"] = fit_max_tokens(len(tokens), request["max_tokens"], info.n_ctx, services.settings.min_output_tokens)
     return request, tokens
@@ -87,10 +87,24 @@ def _events(gen: Generation, body: dict, flight: Flight | None, key: Hashable, s
                     gen.watch.check()
                     yield "ping", {"type": "ping"}
                 gen.open()
-            for event, data in gen.anthropic_events(body["model"], skip_start=queued):
-                if event != "ping":
-                    recorded.append((event, data))
-                yield event, data
+            started = queued  # message_start has gone to the client
+            while True:
+                answered = False  # something past message_start has
+                try:
+                    for event, data in gen.anthropic_events(body["model"], skip_start=started):
+                        if event == "message_start":
+                            started = True
+                        elif event != "ping":
+                            answered = True
+                        if event != "ping":
+                            recorded.append((event, data))
+                        yield event, data
+                    break
+                except BROKEN as exc:
+                    # llama-server stopped before its first token: with another upstream up, the
+                    # turn goes there, and the client sees one answer.
+                    if answered or not gen.start_over(exc):
+                        raise
     except (ApiError, translate.UpstreamStreamError, *BROKEN) as exc:
         err = error_for(exc)
         gen.fail(err)

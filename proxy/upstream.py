@@ -147,7 +147,7 @@ class Upstream:
             try:
                 conn.connect()
             except OSError as exc:
-                raise ApiError(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
+                raise Unanswered(529, UPSTREAM_DOWN.format(url=self.base, reason=_reason(exc)), retry_after=5) from None
             return self._ask(conn, method, path, json_body, timeout)
         finally:
             conn.close()

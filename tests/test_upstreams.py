@@ -6,13 +6,16 @@ restarted one rejoins."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
 from tests.support import processes
+from tests.support.anthropic_sse import parse
 from tests.support.prom import metric
 from tests.support.waiting import wait_until
 from tests.test_kv_cache import first_turn, next_turn, rows, turn
@@ -63,13 +66,15 @@ def test_a_stopped_upstreams_sessions_move_and_a_restarted_one_rejoins(pair, lla
     turn(proxy, b, "B")
     home = {name: rows(proxy, name, 1)[0]["upstream"] for name in "AB"}
     assert home["A"] != home["B"]
-    gone = servers[0] if home["A"] == servers[0].url else servers[1]
+    # The first listed goes: the one the proxy also asks for token counts while it is up.
+    gone = servers[0]
+    on_it = "A" if home["A"] == gone.url else "B"
     gone.stop()
     # Right after the stop, before any health check has noticed: the request finds the port shut,
     # and goes to the other upstream rather than fail.
-    usage = turn(proxy, next_turn(a, "Read it.", "Go on."), "A")["usage"]
+    usage = turn(proxy, next_turn(a if on_it == "A" else b, "Read it.", "Go on."), on_it)["usage"]
     assert usage["input_tokens"] > 0
-    moved = rows(proxy, "A", 2)[1]
+    moved = rows(proxy, on_it, 2)[1]
     assert moved["status"] == 200 and moved["upstream"] != gone.url
     assert metric(proxy.url, "llamabridge_proxy_session_moves_total") >= 1
     state = health(proxy)
@@ -93,3 +98,27 @@ def test_llama_servers_with_different_models_are_refused_at_start(llama_server_b
     assert result.returncode == 2, result.stderr[-2000:]
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("llamabridge proxy: LLAMA_URL lists llama-servers with different models") and two.url in line
+
+
+def prefilling(server) -> bool:
+    try:
+        return any(s.get("is_processing") for s in requests.get(server.url + "/slots", timeout=2).json())
+    except requests.RequestException:
+        return False
+
+
+def test_a_turn_whose_llama_server_dies_before_its_first_token_is_answered_by_the_other(pair):
+    servers, proxy, _ = pair
+    body = dict(first_turn("the crash"), stream=True)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(requests.post, proxy.url + "/v1/messages?beta=true", json=body, timeout=120,
+                              headers={"X-Claude-Code-Session-Id": "K"})
+        busy = wait_until(lambda: next((s for s in servers if prefilling(s)), None), what="a llama-server prefilling the turn")
+        assert busy.proc is not None
+        os.killpg(busy.proc.pid, signal.SIGKILL)  # a crash, in the middle of the prefill
+        answer = pending.result()
+    events = parse(answer.text)
+    assert answer.status_code == 200 and events[-1][0] == "message_stop", answer.text[-1000:]
+    assert [e for e, _ in events].count("message_start") == 1 and "error" not in [e for e, _ in events]
+    (row,) = rows(proxy, "K", 1)
+    assert row["status"] == 200 and row["upstream"] != busy.url
