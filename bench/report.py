@@ -99,6 +99,8 @@ def table(results: dict) -> str:
         "",
         *persist_lines(results["persist"]),
         "",
+        *upstreams_lines(results["upstreams"]),
+        "",
         f"Collector: a scrape takes {col['scrape_wall_ms_p50']:.1f} ms p50 ({col['scrape_wall_ms_p99']:.1f} ms p99) and "
         f"{col['scrape_cpu_ms_mean']:.1f} ms of CPU; SQLite grows {col['sqlite_bytes_per_day'] / 1e6:.2f} MB per day of 10 s scrapes "
         f"({col['sqlite_bytes_month'] / 1e6:.1f} MB after 30 days); dashboard API with a month of data, p50 / p99 ms: "
@@ -111,8 +113,9 @@ def table(results: dict) -> str:
 
 def phase_table(results: dict, phase: str) -> str:
     """Markdown for one phase run alone (`bench/run.py --only`): its figures and its targets."""
-    lines = {"cache": cache_lines, "persist": persist_lines}[phase](results[phase])
-    return "\n".join([f"Model: {results['model']}; llama-server 1 slot, -t 1; {results['date']}", "", *lines, "",
+    lines = {"cache": cache_lines, "persist": persist_lines, "upstreams": upstreams_lines}[phase](results[phase])
+    servers = "llama-servers as below" if phase == "upstreams" else "llama-server 1 slot, -t 1"
+    return "\n".join([f"Model: {results['model']}; {servers}; {results['date']}", "", *lines, "",
                       *target_lines(results["checks"])])
 
 
@@ -156,6 +159,37 @@ def persist_lines(p: dict) -> list[str]:
          f"{restoring}. A turn sent as its slot's save was due, {len(p['rounds'])} rounds: {overlapped} arrived while the save ran; "
          f"{waited}."),
     ]
+
+
+def upstreams_lines(u: dict) -> list[str]:
+    """Sessions on one llama-server and on two, and the failures when one of two stops."""
+    one, two, fail = u["one"], u["two"], u["failover"]
+
+    def spread(run: dict) -> str:
+        return ", ".join(f"{n}" for _, n in sorted(run["upstream_turns"].items(), key=lambda kv: str(kv[0])))
+
+    lines = [
+        (f"{u['sessions']} Claude Code-shaped sessions of {u['turns_per_session']} streamed main turns at once, "
+         f"each llama-server with {u['slots']} slots (one per session) and `-t 1`:"),
+        "",
+        "| llama-servers | main turns | seconds | turns per minute | turns per llama-server | cached share of turns 2 and later: least / mean |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, run in (("one", one), ("two", two), ("two, one stopped midway", fail)):
+        lines.append(f"| {name} | {run['turns']} | {run['seconds']:.1f} | {run['turns_per_minute']:.1f} | {spread(run)} "
+                     f"| {run['min_cached_share']:.1%} / {run['mean_cached_share']:.1%} |")
+    stopped = fail.get("stopped") or {}
+    lines += ["", (f"Two llama-servers complete {u['speedup']:.2f}x the main turns per minute of one. Stopping one "
+                   f"after {stopped.get('at_turns', '?')} turns: {len(fail['failures'])} requests failed, "
+                   f"{fail['failed_before_answer']} of them before their answer had started; "
+                   f"{fail['sessions_finished']} of {u['sessions']} sessions finished every turn.")]
+    if fail["failures"]:
+        lines += ["", "| session | turn | status | error at the client | answer started | upstream | logged status / error |",
+                  "|---|---|---|---|---|---|---|"]
+        for f in fail["failures"]:
+            lines.append(f"| {f['session']} | {f['turn']} | {f['status']} | {f['error']} | {'yes' if f['answering'] else 'no'} "
+                         f"| {f['upstream']} | {f['logged_status']} / {f['logged_error']} |")
+    return lines
 
 
 def target_lines(checks: list) -> list[str]:

@@ -24,12 +24,16 @@ model unless LLAMA_MODEL names a GGUF) started here with one slot:
                direct and through the proxy saving slots to disk: prompt tokens evaluated and
                time to first token per turn after a restart; what a save costs in time, disk
                and in the wait of a turn that arrives during one.
+  upstreams    bench/upstreams.py: eight Claude Code-shaped sessions at once through the proxy
+               on one llama-server and on two (LLAMA_URL=a,b): main turns per minute and the
+               share of each later turn taken from llama-server's cache; then on two, one
+               stopped midway: which requests failed, and whether every session finished.
   collector    bench/collector_bench.py: time and CPU per scrape, SQLite growth per simulated
                day, dashboard API latency with a month of data.
 
 It prints a table (bench/report.py), writes bench/results/latest.json, latest.md and latest.png
-(bench/plot.py), and exits 1 if a target (bench/targets.py) is missed, saying which. `--only cache` or `--only persist`
-runs that phase alone (on llama-servers of its own), prints its part of the table and targets and
+(bench/plot.py), and exits 1 if a target (bench/targets.py) is missed, saying which. `--only cache`, `--only persist`
+or `--only upstreams` runs that phase alone (on llama-servers of its own), prints its part of the table and targets and
 writes bench/results/<phase>.json. Every target
 measured from sampled rounds comes with a 95% bootstrap interval (bench/stats.py), and the table
 says when that interval holds the target: such a run cannot tell met from missed, however the
@@ -50,7 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script (`python bench/run.py`), as `make bench` does
 
-from bench import cache, collector_bench, host, load, overhead, persist
+from bench import cache, collector_bench, host, load, overhead, persist, upstreams
 from bench.plot import plot
 from bench.recorded import capture_messages
 from bench.report import phase_table, table
@@ -68,7 +72,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=int(os.environ.get("BENCH_CLIENTS", "50")))
     parser.add_argument("--seconds", type=float, default=float(os.environ.get("BENCH_SECONDS", "120")))
     parser.add_argument("--persist-rounds", type=int, default=int(os.environ.get("BENCH_PERSIST_ROUNDS", persist.ROUNDS)))
-    parser.add_argument("--only", choices=["cache", "persist"], help="run this phase alone")
+    parser.add_argument("--only", choices=["cache", "persist", "upstreams"], help="run this phase alone")
     args = parser.parse_args()
     binary = os.environ.get("LLAMA_SERVER_BIN") or subprocess.run(["bash", "llama/build.sh"], cwd=ROOT, capture_output=True,
                                                                   text=True, check=True).stdout.strip().splitlines()[-1]
@@ -109,6 +113,8 @@ def main() -> int:
     results["cache"] = cache.run(binary, model, messages[1])
     print(f"prompt cache across restarts: {args.persist_rounds} rounds of turns during a save", flush=True)
     results["persist"] = persist.run(binary, model, messages[1], args.persist_rounds)
+    print("several llama-servers: sessions on one and on two, then one of two stopped midway", flush=True)
+    results["upstreams"] = upstreams.run(binary, model, messages[1])
     results["checks"] = checks(results)
     text = table(results)
     print("\n" + text)
@@ -122,7 +128,12 @@ def main() -> int:
 def only(phase: str, results: dict, binary: str, model: str, body: dict, args: argparse.Namespace) -> int:
     """One phase that starts its own llama-servers, alone: quicker while working on it."""
     print(f"{phase} alone", flush=True)
-    results[phase] = cache.run(binary, model, body) if phase == "cache" else persist.run(binary, model, body, args.persist_rounds)
+    if phase == "cache":
+        results[phase] = cache.run(binary, model, body)
+    elif phase == "persist":
+        results[phase] = persist.run(binary, model, body, args.persist_rounds)
+    else:
+        results[phase] = upstreams.run(binary, model, body)
     results["checks"] = checks(results, only=phase)
     print("\n" + phase_table(results, phase))
     (RESULTS / f"{phase}.json").write_text(json.dumps(results, indent=2, default=str))

@@ -24,6 +24,11 @@ TARGETS = {
     "persist_continuing_saving": (">=", 0.95),
     "persist_new_session_saving": (">=", 0.90),
     "persist_wait_over_save": ("<=", 1.0),
+    "upstreams_one_cached_share": (">=", 0.95),
+    "upstreams_two_cached_share": (">=", 0.95),
+    "upstreams_turns_per_minute_ratio": (">=", 1.5),
+    "upstreams_failover_failed_before_answer": ("<=", 0),
+    "upstreams_failover_sessions_unfinished": ("<=", 0),
 }
 
 # Each target's value in a run's results.
@@ -44,12 +49,17 @@ VALUES: dict[str, Callable[[dict], float]] = {
     "persist_continuing_saving": lambda r: r["persist"]["continuing_saving"],
     "persist_new_session_saving": lambda r: r["persist"]["new_session_saving"],
     "persist_wait_over_save": lambda r: r["persist"]["wait_over_save"],
+    "upstreams_one_cached_share": lambda r: r["upstreams"]["one"]["min_cached_share"],
+    "upstreams_two_cached_share": lambda r: r["upstreams"]["two"]["min_cached_share"],
+    "upstreams_turns_per_minute_ratio": lambda r: r["upstreams"]["speedup"],
+    "upstreams_failover_failed_before_answer": lambda r: r["upstreams"]["failover"]["failed_before_answer"],
+    "upstreams_failover_sessions_unfinished": lambda r: r["upstreams"]["sessions"] - r["upstreams"]["failover"]["sessions_finished"],
 }
 
 
 def checks(results: dict, only: str | None = None) -> list[tuple[str, float, str, float, bool, tuple[float, float] | None]]:
     """(target, value, operator, limit, met, 95% interval of the value or None) for every target,
-    or with `only` (a phase run alone: "cache", "persist") for that phase's."""
+    or with `only` (a phase run alone: "cache", "persist", "upstreams") for that phase's."""
     intervals = (results.get("overhead") or {}).get("intervals") or {}
     out = []
     for name, (op, target) in TARGETS.items():

@@ -94,6 +94,17 @@ def test_the_table_reports_every_target_and_names_the_missed(overhead):
                     "restores": [{"tokens": 23146, "ms": 20.0}], "save_ms_per_1k_tokens": 0.71, "save_mb_per_1k_tokens": 0.527,
                     "restore_ms_per_1k_tokens": 0.82, "rounds": [{}] * 20, "rounds_overlapped": 4, "max_wait_ms": 6.0,
                     "max_save_ms": 35.2, "wait_over_save": 6.0 / 35.2},
+        "upstreams": {"sessions": 8, "turns_per_session": 3, "max_tokens": 32, "slots": 8, "speedup": 1.8,
+                      "one": {"turns": 24, "seconds": 60.0, "turns_per_minute": 24.0, "upstream_turns": {"http://a": 24},
+                              "min_cached_share": 0.998, "mean_cached_share": 0.998, "sessions_finished": 8, "failures": []},
+                      "two": {"turns": 24, "seconds": 33.3, "turns_per_minute": 43.2, "upstream_turns": {"http://a": 12, "http://b": 12},
+                              "min_cached_share": 0.998, "mean_cached_share": 0.998, "sessions_finished": 8, "failures": []},
+                      "failover": {"turns": 24, "seconds": 40.0, "turns_per_minute": 36.0, "upstream_turns": {"http://a": 5, "http://b": 19},
+                                   "min_cached_share": 0.0, "mean_cached_share": 0.93, "sessions_finished": 8, "failed_before_answer": 1,
+                                   "stopped": {"url": "http://a", "at_turns": 8},
+                                   "failures": [{"session": "upstreams-failover-6", "turn": 1, "status": 200, "answering": False,
+                                                 "error": "event: error the connection to llama-server broke mid-response",
+                                                 "upstream": "http://a", "logged_status": 502, "logged_error": "broke mid-response"}]}},
         "collector": {"scrape_wall_ms_p50": 3.0, "scrape_wall_ms_p99": 5.0, "scrape_cpu_ms_mean": 2.0, "sqlite_bytes_per_day": 260000.0,
                       "sqlite_bytes_month": 9.2e6, "api_ms": {"/api/totals": {"p50": 1.0, "p99": 2.0}}},
     }
@@ -125,6 +136,12 @@ def test_the_table_reports_every_target_and_names_the_missed(overhead):
     assert "| prompt tokens evaluated, through llamabridge (tokens restored from disk) | 23 (23146) | 23 (23151) | 15 (23168) |" in text
     assert "20 rounds: 4 arrived while the save ran; the longest waited 6.0 ms; the longest save of those rounds took 35.2 ms." in text
     assert "| persist_wait_over_save <= 1.0 | 0.170 |  | met |" in text
+    # Several llama-servers: the rate and cached share on one and on two, and every failed
+    # request of the run that stopped one, with whether its answer had started.
+    assert "| two | 24 | 33.3 | 43.2 | 12, 12 | 99.8% / 99.8% |" in text
+    assert "| upstreams-failover-6 | 1 | 200 | event: error the connection to llama-server broke mid-response | no | http://a | 502 / broke mid-response |" in text
+    assert "| upstreams_failover_failed_before_answer <= 0 | 1.000 |  | **MISSED** |" in text
+    assert "| upstreams_turns_per_minute_ratio >= 1.5 | 1.800 |  | met |" in text
     # No round that overlapped a save measured nothing: missed, and said so. Run alone, the
     # phase reports its own targets only.
     results["persist"].update(rounds_overlapped=0, max_wait_ms=0.0, wait_over_save=float("inf"))
@@ -133,6 +150,10 @@ def test_the_table_reports_every_target_and_names_the_missed(overhead):
     text = report.phase_table(alone, "persist")
     assert "no wait to measure" in text and "| persist_wait_over_save <= 1.0 | inf |  | **MISSED** |" in text
     assert [name for name, *_ in alone["checks"]] == [name for name in targets.TARGETS if name.startswith("persist_")]
+    alone = {"date": results["date"], "model": results["model"], "upstreams": results["upstreams"]}
+    alone["checks"] = targets.checks(alone, only="upstreams")
+    assert [name for name, *_ in alone["checks"]] == [name for name in targets.TARGETS if name.startswith("upstreams_")]
+    assert "Two llama-servers complete 1.80x the main turns per minute of one." in report.phase_table(alone, "upstreams")
     # A value just short of its target is shown with the digits that say so.
     results["cache"]["second_session_saving"] = 0.89996
     results["checks"] = targets.checks(results)
