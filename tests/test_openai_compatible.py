@@ -35,9 +35,10 @@ def generic_proxy(litellm):
 
 
 def test_a_claude_code_turn_through_an_openai_compatible_server(generic_proxy):
-    body = first_turn("the parser")
+    body = first_turn("the parser, through LiteLLM")
     usage = turn(generic_proxy, body, "G")["usage"]
-    assert usage["input_tokens"] > 2000
+    # The session llama-server may have seen the shared system prompt already (other tests').
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] > 2000
     streamed = requests.post(generic_proxy.url + "/v1/messages?beta=true", json=dict(next_turn(body, "Read it.", "Go on."), stream=True),
                              headers={"X-Claude-Code-Session-Id": "G"}, timeout=120)
     events = parse(streamed.text)
