@@ -30,13 +30,13 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.cache import conversation, other_session, prompt_tokens
 from tests.support import processes
+from tests.support.waiting import wait_until
 
 REPLIES = ["I read the files."]
 ROUNDS = 20
@@ -65,14 +65,6 @@ def proxy_metrics(proxy_url: str) -> dict[str, float]:
             for family in text_string_to_metric_families(text) for s in family.samples if set(s.labels) <= {"class"}}
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
-        time.sleep(0.02)
-
-
 def saves(proxy_url: str) -> tuple[float, float, float, float]:
     """(slots saved, seconds spent saving, main turns recorded, seconds they waited in the gate)
     since the proxy started; a failed save raises."""
@@ -84,7 +76,7 @@ def saves(proxy_url: str) -> tuple[float, float, float, float]:
 
 def until_more(proxy_url: str, index: int, than: float, what: str) -> None:
     """Wait until figure `index` of saves() has grown past `than`."""
-    wait_for(lambda: saves(proxy_url)[index] > than, what)
+    wait_until(lambda: saves(proxy_url)[index] > than, timeout=120, what=what)
 
 
 def stream(url: str, body: dict, headers: dict[str, str]) -> tuple[float, float]:
@@ -114,7 +106,7 @@ def request_rows(proxy_url: str, session: str, count: int) -> list[dict]:
         rows = requests.get(proxy_url + "/api/requests", params={"session": session, "limit": "2000"}, timeout=10).json()["requests"]
         return len(rows) >= count
 
-    wait_for(written, f"{count} request log rows of {session}")
+    wait_until(written, timeout=120, what=f"{count} request log rows of {session}")
     return sorted(rows, key=lambda r: r["ts"])
 
 

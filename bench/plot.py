@@ -30,24 +30,20 @@ def plot(results: dict, path: Path) -> None:
     left.set_title("Latency: direct vs through llamabridge")
     left.legend()
     left.grid(alpha=0.3)
-    k = results["cache"]
-    xs = range(len(k["turns"]))
-    right.bar([x - 0.2 for x in xs], k["direct"], width=0.4, label="direct", color="#555555")
-    right.bar([x + 0.2 for x in xs], k["proxy"], width=0.4, label="llamabridge", color="#1f77b4")
-    right.set_xticks(list(xs), [t.replace("session ", "s").replace(" turn ", " t") for t in k["turns"]])
-    right.set_ylabel("prompt tokens evaluated")
-    right.set_title("Prefill per turn, two Claude Code sessions")
-    right.legend()
-    right.grid(alpha=0.3, axis="y")
-    p = results["persist"]
-    xs = range(len(p["turns"]))
-    restarts.bar([x - 0.2 for x in xs], p["direct"], width=0.4, label="direct", color="#555555")
-    restarts.bar([x + 0.2 for x in xs], p["proxy"], width=0.4, label="llamabridge, slots saved to disk", color="#1f77b4")
-    restarts.set_xticks(list(xs), [t.replace("session ", "s").replace(" turn ", " t") for t in p["turns"]])
-    restarts.set_ylabel("prompt tokens evaluated")
-    restarts.set_title("Prefill per turn, each after a llama-server restart")
-    restarts.legend()
-    restarts.grid(alpha=0.3, axis="y")
+    prefill_bars(right, results["cache"], "llamabridge", "Prefill per turn, two Claude Code sessions")
+    prefill_bars(restarts, results["persist"], "llamabridge, slots saved to disk", "Prefill per turn, each after a llama-server restart")
     fig.suptitle(f"llamabridge bench, {results['date']}: {results['machine']['cpu']}, {results['machine']['cores']} cores")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def prefill_bars(ax, phase: dict, proxied: str, title: str) -> None:
+    """Prompt tokens evaluated per turn of a phase (its "turns", "direct" and "proxy"), side by side."""
+    xs = range(len(phase["turns"]))
+    ax.bar([x - 0.2 for x in xs], phase["direct"], width=0.4, label="direct", color="#555555")
+    ax.bar([x + 0.2 for x in xs], phase["proxy"], width=0.4, label=proxied, color="#1f77b4")
+    ax.set_xticks(list(xs), [t.replace("session ", "s").replace(" turn ", " t") for t in phase["turns"]])
+    ax.set_ylabel("prompt tokens evaluated")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")

@@ -44,8 +44,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from bench.persist import wait_for
+from bench.persist import request_rows
 from tests.support import processes
+from tests.support.waiting import wait_until
 
 SESSIONS = 8
 TURNS = 3
@@ -148,26 +149,13 @@ def run_sessions(proxy_url: str, body: dict, prefix: str, on_turn: Callable[[], 
         return list(pool.map(session, range(SESSIONS)))
 
 
-def log_rows(proxy_url: str, session: str, count: int) -> list[dict]:
-    """The session's request-log rows, oldest first, once `count` are written (off the request thread)."""
-    rows: list[dict] = []
-
-    def written() -> bool:
-        nonlocal rows
-        rows = requests.get(proxy_url + "/api/requests", params={"session": session, "limit": "2000"}, timeout=10).json()["requests"]
-        return len(rows) >= count
-
-    wait_for(written, f"{count} request-log rows of {session}")
-    return sorted(rows, key=lambda r: r["ts"])
-
-
 def summary(proxy_url: str, sessions: list[list[dict]], prefix: str) -> dict:
     """Per run: turns done, the rate, the cached share of turns 2 and up, and the failures with
     the proxy's own row of each (its upstream, status and error)."""
     attempts = [a for s in sessions for a in s]
     rows = {}
     for index, made in enumerate(sessions):
-        for attempt, row in zip(made, log_rows(proxy_url, f"{prefix}-{index}", len(made)), strict=False):
+        for attempt, row in zip(made, request_rows(proxy_url, f"{prefix}-{index}", len(made)), strict=False):
             rows[id(attempt)] = row
     done = [a for a in attempts if a["error"] is None]
     start, end = min(a["sent"] for a in attempts), max(a["ended"] for a in attempts)
@@ -223,7 +211,7 @@ def one_run(binary: str, model: str, body: dict, servers: int, prefix: str, stop
         if stop_one:
             def stop() -> None:
                 reached.wait()
-                wait_for(lambda: over.is_set() or busy(llamas[0].url), "a request on the llama-server to stop")
+                wait_until(lambda: over.is_set() or busy(llamas[0].url), timeout=120, what="a request on the llama-server to stop")
                 if not over.is_set():
                     stopped.update(url=llamas[0].url, at_turns=done[0])
                     llamas[0].stop()
