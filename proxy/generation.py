@@ -91,7 +91,7 @@ class Generation:
         """Take the ticket's upstream out of the rotation and wait for a slot on another. False
         when there is no other: the request fails as it would with one llama-server."""
         assert self.ticket is not None and self.waiter is not None
-        if not self.services.mark_down(self.target, self.ticket, exc.message):
+        if not self.target.drop(self.ticket.upstream, exc.message):
             return False
         call = self.call
         self.target.gate.release(self.ticket)

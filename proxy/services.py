@@ -70,12 +70,18 @@ class Target:
             try:
                 return work(self.counters[i])
             except Unanswered as exc:
-                if len(self.upstreams) < 2 or not self.gate.is_up(i):
+                if not self.gate.is_up(i) or not self.drop(i, exc.message):
                     raise
-                log.warning("%s left the rotation: %s", self.upstreams[i].base, exc.message)
-                self.gate.set_up(i, False)
-                if not any(self.gate.is_up(j) for j in range(len(self.upstreams))):
-                    raise
+
+    def drop(self, upstream: int, reason: str) -> bool:
+        """A request found `upstream` unreachable before any answer: take it out of the rotation
+        at once (its health check brings it back). True if another upstream may take the request."""
+        if len(self.upstreams) < 2:
+            return False
+        if self.gate.is_up(upstream):
+            log.warning("%s left the rotation: %s", self.upstreams[upstream].base, reason)
+            self.gate.set_up(upstream, False)
+        return any(self.gate.is_up(i) for i in range(len(self.upstreams)))
 
     def info(self, slots_override: int) -> ServerInfo:
         """The first reachable upstream's settings; every reachable one's slot count in the gate."""
@@ -169,16 +175,6 @@ class Services:
                         log.warning("%s left the rotation: %s", upstream.base, reason)
                     self.main.gate.set_up(i, ok)
             time.sleep(self.settings.health_interval)  # llama-server has no event to wait on
-
-    def mark_down(self, target: Target, ticket: Ticket, reason: str) -> bool:
-        """A request found its upstream unreachable before any answer: take the upstream out of
-        the rotation (the health check brings it back). True if another may take the request."""
-        if len(target.upstreams) < 2:
-            return False
-        if target.gate.is_up(ticket.upstream):
-            log.warning("%s left the rotation: %s", target.upstreams[ticket.upstream].base, reason)
-            target.gate.set_up(ticket.upstream, False)
-        return any(target.gate.is_up(i) for i in range(len(target.upstreams)))
 
     def release(self, target: Target, ticket: Ticket, client_left: bool) -> None:
         """Give the slot back. After a disconnect, only once llama-server shows it idle."""
