@@ -57,13 +57,13 @@ from bench.stats import percentile
 from collector import job as job_module
 from collector import scrape
 from collector.job import ScrapeJob
-from llamabridge.store import Baseline, ScrapePlan, Store
+from llamabridge.store import Baselines, ScrapeWrite, Store, UpstreamWrite
 from tests.support import processes
 
 
-def _planned(plan: ScrapePlan) -> Callable[[Baseline], ScrapePlan]:
+def _planned(plan: ScrapeWrite) -> Callable[[Baselines], ScrapeWrite]:
     """A scrape that writes `plan` whatever the store's baseline (the simulation keeps its own)."""
-    return lambda base: plan
+    return lambda baselines: plan
 
 
 INTERVAL = 10.0  # COLLECT_INTERVAL's default
@@ -120,10 +120,10 @@ def _bench_scrapes(llama_url: str, workdir: Path, scrapes: int) -> tuple[dict[st
             cpu.append((c1 - c0) * 1000)
         if job.scrape_errors or not job.up:
             raise RuntimeError(f"{job.scrape_errors} of {scrapes} scrapes of {llama_url} failed")
-        live = job.read_upstream().slots  # one more read, after the timed ones, for the simulation's shape
+        live = job.read_upstream(llama_url).slots  # one more read, after the timed ones, for the simulation's shape
         slots = live if isinstance(live, list) else []
     finally:
-        job.session.close()
+        job.upstreams[0].session.close()
         store.close()
     return ({"scrape_wall_ms_p50": _pct(wall, 50), "scrape_wall_ms_p99": _pct(wall, 99),
              "scrape_cpu_ms_mean": round(float(np.mean(cpu)), 3)}, slots)
@@ -273,11 +273,11 @@ class _Simulation:
         clock = {"now": 0.0}
         job = ScrapeJob(self.store, SIM_URL, INTERVAL, clock=lambda: clock["now"])
         session = _SimSession()
-        job.session.close()
+        job.upstreams[0].session.close()
         # A stand-in, not a requests.Session: scrape.read only calls get() on it, and ScrapeJob
         # types its session as the real one.
-        job.session = session  # type: ignore[assignment]
-        job.down_since = self.down_since
+        job.upstreams[0].session = session  # type: ignore[assignment]
+        job.upstreams[0].down_since = self.down_since
         for _ in range(days * TICKS_PER_DAY):
             self._hour_start()
             session.reading = self.traffic.reading(self.tick)
@@ -286,9 +286,9 @@ class _Simulation:
             self.tick += 1
             self._day_end()
         job.stop()  # the lease, for the next simulation on a copy of this store
-        self.last_raw = self.store.last_raw()
-        self.process_start = self.store.meta("process_start")
-        self.down_since = job.down_since
+        self.last_raw = self.store.last_raw(SIM_URL)
+        self.process_start = self.store.upstream_meta(SIM_URL)[SIM_URL].get("process_start")
+        self.down_since = job.upstreams[0].down_since
 
     def run_batched(self, days: int) -> None:
         """An hour of scrapes per transaction: the job's decisions and rows, without its per-scrape
@@ -334,13 +334,16 @@ class _Simulation:
                         store.db.executemany(
                             f"INSERT INTO samples (ts, {', '.join(columns)}) VALUES (?, {', '.join('?' * len(columns))})",
                             [(ts, *sample.values()) for ts, sample in run])
-                    store.db.executemany("INSERT INTO events VALUES (?, ?, ?)", events)
+                    store.db.executemany("INSERT INTO events (ts, kind, detail, upstream) VALUES (?, ?, ?, ?)",
+                                         [(*event, SIM_URL) for event in events])
                     store.db.execute("COMMIT")
                 except BaseException:
                     store.db.execute("ROLLBACK")
                     raise
             if meta:  # lifetime totals and their baseline, as the job writes them (once an hour here)
-                plan: ScrapePlan = (advanced_sum, self.last_raw, None, [], meta)
+                upstream_meta: dict[str, str | None] = {**meta}
+                store_meta: dict[str, str | None] = {k: v for k, v in meta.items() if k != "process_start"}
+                plan = ScrapeWrite({SIM_URL: UpstreamWrite(advanced_sum, self.last_raw, meta=upstream_meta)}, meta=store_meta)
                 store.scrape("bench", float(meta["last_scrape"]), 3600, _planned(plan))
                 store.release_lease("bench")  # a collector started on this store later must not stand by
             self._day_end()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import logging
 import time
 from datetime import UTC
 
@@ -30,11 +29,7 @@ from .job import ScrapeJob
 def create_app(settings: CollectorSettings, start_jobs: bool = True) -> Flask:
     app = Flask("llamabridge-collector")
     store = Store(settings.db_path)
-    job = ScrapeJob(store, settings.llama_url, settings.interval, settings.llama_api_key)
-    if settings.others:
-        logging.getLogger("llamabridge.collector").warning(
-            "LLAMA_URL lists %d llama-servers: the collector keeps the lifetime totals of the first (%s) only; %s are not scraped",
-            1 + len(settings.others), settings.llama_url, ", ".join(settings.others))
+    job = ScrapeJob(store, settings.llama_urls, settings.interval, settings.llama_api_key)
     registry = CollectorRegistry()
     registry.register(StoreCollector(store, job))
     if start_jobs:
@@ -64,7 +59,9 @@ def create_app(settings: CollectorSettings, start_jobs: bool = True) -> Flask:
 
     @app.get("/healthz")
     def healthz() -> Response:
-        return jsonify({"status": "ok", "upstream_up": job.up, "standby": job.standby is not None})
+        return jsonify({"status": "ok", "upstream_up": job.up, "standby": job.standby is not None,
+                        "upstreams": [{"url": u.url, "up": u.up, "error": str(u.error) if u.error and not u.up else None}
+                                      for u in job.upstreams]})
 
     app.register_blueprint(api.blueprint(store, status))
 

@@ -16,8 +16,7 @@ DEFAULT_DB_PATH = "data/llamabridge.db"
 
 @dataclass(frozen=True)
 class CollectorSettings:
-    llama_url: str = "http://127.0.0.1:8080"
-    others: tuple[str, ...] = ()  # LLAMA_URL's other llama-servers: not scraped
+    llama_urls: tuple[str, ...] = ("http://127.0.0.1:8080",)  # every one is scraped, with totals of its own
     llama_api_key: str = ""  # sent as a Bearer token: a llama-server started with --api-key refuses /metrics without it
     db_path: str = DEFAULT_DB_PATH
     interval: float = 10.0
@@ -30,14 +29,12 @@ class CollectorSettings:
 
 def from_env(env: Mapping[str, str] | None = None) -> CollectorSettings:
     env = os.environ if env is None else env
-    # LLAMA_URL may list several llama-servers for the proxy; the collector keeps the lifetime
-    # totals of the first (collector/app.py says so at start).
-    urls = env_urls(env, "LLAMA_URL", CollectorSettings.llama_url)
-    llama_url = urls[0].rstrip("/")
+    # LLAMA_URL may list several llama-servers, as for the proxy: each is scraped, and the store
+    # keeps lifetime totals per llama-server and their sum.
+    urls = env_urls(env, "LLAMA_URL", CollectorSettings.llama_urls[0])
     db_path = env.get("DB_PATH", "").strip() or DEFAULT_DB_PATH
     return CollectorSettings(
-        llama_url=llama_url,
-        others=urls[1:],
+        llama_urls=tuple(url.rstrip("/") for url in urls),
         llama_api_key=env.get("LLAMA_API_KEY", "").strip(),
         db_path=db_path,
         interval=env_float(env, "COLLECT_INTERVAL", CollectorSettings.interval, 0.05, 3600),

@@ -27,6 +27,14 @@ LIFETIME = {
     "llamabridge_lifetime_decode_calls": ("n_decode_total", "llama_decode calls."),
 }
 
+UPSTREAM_EVENTS = {
+    "llamabridge_lifetime_restarts": ("upstream_restarts", "llama-server restarts seen."),
+    "llamabridge_lifetime_changes": ("upstream_changes", "Times another llama-server (model or build) answered at its URL."),
+}
+# The upstream label of what the store counted before it kept totals per llama-server, until
+# LLAMA_URL's first llama-server takes it over at its first scrape.
+UNRECORDED = "-"
+
 
 class StoreCollector(Collector):
     def __init__(self, store: Store, job: ScrapeJob):
@@ -36,6 +44,7 @@ class StoreCollector(Collector):
     def collect(self) -> Iterator:
         try:
             totals = self.store.totals()
+            per_upstream = self.store.upstream_totals()
             counters = self.store.counters()
             latest = self.store.latest_sample()
         except sqlite3.Error as exc:
@@ -53,17 +62,28 @@ class StoreCollector(Collector):
             ("llamabridge_lifetime_upstream_changes", "upstream_changes", "Times another llama-server (model or build) answered at LLAMA_URL."),
         ):
             yield CounterMetricFamily(name, doc, value=counters.get(key, 0.0))
-        yield CounterMetricFamily("llamabridge_scrape_errors", "Failed reads of llama-server.", value=self.job.scrape_errors)
-        yield GaugeMetricFamily("llamabridge_last_scrape_success_timestamp_seconds", "When llama-server was last read.",
-                                value=self.job.last_success or 0)
-        yield GaugeMetricFamily("llamabridge_upstream_up", "1 if the last read of llama-server worked.",
-                                value=1 if self.job.up else 0)
-        error = self.job.error
+        # The same lifetime totals per llama-server (LLAMA_URL may list several; every upstream the
+        # store has counted stays here, so these always add up to the totals above).
+        for name, (source, doc) in {**LIFETIME, **UPSTREAM_EVENTS}.items():
+            family = CounterMetricFamily(name.replace("llamabridge_lifetime_", "llamabridge_upstream_lifetime_"),
+                                         doc + " Per llama-server.", labels=["upstream"])
+            for upstream, values in per_upstream.items():
+                family.add_metric([upstream or UNRECORDED], values.get(source, 0.0))
+            yield family
+        errors = CounterMetricFamily("llamabridge_scrape_errors", "Failed reads of llama-server.", labels=["upstream"])
+        success = GaugeMetricFamily("llamabridge_last_scrape_success_timestamp_seconds", "When llama-server was last read.",
+                                    labels=["upstream"])
+        up = GaugeMetricFamily("llamabridge_upstream_up", "1 if the last read of llama-server worked.", labels=["upstream"])
         problem = GaugeMetricFamily("llamabridge_upstream_error", "1 with the reason llama-server cannot be read "
-                                    "(unreachable, unauthorized, http_error, not_metrics) while it cannot.", labels=["reason"])
-        if error is not None and not self.job.up:
-            problem.add_metric([error.kind], 1)
-        yield problem
+                                    "(unreachable, unauthorized, http_error, not_metrics) while it cannot.",
+                                    labels=["upstream", "reason"])
+        for state in self.job.upstreams:
+            errors.add_metric([state.url], state.errors)
+            success.add_metric([state.url], state.last_success or 0)
+            up.add_metric([state.url], 1 if state.up and self.job.standby is None else 0)
+            if state.error is not None and not state.up:
+                problem.add_metric([state.url, state.error.kind], 1)
+        yield from (errors, success, up, problem)
         yield GaugeMetricFamily("llamabridge_collector_standby", "1 while another collector holds this store's lease "
                                 "and this one waits to take over.", value=1 if self.job.standby else 0)
         now = {key: (latest or {}).get(key) for key in ("generation_tps", "prompt_tps", "busy_slots", "processing", "deferred", "cache_ratio")}
@@ -76,10 +96,13 @@ class StoreCollector(Collector):
             ("llamabridge_prompt_cache_hit_ratio", "cache_ratio", "Cached share of prompt tokens over the last interval."),
         ):
             yield GaugeMetricFamily(name, doc, value=now[key] if now[key] is not None else 0.0)
-        context = GaugeMetricFamily("llamabridge_context_used_tokens", "Tokens in each slot's context at the last read.", labels=["slot"])
-        size = GaugeMetricFamily("llamabridge_context_size_tokens", "Context size of each slot.", labels=["slot"])
+        context = GaugeMetricFamily("llamabridge_context_used_tokens", "Tokens in each slot's context at the last read.",
+                                    labels=["upstream", "slot"])
+        size = GaugeMetricFamily("llamabridge_context_size_tokens", "Context size of each slot.", labels=["upstream", "slot"])
         for slot in json.loads((latest or {}).get("context_used") or "[]"):
-            context.add_metric([str(slot.get("slot"))], slot.get("used") or 0)
-            size.add_metric([str(slot.get("slot"))], slot.get("n_ctx") or 0)
+            # With one llama-server the slots do not say whose they are.
+            labels = [str(slot.get("upstream") or self.job.upstreams[0].url), str(slot.get("slot"))]
+            context.add_metric(labels, slot.get("used") or 0)
+            size.add_metric(labels, slot.get("n_ctx") or 0)
         yield context
         yield size

@@ -28,6 +28,39 @@ def stored_status(store: Store) -> dict[str, Any]:
             "error_kind": store.meta("upstream_error_kind") if error else None}
 
 
+def upstreams(store: Store) -> list[dict[str, Any]]:
+    """Every llama-server the store has counted, with its lifetime totals (they add up to the
+    store's) and its state as the collector last recorded it. One no longer scraped (taken out
+    of LLAMA_URL, or with no collector running) is not `current`."""
+    totals = store.upstream_totals()
+    meta = store.upstream_meta()
+    now = time.time()
+    out = []
+    for url in sorted(set(totals) | set(meta)):
+        info, lifetime = meta.get(url, {}), totals.get(url, {})
+        last = float(info["last_scrape"]) if info.get("last_scrape") else None
+        current = last is not None and now - last < STALE_SECONDS
+        out.append({
+            "url": url or None,  # None: counted before the store kept totals per llama-server
+            "current": current,
+            "up": current and not info.get("upstream_error"),
+            "error": info.get("upstream_error") if current else None,
+            "last_scrape": last,
+            "model": info.get("model") or None,
+            "n_ctx": _int(info.get("n_ctx")),
+            "slots": _int(info.get("total_slots")),
+            "lifetime": {
+                "prompt_tokens": lifetime.get("prompt_tokens_total", 0),
+                "cached_prompt_tokens": lifetime.get("prompt_tokens_cached_total", 0),
+                "generated_tokens": lifetime.get("tokens_predicted_total", 0),
+                "prompt_seconds": lifetime.get("prompt_seconds_total", 0),
+                "generation_seconds": lifetime.get("tokens_predicted_seconds_total", 0),
+                "upstream_restarts": int(lifetime.get("upstream_restarts", 0)),
+            },
+        })
+    return out
+
+
 def blueprint(store: Store, status: Callable[[], dict[str, Any]]) -> Blueprint:
     api = Blueprint("llamabridge_api", __name__)
 
@@ -48,6 +81,7 @@ def blueprint(store: Store, status: Callable[[], dict[str, Any]]) -> Blueprint:
                 "generation_seconds": lifetime.get("tokens_predicted_seconds_total", 0),
                 "upstream_restarts": store.count_events("restart"),
             },
+            "upstreams": upstreams(store),
             "proxy": store.request_totals(),
             "now": store.latest_sample(),
         })
@@ -58,7 +92,11 @@ def blueprint(store: Store, status: Callable[[], dict[str, Any]]) -> Blueprint:
         if name not in RANGES:
             name = "1h"
         span, bucket = RANGES[name]
-        return jsonify({"range": name, "bucket": bucket, "samples": store.samples(time.time() - span, bucket)})
+        since = time.time() - span
+        # One llama-server's own series, when LLAMA_URL lists several (otherwise all of them together).
+        upstream = request.args.get("upstream") or None
+        return jsonify({"range": name, "bucket": bucket, "upstream": upstream, "upstreams": store.sampled_upstreams(since),
+                        "samples": store.samples(since, bucket, upstream=upstream)})
 
     @api.get("/api/events")
     def events():

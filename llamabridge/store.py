@@ -15,6 +15,11 @@ scrape is measured against is read inside the transaction that advances it.
 One collector writes the lifetime totals at a time: each scrape's transaction renews a lease
 in the store (`lease`), and a collector that finds another's lease still running stands by.
 
+LLAMA_URL may list several llama-servers. Each has its own totals and baseline
+(`upstream_lifetime`, `upstream_meta`, keyed by its URL), and `lifetime` holds their sum: a scrape
+advances an upstream's total and the sum by the same amount in the same transaction, so the sum
+is always exactly what the upstreams' totals add up to, whichever of them were read.
+
 Two connections per process: writes go through one, behind a lock; reads (the dashboard's JSON,
 `/metrics`) through another, so a read never waits behind a long write (WAL lets a reader see
 the last committed state while a writer works).
@@ -28,7 +33,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -265,8 +270,46 @@ def m006_request_upstreams(db: sqlite3.Connection) -> None:
     _run(db, "ALTER TABLE requests ADD COLUMN upstream TEXT")
 
 
-# Events that advance a running counter of the same name in `counters` as they are recorded.
+@migration
+def m007_upstream_totals(db: sqlite3.Connection) -> None:
+    """Lifetime totals per llama-server, for LLAMA_URL's list: each upstream's totals and the raw
+    counters they were last advanced from (`upstream_lifetime`), and what else its scrapes must
+    remember, such as which server it is and when its process started (`upstream_meta`). The
+    `lifetime` table keeps the sum. Samples and events say which upstream they are about (NULL:
+    all of them).
+
+    What was tracked so far belongs to one llama-server whose URL the store never recorded: it is
+    kept under the URL '' and taken over by LLAMA_URL's first llama-server at its first scrape."""
+    _run(
+        db,
+        """
+        CREATE TABLE upstream_lifetime (
+            upstream TEXT NOT NULL,
+            name TEXT NOT NULL,
+            total REAL NOT NULL DEFAULT 0,
+            last_raw REAL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (upstream, name)
+        );
+        CREATE TABLE upstream_meta (upstream TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (upstream, key));
+        INSERT INTO upstream_lifetime SELECT '', name, total, last_raw, updated_at FROM lifetime;
+        INSERT INTO upstream_lifetime SELECT '', name, value, NULL, 0 FROM counters
+            WHERE name IN ('upstream_restarts', 'upstream_changes') AND value > 0;
+        INSERT INTO upstream_meta SELECT '', key, value FROM meta WHERE key IN
+            ('upstream_identity', 'process_start', 'model', 'n_ctx', 'total_slots', 'upstream_error', 'upstream_error_kind');
+        DELETE FROM meta WHERE key IN ('upstream_identity', 'process_start');
+        UPDATE lifetime SET last_raw = NULL;
+        ALTER TABLE samples ADD COLUMN upstream TEXT;
+        ALTER TABLE events ADD COLUMN upstream TEXT
+        """,
+    )
+
+
+# Events that advance a running counter of the same name in `counters` (and in the upstream's
+# `upstream_lifetime` rows) as they are recorded.
 COUNTED_EVENTS = {"restart": "upstream_restarts", "upstream_changed": "upstream_changes"}
+# The store's URL for the one llama-server it tracked before it kept totals per upstream.
+INHERITED = ""
 
 
 @dataclass(frozen=True)
@@ -298,14 +341,55 @@ class LeaseHeld:
 
 @dataclass
 class Baseline:
-    """What the last scrape left, read inside the transaction that will advance it."""
+    """What the last scrape of one upstream left, read inside the transaction that will advance it."""
 
     last_raw: dict[str, float]
     meta: dict[str, str]
 
 
-# What a scrape writes, decided from the Baseline: (deltas, raw, sample, events, meta).
-ScrapePlan = tuple[dict[str, float], dict[str, float], "dict[str, Any] | None", "list[tuple[str, str]]", "dict[str, str]"]
+@dataclass
+class UpstreamWrite:
+    """What one scrape records for one upstream: how far each total advanced (`deltas`), the raw
+    counters that become its baseline, its own sample row (None: none), its events, and its meta
+    (a None value deletes the key)."""
+
+    deltas: dict[str, float] = field(default_factory=dict)
+    raw: dict[str, float] = field(default_factory=dict)
+    sample: dict[str, Any] | None = None
+    events: list[tuple[str, str]] = field(default_factory=list)
+    meta: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass
+class ScrapeWrite:
+    """What one scrape records: per upstream URL, and for the store as a whole the sample the
+    charts draw (all upstreams together) and the store's meta."""
+
+    upstreams: dict[str, UpstreamWrite] = field(default_factory=dict)
+    sample: dict[str, Any] | None = None
+    meta: dict[str, str | None] = field(default_factory=dict)
+
+
+class Baselines:
+    """Each upstream's baseline, read on demand inside a scrape's transaction. The first upstream
+    asked for with `inherit` takes over what the store tracked before it kept totals per upstream
+    (see m007_upstream_totals), if nothing has yet."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def of(self, upstream: str, inherit: bool = False) -> Baseline:
+        if inherit and upstream != INHERITED and self._known(INHERITED) and not self._known(upstream):
+            for table in ("upstream_lifetime", "upstream_meta"):
+                self.db.execute(f"UPDATE {table} SET upstream = ? WHERE upstream = ?", (upstream, INHERITED))
+        raw = {r["name"]: r["last_raw"] for r in self.db.execute(
+            "SELECT name, last_raw FROM upstream_lifetime WHERE upstream = ? AND last_raw IS NOT NULL", (upstream,))}
+        meta = {r["key"]: r["value"] for r in self.db.execute("SELECT key, value FROM upstream_meta WHERE upstream = ?", (upstream,))}
+        return Baseline(raw, meta)
+
+    def _known(self, upstream: str) -> bool:
+        return any(self.db.execute(f"SELECT 1 FROM {table} WHERE upstream = ? LIMIT 1", (upstream,)).fetchone()
+                   for table in ("upstream_lifetime", "upstream_meta"))
 
 LEASE = "collector"
 
@@ -347,11 +431,30 @@ class Store:
 
     # -- lifetime -------------------------------------------------------------------------------
 
-    def last_raw(self) -> dict[str, float]:
-        return {r["name"]: r["last_raw"] for r in self._read("SELECT name, last_raw FROM lifetime WHERE last_raw IS NOT NULL")}
+    def last_raw(self, upstream: str) -> dict[str, float]:
+        """The raw counters `upstream`'s totals were last advanced from."""
+        return {r["name"]: r["last_raw"] for r in self._read(
+            "SELECT name, last_raw FROM upstream_lifetime WHERE upstream = ? AND last_raw IS NOT NULL", (upstream,))}
 
     def totals(self) -> dict[str, float]:
+        """llama-server's lifetime totals, summed over every upstream the store has tracked."""
         return {r["name"]: r["total"] for r in self._read("SELECT name, total FROM lifetime")}
+
+    def upstream_totals(self) -> dict[str, dict[str, float]]:
+        """Lifetime totals per upstream URL (with its restarts and changes): they add up to
+        `totals()` and the matching `counters()`."""
+        out: dict[str, dict[str, float]] = {}
+        for r in self._read("SELECT upstream, name, total FROM upstream_lifetime ORDER BY upstream, name"):
+            out.setdefault(r["upstream"], {})[r["name"]] = r["total"]
+        return out
+
+    def upstream_meta(self, upstream: str | None = None) -> dict[str, dict[str, str]]:
+        """What the collector last recorded about each upstream (or only `upstream`)."""
+        rows = self._read("SELECT upstream, key, value FROM upstream_meta WHERE ? IS NULL OR upstream = ?", (upstream, upstream))
+        out: dict[str, dict[str, str]] = {}
+        for r in rows:
+            out.setdefault(r["upstream"], {})[r["key"]] = r["value"]
+        return out
 
     def counters(self) -> dict[str, float]:
         """The store's own running totals (requests, their tokens, upstream restarts and changes)."""
@@ -362,11 +465,12 @@ class Store:
         return rows[0][0] if rows else None
 
     def scrape(self, holder: str, now: float, lease_seconds: float,
-               plan: Callable[[Baseline], ScrapePlan]) -> LeaseHeld | None:
-        """One scrape's write, if `holder` holds (or can take) the store's collector lease: the
-        baseline is read, `plan` decides what to write from it, and the totals, baseline, sample,
-        events and lease are written, all in one transaction. Returns LeaseHeld, writing
-        nothing, while another collector's lease runs."""
+               plan: Callable[[Baselines], ScrapeWrite]) -> LeaseHeld | None:
+        """One scrape's write, if `holder` holds (or can take) the store's collector lease: `plan`
+        reads the baselines it needs and decides what to write from them, and every upstream's
+        totals, baseline, samples and events, the sums, the store's sample and the lease are
+        written, all in one transaction. Returns LeaseHeld, writing nothing, while another
+        collector's lease runs."""
         def work(db: sqlite3.Connection) -> LeaseHeld | None:
             held = _lease_held(db, holder, now)
             if held is not None:
@@ -374,10 +478,7 @@ class Store:
             db.execute("INSERT INTO lease VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
                        "acquired = CASE WHEN holder = excluded.holder THEN acquired ELSE excluded.acquired END, "
                        "holder = excluded.holder, expires = excluded.expires", (LEASE, holder, now, now + lease_seconds))
-            baseline = Baseline(
-                {r["name"]: r["last_raw"] for r in db.execute("SELECT name, last_raw FROM lifetime WHERE last_raw IS NOT NULL")},
-                {r["key"]: r["value"] for r in db.execute("SELECT key, value FROM meta")})
-            self._record(db, now, *plan(baseline))
+            self._record(db, now, plan(Baselines(db)))
             return None
 
         return self._write(work)
@@ -392,23 +493,35 @@ class Store:
         self._write(lambda db: db.execute("DELETE FROM lease WHERE name = ? AND holder = ?", (LEASE, holder)))
 
     @staticmethod
-    def _record(db: sqlite3.Connection, now: float, deltas: dict[str, float], raw: dict[str, float],
-                sample: dict[str, Any] | None, events: Iterable[tuple[str, str]], meta: dict[str, str]) -> None:
-        for name, value in raw.items():
-            db.execute(
-                "INSERT INTO lifetime (name, total, last_raw, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET total = total + excluded.total, last_raw = excluded.last_raw, "
-                "updated_at = excluded.updated_at",
-                (name, deltas.get(name, 0.0), value, now),
-            )
-        if sample is not None:
-            columns = ", ".join(sample)
-            db.execute(f"INSERT INTO samples (ts, {columns}) VALUES (?, {', '.join('?' * len(sample))})", (now, *sample.values()))
-        for kind, detail in events:
-            db.execute("INSERT INTO events VALUES (?, ?, ?)", (now, kind, detail))
-            if kind in COUNTED_EVENTS:
-                _advance(db, COUNTED_EVENTS[kind], 1)
-        for key, text in meta.items():
+    def _record(db: sqlite3.Connection, now: float, write: ScrapeWrite) -> None:
+        for upstream, part in write.upstreams.items():
+            for name, value in part.raw.items():
+                advanced = part.deltas.get(name, 0.0)
+                db.execute(
+                    "INSERT INTO upstream_lifetime (upstream, name, total, last_raw, updated_at) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(upstream, name) DO UPDATE SET total = total + excluded.total, last_raw = excluded.last_raw, "
+                    "updated_at = excluded.updated_at", (upstream, name, advanced, value, now))
+                # The sum moves with the upstream's total, in the same transaction.
+                db.execute("INSERT INTO lifetime (name, total, updated_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                           "total = total + excluded.total, updated_at = excluded.updated_at", (name, advanced, now))
+            if part.sample is not None:
+                _insert_sample(db, now, {**part.sample, "upstream": upstream})
+            for kind, detail in part.events:
+                db.execute("INSERT INTO events (ts, kind, detail, upstream) VALUES (?, ?, ?, ?)", (now, kind, detail, upstream))
+                if kind in COUNTED_EVENTS:
+                    _advance(db, COUNTED_EVENTS[kind], 1)
+                    db.execute("INSERT INTO upstream_lifetime (upstream, name, total, updated_at) VALUES (?, ?, 1, ?) "
+                               "ON CONFLICT(upstream, name) DO UPDATE SET total = total + 1, updated_at = excluded.updated_at",
+                               (upstream, COUNTED_EVENTS[kind], now))
+            for key, text in part.meta.items():
+                if text is None:
+                    db.execute("DELETE FROM upstream_meta WHERE upstream = ? AND key = ?", (upstream, key))
+                else:
+                    db.execute("INSERT INTO upstream_meta VALUES (?, ?, ?) ON CONFLICT(upstream, key) DO UPDATE SET "
+                               "value = excluded.value", (upstream, key, text))
+        if write.sample is not None:
+            _insert_sample(db, now, write.sample)
+        for key, text in write.meta.items():
             if text is None:
                 db.execute("DELETE FROM meta WHERE key = ?", (key,))
             else:
@@ -416,20 +529,28 @@ class Store:
 
     # -- reads for the API ------------------------------------------------------------------------
 
-    def samples(self, since: float, bucket: int = 0, limit: int = 5000) -> list[dict[str, Any]]:
+    def samples(self, since: float, bucket: int = 0, limit: int = 5000, upstream: str | None = None) -> list[dict[str, Any]]:
         """History from `since` on, oldest first: the stored rows, or with `bucket` seconds one
-        point per bucket (rows of every resolution summed alike). At most the newest `limit`."""
+        point per bucket (rows of every resolution summed alike). At most the newest `limit`.
+        All upstreams together, or one upstream's own rows (kept while LLAMA_URL lists several)."""
         if bucket <= 0:
-            rows = self._read("SELECT * FROM samples WHERE ts >= ? ORDER BY ts DESC LIMIT ?", (since, limit))
+            rows = self._read("SELECT * FROM samples WHERE ts >= ? AND upstream IS ? ORDER BY ts DESC LIMIT ?",
+                              (since, upstream, limit))
             return [dict(r) for r in rows][::-1]
         rows = self._read(
-            f"""SELECT CAST(ts / {int(bucket)} AS INTEGER) * {int(bucket)}, {BUCKET_COLUMNS} FROM samples WHERE ts >= ?
-                GROUP BY 1 ORDER BY 1 DESC LIMIT ?""", (since, limit))
+            f"""SELECT CAST(ts / {int(bucket)} AS INTEGER) * {int(bucket)}, {BUCKET_COLUMNS} FROM samples
+                WHERE ts >= ? AND upstream IS ? GROUP BY 1 ORDER BY 1 DESC LIMIT ?""", (since, upstream, limit))
         return [dict(zip(("ts", *SERIES_COLUMNS), r), resolution=bucket) for r in rows][::-1]
 
-    def latest_sample(self) -> dict[str, Any] | None:
-        rows = self._read("SELECT * FROM samples WHERE resolution = 0 ORDER BY ts DESC LIMIT 1")
+    def latest_sample(self, upstream: str | None = None) -> dict[str, Any] | None:
+        """The newest scrape's sample: all upstreams together, or one upstream's own."""
+        rows = self._read("SELECT * FROM samples WHERE resolution = 0 AND upstream IS ? ORDER BY ts DESC LIMIT 1", (upstream,))
         return dict(rows[0]) if rows else None
+
+    def sampled_upstreams(self, since: float) -> list[str]:
+        """Upstreams with samples of their own from `since` on (there are none with one upstream)."""
+        return [r[0] for r in self._read("SELECT DISTINCT upstream FROM samples WHERE ts >= ? AND upstream IS NOT NULL "
+                                         "ORDER BY upstream", (since,))]
 
     def events(self, since: float, limit: int = 500) -> list[dict[str, Any]]:
         return [dict(r) for r in self._read("SELECT * FROM events WHERE ts >= ? ORDER BY ts DESC LIMIT ?", (since, limit))]
@@ -527,22 +648,30 @@ class Store:
 
     @staticmethod
     def _roll_up(db: sqlite3.Connection, source: int, target: int, before: float) -> int:
-        """Replace `source`-resolution rows older than `before` with one row per `target` seconds:
-        token and second counts summed, speeds and the cache ratio recomputed from those sums,
-        gauges averaged, `up` the minimum, the bucket's last context reading kept."""
+        """Replace `source`-resolution rows older than `before` with one row per `target` seconds
+        and upstream: token and second counts summed, speeds and the cache ratio recomputed from
+        those sums, gauges averaged, `up` the minimum, the bucket's last context reading kept."""
         before = (before // target) * target  # whole buckets only: none is split across two runs
         db.execute(
             f"""INSERT INTO samples (ts, resolution, up, prompt_tokens, cached_tokens, generated_tokens, prompt_seconds,
-                    generation_seconds, prompt_tps, generation_tps, busy_slots, processing, deferred, cache_ratio, context_used)
+                    generation_seconds, prompt_tps, generation_tps, busy_slots, processing, deferred, cache_ratio, context_used,
+                    upstream)
                 SELECT CAST(ts / {target} AS INTEGER) * {target}, {target}, {BUCKET_COLUMNS},
                     (SELECT last.context_used FROM samples AS last WHERE last.resolution = ?
+                        AND last.upstream IS samples.upstream
                         AND last.ts >= CAST(samples.ts / {target} AS INTEGER) * {target}
                         AND last.ts < CAST(samples.ts / {target} AS INTEGER) * {target} + {target}
-                        ORDER BY last.ts DESC LIMIT 1)
-                FROM samples WHERE resolution = ? AND ts < ? GROUP BY CAST(ts / {target} AS INTEGER)""",
+                        ORDER BY last.ts DESC LIMIT 1),
+                    upstream
+                FROM samples WHERE resolution = ? AND ts < ? GROUP BY upstream, CAST(ts / {target} AS INTEGER)""",
             (source, source, before),
         )
         return db.execute("DELETE FROM samples WHERE resolution = ? AND ts < ?", (source, before)).rowcount
+
+
+def _insert_sample(db: sqlite3.Connection, now: float, sample: dict[str, Any]) -> None:
+    columns = ", ".join(sample)
+    db.execute(f"INSERT INTO samples (ts, {columns}) VALUES (?, {', '.join('?' * len(sample))})", (now, *sample.values()))
 
 
 def _advance(db: sqlite3.Connection, name: str, by: float) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from collector import scrape
-from llamabridge.store import Store, connect
+from llamabridge.store import ScrapeWrite, Store, UpstreamWrite, connect
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # The Process-Start-Time-Unix headers recorded with the two texts.
@@ -77,7 +77,8 @@ def test_garbage_is_a_scrape_error():
 
 def test_migrations_create_the_exact_schema(tmp_path):
     db = connect(tmp_path / "s.db")
-    tables = ("lifetime", "samples", "events", "requests", "user_totals", "counters", "lease", "kv_files")
+    tables = ("lifetime", "samples", "events", "requests", "user_totals", "counters", "lease", "kv_files", "upstream_lifetime",
+              "upstream_meta")
     columns = {t: [r[1] for r in db.execute(f"PRAGMA table_info({t})")] for t in tables}
     assert columns["lifetime"] == ["name", "total", "last_raw", "updated_at"]
     assert columns["samples"][:3] == ["ts", "resolution", "up"] and "context_used" in columns["samples"]
@@ -85,16 +86,19 @@ def test_migrations_create_the_exact_schema(tmp_path):
     assert columns["user_totals"] == ["user", "requests", "prompt_tokens", "cached_tokens", "generated_tokens", "first_seen", "last_seen"]
     assert columns["counters"] == ["name", "value"] and columns["lease"] == ["name", "holder", "acquired", "expires"]
     assert columns["kv_files"] == list(Store.KV_COLUMNS)
+    assert columns["upstream_lifetime"] == ["upstream", "name", "total", "last_raw", "updated_at"]
+    assert columns["upstream_meta"] == ["upstream", "key", "value"]
+    assert columns["samples"][-1] == "upstream" and columns["events"] == ["ts", "kind", "detail", "upstream"]
     assert [r[0] for r in db.execute("SELECT name FROM _migrations")] == ["m001_initial", "m002_samples_by_ts", "m003_request_users",
                                                                          "m004_running_totals", "m005_kv_files",
-                                                                         "m006_request_upstreams"]
+                                                                         "m006_request_upstreams", "m007_upstream_totals"]
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     # A store from before m002 gets only m002 when it is opened again.
     db.execute("DROP INDEX samples_by_ts")
     db.execute("DELETE FROM _migrations WHERE name = 'm002_samples_by_ts'")
     db.close()
     db = connect(tmp_path / "s.db")
-    assert db.execute("SELECT COUNT(*) FROM _migrations").fetchone()[0] == 6
+    assert db.execute("SELECT COUNT(*) FROM _migrations").fetchone()[0] == 7
     assert db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'samples_by_ts'").fetchone()
 
 
@@ -123,11 +127,14 @@ def test_processes_creating_the_same_store_at_once_all_open_it(tmp_path):
 
 def test_a_failed_scrape_write_changes_nothing(tmp_path):
     store = Store(tmp_path / "s.db")
-    store.scrape("test", 1.0, 60, lambda base: ({"prompt_tokens_total": 0}, {"prompt_tokens_total": 10}, {"up": 1}, [], {}))
+    url = "http://llama.invalid:8080"
+    store.scrape("test", 1.0, 60, lambda base: ScrapeWrite({url: UpstreamWrite({"prompt_tokens_total": 0}, {"prompt_tokens_total": 10})},
+                                                           {"up": 1}))
     with pytest.raises(sqlite3.OperationalError):
-        store.scrape("test", 2.0, 60,
-                     lambda base: ({"prompt_tokens_total": 5}, {"prompt_tokens_total": 15}, {"no_such_column": 1}, [], {}))
-    assert store.totals() == {"prompt_tokens_total": 0} and store.last_raw() == {"prompt_tokens_total": 10}
+        store.scrape("test", 2.0, 60, lambda base: ScrapeWrite({url: UpstreamWrite({"prompt_tokens_total": 5}, {"prompt_tokens_total": 15})},
+                                                               {"no_such_column": 1}))
+    assert store.totals() == {"prompt_tokens_total": 0} and store.last_raw(url) == {"prompt_tokens_total": 10}
+    assert store.upstream_totals() == {url: {"prompt_tokens_total": 0}}
 
 
 MONTH_LIMIT_BYTES = 16 * 1024 * 1024
@@ -196,6 +203,64 @@ def test_an_outage_reads_as_llama_server_down_not_as_a_missing_collector(tmp_pat
     job = ScrapeJob(store, f"http://127.0.0.1:{free_port()}", interval=10)
     job.run()
     job.run()  # still down: no new event, but the store hears from the collector
-    assert stored_status(store) == {"up": False, "collector": True, "error": f"llama-server unreachable at {job.base_url}: ConnectionError",
+    assert stored_status(store) == {"up": False, "collector": True, "error": f"llama-server unreachable at {job.upstreams[0].url}: ConnectionError",
                                     "error_kind": "unreachable"}
     assert [e["kind"] for e in store.events(0)] == ["outage"]
+
+
+def test_roll_ups_keep_each_upstream_apart(tmp_path):
+    """With several llama-servers a scrape writes a row for all of them and one for each: a
+    minute rolled up stays one row per upstream, each with its own last context."""
+    store = Store(tmp_path / "s.db")
+    rows = [(600.0, None, 30.0, '[{"slot": 0, "used": 7}]'), (600.0, "http://a:8080", 10.0, '[{"slot": 0, "used": 1}]'),
+            (610.0, None, 60.0, '[{"slot": 0, "used": 8}]'), (610.0, "http://a:8080", 20.0, '[{"slot": 0, "used": 2}]')]
+    with store.lock:
+        store.db.executemany("INSERT INTO samples (ts, up, upstream, generated_tokens, context_used) VALUES (?, 1, ?, ?, ?)", rows)
+    store.compact(now=1000.0 + 48 * 3600)
+    (together,) = store.samples(0)
+    (mine,) = store.samples(0, upstream="http://a:8080")
+    assert (together["generated_tokens"], together["context_used"]) == (90.0, rows[2][-1])
+    assert (mine["generated_tokens"], mine["context_used"], mine["resolution"]) == (30.0, rows[3][-1], 60)
+    assert store.sampled_upstreams(0) == ["http://a:8080"]
+
+
+def test_a_store_from_before_per_upstream_totals_goes_on_under_the_first_url(tmp_path, monkeypatch):
+    """A store written before it kept totals per llama-server: its totals, baseline and restarts
+    become LLAMA_URL's first llama-server's at its first scrape, which then counts on from that
+    baseline (neither again from zero nor the whole counters twice); a second one starts its own."""
+    from collector.exporter import StoreCollector
+    from collector.job import ScrapeJob
+    from llamabridge import store as store_module
+
+    path = tmp_path / "old.db"
+    names = [name for name, _ in store_module.MIGRATIONS]
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:names.index("m007_upstream_totals")])
+    old = connect(path)
+    identity = scrape.identity({"model_path": "/models/a.gguf", "build_info": "b1"})
+    old.execute("INSERT INTO lifetime VALUES ('prompt_tokens_total', 1000, 40, 1.0)")
+    old.executemany("INSERT INTO meta VALUES (?, ?)", [("upstream_identity", identity), ("process_start", "77")])
+    old.execute("UPDATE counters SET value = 2 WHERE name = 'upstream_restarts'")
+    old.close()
+    monkeypatch.undo()
+
+    a, b = "http://a:8080", "http://b:8080"
+    readings = {a: scrape.Reading({"prompt_tokens_total": 65.0}, {}, "77", [], {"model_path": "/models/a.gguf", "build_info": "b1"}),
+                b: scrape.Reading({"prompt_tokens_total": 500.0}, {}, "90", [], {"model_path": "/models/a.gguf", "build_info": "b1"})}
+
+    class Job(ScrapeJob):
+        def read_upstream(self, url: str) -> scrape.Reading:
+            return readings[url]
+
+    store = Store(path)
+    job = Job(store, (a, b), interval=10, clock=lambda: 5.0)
+    job.run()
+    assert store.totals() == {"prompt_tokens_total": 1025.0}  # 25 more from the old baseline; b only sets its own
+    assert store.upstream_totals() == {a: {"prompt_tokens_total": 1025.0, "upstream_restarts": 2.0}, b: {"prompt_tokens_total": 0.0}}
+    readings[b] = scrape.Reading({"prompt_tokens_total": 530.0}, {}, "90", [], readings[b].props)
+    job.run()
+    exported = {(s.name, s.labels.get("upstream")): s.value for family in StoreCollector(store, job).collect() for s in family.samples}
+    assert exported[("llamabridge_lifetime_prompt_tokens_total", None)] == 1055.0
+    assert exported[("llamabridge_upstream_lifetime_prompt_tokens_total", a)] == 1025.0
+    assert exported[("llamabridge_upstream_lifetime_prompt_tokens_total", b)] == 30.0
+    assert exported[("llamabridge_upstream_lifetime_restarts_total", a)] == 2.0
+    assert exported[("llamabridge_lifetime_upstream_restarts_total", None)] == 2.0

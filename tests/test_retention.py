@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from llamabridge.store import Store
+from llamabridge.store import ScrapeWrite, Store
 from tests.support import processes
 from tests.support.waiting import wait_until
 
@@ -29,7 +29,7 @@ def old_store(path: str) -> float:
         store.add_requests([{"ts": now - age * DAY + i, "route": "/v1/messages", "class": "main", "status": 200,
                              "prompt_tokens": 10, "cached_tokens": 0, "generated_tokens": 2} for i in range(count)])
     for i in range(30):
-        store.scrape("test", now - 3 * DAY + 10 * i, 60, lambda base: ({}, {}, {"up": 1, "generated_tokens": 5}, [], {}))
+        store.scrape("test", now - 3 * DAY + 10 * i, 60, lambda base: ScrapeWrite(sample={"up": 1, "generated_tokens": 5}))
     store.close()
     return now
 
