@@ -92,10 +92,13 @@ def keyed_stack(llama, tmp_path_factory):
 def two_upstreams(llama, llama_server_bin, tiny_model, tmp_path_factory):
     """A proxy in front of two llama-servers (the session's and one more on the same model), after
     two Claude Code sessions: the gate puts a new session on the upstream holding nobody's cache,
-    so each session runs on its own. Yields the proxy and the two URLs."""
+    so each session runs on its own; a collector reads both. Yields the proxy and the two URLs."""
     db = str(tmp_path_factory.mktemp("dash-upstreams") / "store.db")
     with processes.llama_server(llama_server_bin, tiny_model) as second, \
-            processes.proxy(f"{llama.url},{second.url}", DB_PATH=db) as proxy:
+            processes.proxy(f"{llama.url},{second.url}", DB_PATH=db) as proxy, \
+            processes.collector(f"{llama.url},{second.url}", db, interval=0.5) as collector:
+        # Both read once before the requests: a first reading only sets where counting starts.
+        wait_for_a_scrape_after_the_requests(proxy, collector)
         send(proxy, "let us look at the parser", "dash-up-a")
         send(proxy, "another project", "dash-up-b")
         send(proxy, "let us look at the parser and more", "dash-up-a")
@@ -106,6 +109,7 @@ def two_upstreams(llama, llama_server_bin, tiny_model, tmp_path_factory):
 
         rows = wait_until(logged, what="the three requests in the request log")
         assert {r["upstream"] for r in rows} == {llama.url, second.url}, rows
+        wait_for_a_scrape_after_the_requests(proxy, collector)
         yield proxy, (llama.url, second.url)
 
 
@@ -355,6 +359,34 @@ def test_two_upstreams_get_a_column_a_filter_and_a_table(two_upstreams, browser)
     page.context.close()
 
 
+def test_two_upstreams_get_lifetime_totals_each_and_charts_each(two_upstreams, browser):
+    """The collector reads both llama-servers: the header counts them, the Lifetime section has a
+    row for each (adding up to its tiles), each slot's context names its server, and the History
+    charts can show one server's series."""
+    proxy, urls = two_upstreams
+    totals = requests.get(proxy.url + "/api/totals", timeout=5).json()
+    page = open_page(browser, proxy.url + "/dashboard")
+    page.wait_for_function("() => !document.getElementById('lt-upstreams').hidden")
+    assert page.locator("#status").text_content() == "2 of 2 llama-servers up"
+    table = [row.locator("td").all_text_contents() for row in page.locator("#lt-upstream-rows tr").all()]
+    expected = [[host_port(u["url"]), "up", *(f"{int(u['lifetime'][k]):,}" for k in ("prompt_tokens", "cached_prompt_tokens",
+                                                                              "generated_tokens", "upstream_restarts"))]
+                for u in totals["upstreams"]]
+    assert [u["url"] for u in totals["upstreams"]] == sorted(urls) and table == expected
+    generated = [u["lifetime"]["generated_tokens"] for u in totals["upstreams"]]
+    assert all(generated) and sum(generated) == totals["lifetime"]["generated_tokens"]
+    contexts = page.locator("#contexts span").all_text_contents()
+    assert sorted({c.split(" slot ")[0] for c in contexts}) == sorted(host_port(u) for u in urls)
+    assert page.locator("#h-upstream option").all_text_contents() == ["all", *sorted(host_port(u) for u in urls)]
+    with page.expect_response(lambda r: "/api/samples" in r.url and "upstream=" in r.url) as answer:
+        page.select_option("#h-upstream", urls[1])
+    series = answer.value.json()
+    assert series["upstream"] == urls[1] and series["samples"]
+    assert sum(s["generated_tokens"] for s in series["samples"]) == totals["upstreams"][sorted(urls).index(urls[1])]["lifetime"]["generated_tokens"]
+    assert_clean(page)
+    page.context.close()
+
+
 def test_one_upstream_or_none_shows_no_upstream_column(stack, browser):
     """With one llama-server every row names the same one, and rows of an older store, or of
     requests answered without llama-server, name none: either way the page looks as it did
@@ -363,6 +395,9 @@ def test_one_upstream_or_none_shows_no_upstream_column(stack, browser):
     assert len({r["upstream"] for r in rows}) == 1 and rows[0]["upstream"]
     page = open_page(browser, stack.url + "/dashboard")
     assert not upstream_shown(page)
+    # Nor lifetime totals per server, nor a choice of server for the charts.
+    assert page.locator("#lt-upstreams").is_hidden() and page.locator("#h-upstream-label").is_hidden()
+    assert page.locator("#status").text_content() == "llama-server up"
     assert_clean(page)
     page.context.close()
 
