@@ -61,7 +61,7 @@ def generation(path: str, parsed: dict, raw_body: bytes, services: Services, wat
         gen.enqueue()
         gen.wait_until_admitted()
         answer = _open(gen, raw_body)
-        chunks = stream_chunks(answer, watch)
+        chunks = _started_once(gen, stream_chunks(answer, watch), watch)
         if answer.status == 500:  # a short JSON error: read it to see whose fault it is
             raw = read_all(answer, watch)
             if (err := from_upstream(answer.status, raw)).status == 400:
@@ -129,6 +129,26 @@ def _noting_usage(chunks: Iterator[bytes], call: Call, keep: int = 16384) -> Ite
         if (usage := translate.usage_from({name: value})) is not None:
             call.usage(usage)
             return
+
+
+def _started_once(gen: Generation, chunks: Iterator[bytes], watch: ClientWatch) -> Iterator[bytes]:
+    """The answer's bytes; if its connection breaks before the first of them, the request is
+    sent again on another upstream (if one is in the rotation) and that one's bytes follow.
+    llama-server sends a stream's headers before its prompt is evaluated, so a server that dies
+    during the prefill has answered nothing a client could have seen: the client's headers are
+    only sent with the first byte of the body."""
+    started = False
+    while True:
+        try:
+            for chunk in chunks:
+                started = True
+                yield chunk
+            return
+        except BROKEN_CONNECTION as exc:
+            if started or not gen.start_over(exc):
+                raise
+            assert gen.answer is not None
+            chunks = stream_chunks(gen.answer, watch)
 
 
 def _open(gen: Generation, raw_body: bytes | None):

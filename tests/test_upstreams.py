@@ -122,3 +122,25 @@ def test_a_turn_whose_llama_server_dies_before_its_first_token_is_answered_by_th
     assert [e for e, _ in events].count("message_start") == 1 and "error" not in [e for e, _ in events]
     (row,) = rows(proxy, "K", 1)
     assert row["status"] == 200 and row["upstream"] != busy.url
+
+
+def test_an_openai_stream_whose_llama_server_dies_before_its_first_token_is_answered_by_the_other(pair):
+    """The same for the OpenAI route, whose bytes the proxy relays as llama-server sends them:
+    llama-server sends a stream's headers before the prefill, and dies before any byte of its
+    body; the client had seen nothing yet, and gets the other llama-server's whole answer."""
+    servers, proxy, _ = pair
+    turn_ = first_turn("the OpenAI crash")
+    body = {"model": "local", "stream": True, "max_tokens": 8,
+            "messages": [{"role": "system", "content": turn_["system"][0]["text"]}, *turn_["messages"]]}
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(requests.post, proxy.url + "/v1/chat/completions", json=body, timeout=120)
+        busy = wait_until(lambda: next((s for s in servers if prefilling(s)), None), what="a llama-server prefilling the request")
+        assert busy.proc is not None
+        os.killpg(busy.proc.pid, signal.SIGKILL)
+        answer = pending.result()
+    lines = [line for line in answer.text.splitlines() if line.startswith("data: ")]
+    assert answer.status_code == 200 and lines and lines[-1] == "data: [DONE]", answer.text[-1000:]
+    assert not any('"error"' in line for line in lines)
+    logged = lambda: requests.get(proxy.url + "/api/requests", params={"limit": 1}, timeout=10).json()["requests"]
+    (row,) = wait_until(logged, what="the request's row in the request log")
+    assert (row["route"], row["status"]) == ("/v1/chat/completions", 200) and row["upstream"] != busy.url
