@@ -184,8 +184,8 @@ class ProxyMetrics:
                                 ["client", "user", "route", "class", "status", "handled", "upstream"], registry=r)
         self.queue_wait = Histogram("llamabridge_proxy_queue_wait_seconds", "Time spent waiting for a slot.", ["class"],
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("llamabridge_proxy_time_to_first_token_seconds", "Time to the first generated token.", ["class"],
-                              buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("llamabridge_proxy_time_to_first_token_seconds", "Time to the first generated token, by class "
+                              "and the llama-server that generated it.", ["class", "upstream"], buckets=LATENCY_BUCKETS, registry=r)
         self.duration = Histogram("llamabridge_proxy_request_duration_seconds", "Whole request time.", ["class"],
                                   buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("llamabridge_proxy_tokens", "Tokens of proxied generations by kind (prompt = prefilled) "
@@ -221,8 +221,10 @@ class ProxyMetrics:
         # Series that exist from the start count their first request in rate() and increase():
         # a labelled series born at 1 has no earlier sample to rise from.
         for klass in CLASSES:
-            for histogram in (self.queue_wait, self.ttft, self.duration):
+            for histogram in (self.queue_wait, self.duration):
                 histogram.labels(klass)
+            for upstream in upstreams or (NO_UPSTREAM,):
+                self.ttft.labels(klass, upstream)
         for kind in ("prompt", "cached", "generated"):
             for upstream in upstreams or (NO_UPSTREAM,):
                 self.tokens.labels(kind, NO_USER, upstream)
@@ -259,7 +261,7 @@ class ProxyMetrics:
         if call.handled == "upstream" or call.handled == "background":
             self._child(self.queue_wait, call.klass).observe(call.queue_wait)
             if call.ttft is not None:
-                self._child(self.ttft, call.klass).observe(call.ttft)
+                self._child(self.ttft, call.klass, upstream).observe(call.ttft)
             self._child(self.tokens, "prompt", user, upstream).inc(call.prompt_tokens)
             self._child(self.tokens, "cached", user, upstream).inc(call.cached_tokens)
             self._child(self.tokens, "generated", user, upstream).inc(call.generated_tokens)

@@ -56,6 +56,8 @@ def test_sessions_stick_to_their_upstream_and_new_ones_spread(pair):
     assert set(homes.values()) == {s.url for s in servers}  # both upstreams used
     assert metric(proxy.url, "llamabridge_proxy_requests_total", {"upstream": servers[0].url}) >= 2
     assert metric(proxy.url, "llamabridge_proxy_requests_total", {"upstream": servers[1].url}) >= 2
+    for server in servers:  # which server answers how fast
+        assert metric(proxy.url, "llamabridge_proxy_time_to_first_token_seconds_count", {"upstream": server.url}) >= 2
     assert [u["ready"] for u in health(proxy)["upstreams"]] == [True, True]
 
 
