@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import requests
@@ -51,7 +51,6 @@ class UpstreamState:
     last_success: float | None = None
     down_since: float | None = None
     error: scrape.ScrapeError | None = None  # why the last read failed
-    reading: scrape.Reading | None = field(default=None, repr=False)  # this run's, while it is written
 
     @property
     def up(self) -> bool:
