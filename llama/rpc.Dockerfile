@@ -7,7 +7,10 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends cmake g++ make libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 COPY build.sh source.py /src/
+# pipefail: a failed build must fail this step, not hand `tail` an empty path to copy from.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN worker=$(LLAMABRIDGE_CACHE=/build-cache bash /src/build.sh rpc-server | tail -n 1) \
+    && test -x "$worker" \
     && cp -a "$(dirname "$worker")" /app
 
 # The same base as the build, so the binaries find the C++ runtime they were built against.

