@@ -9,6 +9,7 @@ The settings are the services' own environment variables (see .env.example); thi
 LLAMA_MODEL (the GGUF to serve), LLAMA_CTX (context size, default 65536; the demo uses 32768),
 LLAMA_THREADS and LLAMA_EXTRA_ARGS for the llama-server it starts. That llama-server saves
 prompt caches in KV_CACHE_DIR (default data/kv-cache; the demo's data/demo-kv-cache; off: none).
+With several llama-servers in LLAMA_URL it starts none: the proxy and the collector use those.
 """
 
 from __future__ import annotations
@@ -179,9 +180,22 @@ def main() -> int:
         stack.say("generating the tiny demo model (random weights: its words are noise, its plumbing is real)")
         env["LLAMA_MODEL"] = last_line([sys.executable, "llama/tiny_model.py"])
     llama_url = env["LLAMA_URL"].rstrip("/")
+    urls = [url.strip().rstrip("/") for url in llama_url.split(",") if url.strip()]
 
     try:
-        if healthy(llama_url):
+        if len(urls) > 1:
+            # Several llama-servers (the proxy routes across them): `make run` starts none of them.
+            # The proxy takes one that does not answer yet into its rotation once it does.
+            answering = [url for url in urls if healthy(url)]
+            if not answering:
+                stack.say(f"none of the llama-servers in LLAMA_URL={llama_url} answers: start them first "
+                          "(`make run` starts a llama-server only when LLAMA_URL names one)")
+                return 2
+            stack.say(f"using the {len(urls)} llama-servers in LLAMA_URL, {len(answering)} answering now: "
+                      + ", ".join(f"{url}{'' if url in answering else ' (not yet)'}" for url in urls))
+            if env.get("KV_CACHE_DIR") == "off":
+                env["KV_CACHE_DIR"] = ""
+        elif healthy(llama_url):
             stack.say(f"using the llama-server already running at {llama_url}")
             stack.say("its prompt caches outlive a restart only if it was started with --slot-save-path "
                       "and KV_CACHE_DIR names the same directory")

@@ -110,6 +110,52 @@ def test_closing_the_terminal_stops_the_stack(llama, tmp_path, example_env_file)
         stack.wait()
 
 
+def test_make_run_in_front_of_several_llama_servers_starts_none_and_reads_each(llama, llama_server_bin, tiny_model,
+                                                                             tmp_path, example_env_file):
+    """LLAMA_URL listing two running llama-servers: `make run` starts no llama-server of its own
+    (it used to take the list for one URL that did not answer, and refuse to start), the proxy
+    routes across both, and the collector reads both."""
+    proxy_port, collector_port = processes.free_port(), processes.free_port()
+    with processes.llama_server(llama_server_bin, tiny_model) as second:
+        urls = f"{llama.url},{second.url}"
+        env = dict(os.environ, LLAMA_URL=urls, PROXY_PORT=str(proxy_port), COLLECTOR_PORT=str(collector_port),
+                   DB_PATH=str(tmp_path / "run.db"), COLLECT_INTERVAL="0.5", LLAMABRIDGE_ENV_FILE=example_env_file)
+        log_path = tmp_path / "run.log"
+        with open(log_path, "w") as log:
+            stack = subprocess.Popen([sys.executable, "scripts/run_stack.py"], cwd=processes.ROOT, env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        children: list[psutil.Process] = []
+        try:
+            wait_until(lambda: stack.poll() is None and "llamabridge is up" in log_path.read_text(), 60,
+                       what=lambda: "the stack to say it is up: " + log_path.read_text())
+            assert "using the 2 llama-servers in LLAMA_URL, 2 answering now" in log_path.read_text()
+            children = psutil.Process(stack.pid).children()
+            assert len(children) == 2, children  # the proxy and the collector, no llama-server
+
+            def both_read() -> bool:
+                health = requests.get(f"http://127.0.0.1:{collector_port}/healthz", timeout=5).json()
+                return [(u["url"], u["up"]) for u in health["upstreams"]] == [(llama.url, True), (second.url, True)]
+
+            wait_until(both_read, 30, what="the collector to read both llama-servers")
+            ready = requests.get(f"http://127.0.0.1:{proxy_port}/healthz", timeout=5).json()["upstreams"]
+            assert [(u["url"], u["ready"]) for u in ready] == [(llama.url, True), (second.url, True)]
+            stack.send_signal(signal.SIGINT)
+            assert stack.wait(30) == 0, log_path.read_text()
+        finally:
+            for proc in [stack, *children]:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            stack.wait()
+
+    # None of them answering: it says what to do, and starts nothing.
+    nowhere = f"http://127.0.0.1:{processes.free_port()},http://127.0.0.1:{processes.free_port()}"
+    done = subprocess.run([sys.executable, "scripts/run_stack.py"], cwd=processes.ROOT, capture_output=True, text=True,
+                          timeout=60, env=dict(env, LLAMA_URL=nowhere, LLAMA_MODEL=tiny_model))
+    assert done.returncode == 2 and "none of the llama-servers in LLAMA_URL" in done.stdout, done.stdout + done.stderr
+
+
 def test_make_demo_serves_claude_code_and_stops_cleanly(claude_bin, tiny_model, llama_server_bin, tmp_path,
                                                         example_env_file):
     llama_port, proxy_port, collector_port = processes.free_port(), processes.free_port(), processes.free_port()
