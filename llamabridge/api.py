@@ -49,14 +49,7 @@ def upstreams(store: Store) -> list[dict[str, Any]]:
             "model": info.get("model") or None,
             "n_ctx": _int(info.get("n_ctx")),
             "slots": _int(info.get("total_slots")),
-            "lifetime": {
-                "prompt_tokens": lifetime.get("prompt_tokens_total", 0),
-                "cached_prompt_tokens": lifetime.get("prompt_tokens_cached_total", 0),
-                "generated_tokens": lifetime.get("tokens_predicted_total", 0),
-                "prompt_seconds": lifetime.get("prompt_seconds_total", 0),
-                "generation_seconds": lifetime.get("tokens_predicted_seconds_total", 0),
-                "upstream_restarts": int(lifetime.get("upstream_restarts", 0)),
-            },
+            "lifetime": _lifetime(lifetime, int(lifetime.get("upstream_restarts", 0))),
         })
     return out
 
@@ -73,14 +66,7 @@ def blueprint(store: Store, status: Callable[[], dict[str, Any]]) -> Blueprint:
             "last_scrape": float(last) if last else None,
             "upstream": {**status(), "model": store.meta("model"), "n_ctx": _int(store.meta("n_ctx")),
                          "slots": _int(store.meta("total_slots"))},
-            "lifetime": {
-                "prompt_tokens": lifetime.get("prompt_tokens_total", 0),
-                "cached_prompt_tokens": lifetime.get("prompt_tokens_cached_total", 0),
-                "generated_tokens": lifetime.get("tokens_predicted_total", 0),
-                "prompt_seconds": lifetime.get("prompt_seconds_total", 0),
-                "generation_seconds": lifetime.get("tokens_predicted_seconds_total", 0),
-                "upstream_restarts": store.count_events("restart"),
-            },
+            "lifetime": _lifetime(lifetime, store.count_events("restart")),
             "upstreams": upstreams(store),
             "proxy": store.request_totals(),
             "now": store.latest_sample(),
@@ -128,6 +114,18 @@ def blueprint(store: Store, status: Callable[[], dict[str, Any]]) -> Blueprint:
         return jsonify({"sessions": [{"session": s, "client": turns[-1]["client"], "turns": turns} for s, turns in ordered]})
 
     return api
+
+
+def _lifetime(totals: dict[str, float], restarts: int) -> dict[str, Any]:
+    """llama-server's lifetime totals (all of them, or one upstream's) as the dashboard reads them."""
+    return {
+        "prompt_tokens": totals.get("prompt_tokens_total", 0),
+        "cached_prompt_tokens": totals.get("prompt_tokens_cached_total", 0),
+        "generated_tokens": totals.get("tokens_predicted_total", 0),
+        "prompt_seconds": totals.get("prompt_seconds_total", 0),
+        "generation_seconds": totals.get("tokens_predicted_seconds_total", 0),
+        "upstream_restarts": restarts,
+    }
 
 
 def _int(value: str | None) -> int | None:

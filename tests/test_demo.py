@@ -76,6 +76,23 @@ def test_the_llama_server_it_starts_saves_prompt_caches_where_the_proxy_is_told_
     assert saves_in({"KV_CACHE_DIR": "off"}, demo=False) is None
 
 
+def start_stack(env: dict[str, str], log_path) -> subprocess.Popen:
+    """`make run` (scripts/run_stack.py) in a session of its own, its log in `log_path`."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "scripts/run_stack.py"], cwd=processes.ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_all(stack: subprocess.Popen, children: list[psutil.Process]) -> None:
+    """Whatever is left after a failure: nothing must outlive the test."""
+    for pid in [stack.pid, *(child.pid for child in children)]:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    stack.wait()
+
+
 def test_closing_the_terminal_stops_the_stack(llama, tmp_path, example_env_file):
     """A hangup (the terminal closed) stops the services like Ctrl-C: they run in sessions of their
     own, so nothing else would end them."""
@@ -83,9 +100,7 @@ def test_closing_the_terminal_stops_the_stack(llama, tmp_path, example_env_file)
     env = dict(os.environ, LLAMA_URL=llama.url, PROXY_PORT=str(proxy_port), COLLECTOR_PORT=str(collector_port),
                DB_PATH=str(tmp_path / "run.db"), LLAMABRIDGE_ENV_FILE=example_env_file)
     log_path = tmp_path / "run.log"
-    with open(log_path, "w") as log:
-        stack = subprocess.Popen([sys.executable, "scripts/run_stack.py"], cwd=processes.ROOT, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    stack = start_stack(env, log_path)
     children: list[psutil.Process] = []
     try:
         def up() -> bool:
@@ -102,12 +117,7 @@ def test_closing_the_terminal_stops_the_stack(llama, tmp_path, example_env_file)
         assert "[stack    ] stopping" in log_path.read_text()
         assert not psutil.wait_procs(children, timeout=10)[1], "services left running after the hangup"
     finally:
-        for proc in [stack, *children]:  # whatever is left after a failure: nothing must outlive the test
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        stack.wait()
+        kill_all(stack, children)
 
 
 def test_make_run_in_front_of_several_llama_servers_starts_none_and_reads_each(llama, llama_server_bin, tiny_model,
@@ -121,9 +131,7 @@ def test_make_run_in_front_of_several_llama_servers_starts_none_and_reads_each(l
         env = dict(os.environ, LLAMA_URL=urls, PROXY_PORT=str(proxy_port), COLLECTOR_PORT=str(collector_port),
                    DB_PATH=str(tmp_path / "run.db"), COLLECT_INTERVAL="0.5", LLAMABRIDGE_ENV_FILE=example_env_file)
         log_path = tmp_path / "run.log"
-        with open(log_path, "w") as log:
-            stack = subprocess.Popen([sys.executable, "scripts/run_stack.py"], cwd=processes.ROOT, env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        stack = start_stack(env, log_path)
         children: list[psutil.Process] = []
         try:
             wait_until(lambda: stack.poll() is None and "llamabridge is up" in log_path.read_text(), 60,
@@ -142,12 +150,7 @@ def test_make_run_in_front_of_several_llama_servers_starts_none_and_reads_each(l
             stack.send_signal(signal.SIGINT)
             assert stack.wait(30) == 0, log_path.read_text()
         finally:
-            for proc in [stack, *children]:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            stack.wait()
+            kill_all(stack, children)
 
     # None of them answering: it says what to do, and starts nothing.
     nowhere = f"http://127.0.0.1:{processes.free_port()},http://127.0.0.1:{processes.free_port()}"
