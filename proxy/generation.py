@@ -77,12 +77,14 @@ class Generation:
 
     # -- llama-server ---------------------------------------------------------------------------
 
-    def open(self) -> Answer:
-        """Send the request on the admitted slot; an error status raises the client's ApiError.
-        An upstream that will not answer it hands it to another, if there is one in the rotation."""
+    def open(self, raw: bytes | None = None, any_status: bool = False) -> Answer:
+        """Send the request on the admitted slot: the client's own bytes `raw` as they are where
+        nothing needs adding (the relay), else the payload. An error status raises the client's
+        ApiError, unless `any_status` (the relay passes llama-server's on). An upstream that will
+        not answer hands the request to another, if there is one in the rotation."""
         while True:
             try:
-                return self._open_once()
+                return self._open_once(raw, any_status)
             except Unanswered as exc:
                 if not self.elsewhere(exc):
                     raise
@@ -113,16 +115,17 @@ class Generation:
         self.open()
         return True
 
-    def _open_once(self) -> Answer:
+    def _open_once(self, raw: bytes | None, any_status: bool) -> Answer:
         assert self.ticket is not None
-        assert self.payload is not None  # only the relay sends the client's own bytes (relay._open)
+        assert self.payload is not None
         if self.tokens is not None and self.target is self.services.main:
             self.services.kv.before_turn(self.target, self.ticket, self.call, self.tokens)
+        body = raw
         if self.target.gate.slots_of(self.ticket.upstream) > 1:
-            self.payload["id_slot"] = self.ticket.slot
-        body = fastjson.dumps(self.payload)
-        answer = self.target.upstream_of(self.ticket).open("POST", self.path, body, self.watch)
-        if answer.status >= 400:
+            self.payload["id_slot"] = self.ticket.slot  # the slot the gate chose, on a server with several
+            body = None
+        answer = self.target.upstream_of(self.ticket).open("POST", self.path, body or fastjson.dumps(self.payload), self.watch)
+        if answer.status >= 400 and not any_status:
             try:
                 raw = read_all(answer, self.watch)
             finally:

@@ -29,7 +29,7 @@ from .generation import Generation
 from .http1 import BROKEN_CONNECTION, read_all, stream_chunks
 from .metrics import Call
 from .services import Services
-from .upstream import Unanswered, relay_headers
+from .upstream import relay_headers
 
 log = logging.getLogger("llamabridge.relay")
 
@@ -60,7 +60,7 @@ def generation(path: str, parsed: dict, raw_body: bytes, services: Services, wat
     with gen.starting():
         gen.enqueue()
         gen.wait_until_admitted()
-        answer = _open(gen, raw_body)
+        answer = gen.open(raw_body, any_status=True)
         chunks = _started_once(gen, stream_chunks(answer, watch), watch)
         if answer.status == 500:  # a short JSON error: read it to see whose fault it is
             raw = read_all(answer, watch)
@@ -149,25 +149,6 @@ def _started_once(gen: Generation, chunks: Iterator[bytes], watch: ClientWatch) 
                 raise
             assert gen.answer is not None
             chunks = stream_chunks(gen.answer, watch)
-
-
-def _open(gen: Generation, raw_body: bytes | None):
-    """Send the client's body (or, on an upstream with several slots, the body with `id_slot`),
-    any status; an upstream that will not answer hands it to another, if there is one."""
-    while True:
-        assert gen.ticket is not None and gen.payload is not None
-        body = raw_body
-        if gen.target.gate.slots_of(gen.ticket.upstream) > 1:
-            gen.payload["id_slot"] = gen.ticket.slot
-            body = fastjson.dumps(gen.payload)
-        try:
-            answer = gen.target.upstream_of(gen.ticket).open("POST", gen.path, body, gen.watch)
-        except Unanswered as exc:
-            if not gen.elsewhere(exc):
-                raise
-            continue
-        gen.answer = answer
-        return answer
 
 
 def _plain(method: str, path: str, raw_body: bytes | None, content_type: str | None, services: Services,
